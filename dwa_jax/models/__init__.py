@@ -1,0 +1,28 @@
+"""Model zoo: `build_model(name, num_classes)` returns a Flax module.
+
+Every model takes NHWC images and is called as `model.apply(variables, x, train=..., capture_stats=...)`.
+"""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+
+from dwa_jax.models.convnet import ConvNet
+from dwa_jax.models.resnet import resnet
+
+# name -> constructor(num_classes, dtype). "_cifar" variants use the 3x3 stride-1 stem, no max-pool.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "convnet": lambda num_classes, dtype=None: ConvNet(num_classes, dtype=dtype),
+    **{f"resnet{d}": (lambda num_classes, dtype=None, d=d: resnet(d, num_classes, False, dtype))
+       for d in (18, 34, 50, 101)},
+    **{f"resnet{d}_cifar": (lambda num_classes, dtype=None, d=d: resnet(d, num_classes, True, dtype))
+       for d in (18, 34, 50, 101)},
+}
+
+
+def build_model(name: str, num_classes: int, dtype: Any = None) -> nn.Module:
+  if name not in MODELS:
+    raise ValueError(f"Unknown model {name!r}; choose one of {sorted(MODELS)}.")
+  if num_classes < 1:
+    raise ValueError(f"num_classes must be positive, got {num_classes}.")
+  return MODELS[name](num_classes, dtype=dtype)
