@@ -1,6 +1,7 @@
 """torchvision-layout state dicts <-> Flax variables (naming rule in `dwa_jax.models.layers`)."""
 
 import re
+import zipfile
 from typing import Any, Mapping
 
 import flax
@@ -62,7 +63,7 @@ def load_npz_state_dict(path: str) -> dict[str, np.ndarray]:
       return strip_prefix({k: data[k] for k in data.files})
   except FileNotFoundError:
     raise StateDictError(f"State dict file not found: {path}") from None
-  except (ValueError, OSError) as e:  # zip/npy corruption surfaces as either
+  except (ValueError, OSError, zipfile.BadZipFile) as e:  # corrupt zip or npy member
     raise StateDictError(f"Cannot read state dict {path}: {e}") from None
 
 

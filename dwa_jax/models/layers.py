@@ -32,14 +32,17 @@ class BatchNorm(nn.Module):
   With `capture_stats=True` in the module call, the per-channel mean and biased variance of the
   layer's input are sown into the `bn_input_stats` collection (the quantity SRe2L/DWA match).
   """
-  use_running_average: bool = True
+  use_running_average: bool | None = None  # given here or at call time; eval mode if neither
   momentum: float = 0.1
   epsilon: float = 1e-5
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, capture_stats: bool = False):
-    use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+    if self.use_running_average is not None and use_running_average is not None:
+      raise ValueError("use_running_average given both to the constructor and at call time.")
+    use_ra = next((v for v in (use_running_average, self.use_running_average) if v is not None),
+                  True)
     features = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (features,))
     bias = self.param("bias", nn.initializers.zeros, (features,))

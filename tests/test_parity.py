@@ -1,0 +1,115 @@
+"""Float64 parity with a recording of the authors' PyTorch DWA code (../shared/parity).
+
+One CIFAR-10 batch, ResNet-18 (CIFAR stem), T = 20, K = 12, compat_q1 on, recorded jitter offsets.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import SHARED_DIR
+from dwa_jax import convert, recover
+from dwa_jax.models import build_model
+
+FIXTURE = SHARED_DIR / "parity" / "cifar10_resnet18_fp64"
+pytestmark = pytest.mark.skipif(
+    not (FIXTURE / "record.json").exists(),
+    reason=f"parity fixture not found at {FIXTURE} (needs ../shared beside the repository, "
+           "or DWA_SHARED_DIR)")
+
+# The official CIFAR-10 synthesis normalisation (note its std differs from the true CIFAR-10 std).
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+IMAGE_SHAPE = (32, 32, 3)
+REL_TOL, ABS_TOL = 1e-9, 1e-8
+
+
+def nchw(x):
+  return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def run():
+  """Runs the recorded batch once in float64; returns numpy results and the recording."""
+  record = json.loads((FIXTURE / "record.json").read_text())
+  expected = dict(np.load(FIXTURE / "expected.npz"))
+  with jax.enable_x64(True):
+    model = build_model("resnet18_cifar", 10)
+    state_dict = convert.load_npz_state_dict(str(FIXTURE / "teacher.npz"))
+    variables = convert.state_dict_to_variables(
+        state_dict, convert.model_template(model, IMAGE_SHAPE), dtype=jnp.float64)
+    x0 = jnp.asarray(np.load(FIXTURE / "init_ipc0.npy").astype(np.float64).transpose(0, 2, 3, 1))
+    labels = jnp.arange(10)
+    offsets = jnp.asarray(record["jitter_offsets"])
+    cfg = recover.SynthesisConfig(iterations=len(offsets), lr=0.25, r_bn=0.01, r_var=11.0,
+                                  first_bn_weight=10.0, adjust_steps=12, rho=0.015, jitter=4,
+                                  compat_q1=True)
+    synthesize = recover.make_synthesizer(model, variables, IMAGE_SHAPE, MEAN, STD, cfg)
+    images, metrics = synthesize(variables, x0, labels, jax.random.key(0), offsets)
+
+    # The first Adam step's gradient, assembled from the public pieces.
+    delta, ascent_grad, _ = recover.delta_theta(model, variables, x0, labels, offsets[0],
+                                                image_shape=IMAGE_SHAPE, cfg=cfg)
+    bn_paths = recover.bn_layer_paths(model, variables, IMAGE_SHAPE)
+    params = jax.tree.map(jnp.add, variables["params"], delta)
+    layer_w = recover.bn_layer_weights(len(bn_paths), cfg.first_bn_weight)
+    loss = lambda x: recover.synthesis_loss(
+        model, params, variables["batch_stats"], recover.synthesis_view(x, offsets[0], None, "roll"),
+        labels, bn_paths, layer_w, cfg)[0]
+    first_grad = jax.grad(loss)(x0) + ascent_grad
+    assert images.dtype == jnp.float64
+    return dict(record=record, expected=expected, images=nchw(images),
+                metrics=jax.tree.map(np.asarray, metrics), first_grad=nchw(first_grad),
+                delta=convert.variables_to_state_dict({"params": delta}))
+
+
+def max_rel(actual, expected):
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape
+  return float(np.max(np.abs(actual - expected) / np.abs(expected)))
+
+
+def test_cross_entropy_every_forward(run):
+  m = run["metrics"]
+  ce = np.concatenate([m["adjust_ce"], m["ce"]])
+  assert len(run["record"]["ce"]) == 12 + 20
+  assert max_rel(ce, run["record"]["ce"]) <= REL_TOL
+
+
+def test_bn_terms_every_forward(run):
+  m = run["metrics"]
+  terms = np.concatenate([m["adjust_bn_terms"], m["bn_terms"]])
+  assert terms.shape == (32, 20)
+  assert max_rel(terms, run["record"]["bn_terms_per_forward"]) <= REL_TOL
+
+
+def test_gradient_norms_and_learning_rates(run):
+  assert max_rel(run["metrics"]["grad_norm"], run["record"]["image_grad_norm_per_step"]) <= REL_TOL
+  np.testing.assert_allclose(run["metrics"]["lr"], run["record"]["lr_per_step"], rtol=0, atol=1e-15)
+
+
+def test_delta_theta(run):
+  record, delta = run["record"], run["delta"]
+  per_tensor = record["delta_theta_norm_per_tensor"]
+  # Every trainable tensor moved as recorded; BN running statistics are not part of Δθ.
+  assert set(delta) == {k for k in per_tensor if not k.endswith(("running_mean", "running_var"))}
+  assert all(per_tensor[k] == 0.0 for k in per_tensor if k not in delta)
+  for name, value in delta.items():
+    np.testing.assert_allclose(np.linalg.norm(value), per_tensor[name], rtol=0, atol=1e-12,
+                               err_msg=name)
+  np.testing.assert_allclose(run["metrics"]["delta_norm"], record["delta_theta_norm_total"],
+                             rtol=REL_TOL)
+  np.testing.assert_allclose(delta["fc.bias"], run["expected"]["fc_bias_delta"], rtol=0, atol=1e-15)
+  np.testing.assert_allclose(delta["bn1.weight"], run["expected"]["bn1_weight_delta"],
+                             rtol=0, atol=1e-15)
+
+
+def test_first_step_gradient(run):
+  np.testing.assert_allclose(run["first_grad"], run["expected"]["first_step_image_grad"],
+                             rtol=0, atol=ABS_TOL)
+
+
+def test_final_images(run):
+  np.testing.assert_allclose(run["images"], run["expected"]["final_images"], rtol=0, atol=ABS_TOL)

@@ -1,0 +1,271 @@
+"""The recover engine, function by function, against direct formulas (tiny ConvNet teacher)."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dwa_jax import recover
+from dwa_jax.models import build_model
+from dwa_jax.models.convnet import ConvNet
+
+IMAGE = (8, 8, 3)
+MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+NUM_CLASSES = 4
+
+
+@pytest.fixture(scope="module")
+def teacher():
+  """A tiny ConvNet with non-trivial BN running statistics."""
+  model = ConvNet(NUM_CLASSES, width=8, depth=2)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, *IMAGE)))
+  keys = iter(jax.random.split(jax.random.key(1), 8))
+  stats = jax.tree.map(lambda v: v + 0.3 * jax.random.uniform(next(keys), v.shape),
+                       variables["batch_stats"])
+  return model, {"params": variables["params"], "batch_stats": stats}
+
+
+@pytest.fixture(scope="module")
+def batch():
+  x = jax.random.normal(jax.random.key(2), (NUM_CLASSES, *IMAGE))
+  return x, jnp.arange(NUM_CLASSES)
+
+
+def paths(teacher):
+  model, variables = teacher
+  return recover.bn_layer_paths(model, variables, IMAGE)
+
+
+def test_bn_layer_paths_follow_call_order():
+  model = build_model("resnet18_cifar", 10)
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  order = recover.bn_layer_paths(model, variables, (32, 32, 3))
+  assert len(order) == 20
+  assert order[:4] == (("bn1",), ("layer1_0", "bn1"), ("layer1_0", "bn2"), ("layer1_1", "bn1"))
+  assert order[5:8] == (("layer2_0", "bn1"), ("layer2_0", "bn2"), ("layer2_0", "downsample_1"))
+  deep = build_model("resnet101_cifar", 10)
+  variables = jax.eval_shape(deep.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  order = [p[0] for p in recover.bn_layer_paths(deep, variables, (8, 8, 3))]
+  # Call order, not the sorted order of pytree keys (layer3_10 comes after layer3_9).
+  assert order.index("layer3_10") > order.index("layer3_9")
+
+
+class NoBatchNorm(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train=False, capture_stats=False):
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_teacher_without_batchnorm_is_rejected():
+  model = NoBatchNorm()
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
+  with pytest.raises(ValueError, match="no BatchNorm layer"):
+    recover.bn_layer_paths(model, variables, (4, 4, 3))
+
+
+def test_bn_terms_use_each_bn_layers_input(teacher, batch):
+  model, variables = teacher
+  x, _ = batch
+  bn_paths = paths(teacher)
+  _, stats = recover.forward_with_bn_stats(model, variables["params"], variables["batch_stats"], x,
+                                           bn_paths)
+  # The input of the first BN layer is the first conv's output, computed independently.
+  p = variables["params"]["features_0"]
+  conv_out = jax.lax.conv_general_dilated(x, p["kernel"], (1, 1), ((1, 1), (1, 1)),
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["bias"]
+  flat = np.asarray(conv_out).reshape(-1, 8)
+  np.testing.assert_allclose(stats[0][0], flat.mean(0), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(stats[0][1], flat.var(0), rtol=1e-4, atol=1e-6)
+  terms = recover.bn_matching_terms(stats, variables["batch_stats"], bn_paths, r_var=11.0)
+  running = variables["batch_stats"]["features_1"]
+  expected0 = (11.0 * np.linalg.norm(flat.var(0) - running["var"])
+               + np.linalg.norm(flat.mean(0) - running["mean"]))
+  assert terms.shape == (2,)
+  np.testing.assert_allclose(terms[0], expected0, rtol=1e-4)
+
+
+def test_synthesis_loss_is_ce_plus_weighted_bn_terms(teacher, batch):
+  model, variables = teacher
+  x, labels = batch
+  bn_paths = paths(teacher)
+  cfg = recover.SynthesisConfig(r_bn=0.05, r_var=3.0, first_bn_weight=10.0)
+  loss, (ce, terms) = recover.synthesis_loss(
+      model, variables["params"], variables["batch_stats"], x, labels, bn_paths,
+      recover.bn_layer_weights(2, 10.0), cfg)
+  logits = np.asarray(model.apply(variables, x), np.float64)
+  log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  np.testing.assert_allclose(ce, -log_p[np.arange(4), np.asarray(labels)].mean(), rtol=1e-5)
+  np.testing.assert_allclose(loss, ce + 0.05 * (10 * terms[0] + terms[1]), rtol=1e-6)
+
+
+def _ce_params(model, variables, x, labels):
+  return lambda params: recover.cross_entropy(
+      model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x), labels)
+
+
+def test_one_ascent_step_is_rho_times_unit_gradient(teacher, batch):
+  model, variables = teacher
+  x, labels = batch
+  cfg = recover.SynthesisConfig(adjust_steps=1, rho=0.1)
+  delta, ascent_grad, metrics = recover.delta_theta(model, variables, x, labels, jnp.array([0, 0]),
+                                                    image_shape=IMAGE, cfg=cfg)
+  g = jax.grad(_ce_params(model, variables, x, labels))(variables["params"])
+  norm = np.sqrt(sum(np.sum(np.square(l)) for l in jax.tree.leaves(g)))
+  for d, gi in zip(jax.tree.leaves(delta), jax.tree.leaves(g)):
+    np.testing.assert_allclose(d, 0.1 * gi / (norm + 1e-12), rtol=1e-4, atol=1e-8)
+  assert not np.any(ascent_grad)  # compat_q1 off: nothing leaks into the image gradient
+  assert metrics["ce"].shape == (1,)
+
+
+def test_k_step_adjustment_moves_every_parameter_and_raises_the_loss(teacher, batch):
+  model, variables = teacher
+  x, labels = batch
+  cfg = recover.SynthesisConfig(adjust_steps=6, rho=0.5)
+  offset = jnp.array([1, 2])
+  delta, _, metrics = recover.delta_theta(model, variables, x, labels, offset, image_shape=IMAGE,
+                                          cfg=cfg)
+  norm = float(optax.tree.norm(delta))
+  assert 0.9 * 0.5 < norm <= 0.5 + 1e-6
+  # BN affine parameters are perturbed too; running statistics are not parameters at all.
+  assert np.all(np.abs(delta["features_1"]["scale"]) > 0)
+  assert np.all(np.abs(delta["features_1"]["bias"]) > 0)
+  assert np.all(np.diff(metrics["ce"]) > 0)  # gradient ascent on the loss
+  # Each step used the same rolled view: redo step 1 by hand.
+  view = jnp.roll(x, (1, 2), axis=(1, 2))
+  g = jax.grad(_ce_params(model, variables, view, labels))(variables["params"])
+  first = jax.tree.map(lambda gi: (0.5 / 6) * gi / (optax.tree.norm(g) + 1e-12), g)
+  cfg1 = recover.SynthesisConfig(adjust_steps=1, rho=0.5 / 6)
+  delta1, _, _ = recover.delta_theta(model, variables, x, labels, offset, image_shape=IMAGE, cfg=cfg1)
+  for a, b in zip(jax.tree.leaves(delta1), jax.tree.leaves(first)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_random_adjustment_has_norm_rho(teacher):
+  _, variables = teacher
+  a = recover.random_weight_adjustment(jax.random.key(0), variables["params"], 0.015)
+  b = recover.random_weight_adjustment(jax.random.key(1), variables["params"], 0.015)
+  np.testing.assert_allclose(optax.tree.norm(a), 0.015, rtol=1e-5)
+  assert not np.allclose(jax.tree.leaves(a)[0], jax.tree.leaves(b)[0])
+
+
+def test_cosine_lr_and_jitter_offsets():
+  lrs = [float(recover.cosine_lr(t, 10, 0.25, jnp.float32)) for t in range(10)]
+  np.testing.assert_allclose(lrs, [0.125 * (1 + np.cos(np.pi * t / 10)) for t in range(10)],
+                             rtol=1e-6)
+  offsets = np.asarray(recover.draw_jitter_offsets(jax.random.key(0), 2000, 4))
+  assert offsets.shape == (2000, 2)
+  assert set(np.unique(offsets)) == {0, 1, 2, 3, 4}  # inclusive, never negative
+
+
+def test_roll_view_is_circular_shift(batch):
+  x, _ = batch
+  v = recover.synthesis_view(x, jnp.array([3, 1]), None, "roll")
+  np.testing.assert_array_equal(v, np.roll(np.asarray(x), (3, 1), axis=(1, 2)))
+
+
+def _first_step_by_hand(teacher, x, labels, cfg, offset, extra=0.0, delta=None):
+  model, variables = teacher
+  bn_paths = paths(teacher)
+  params = variables["params"] if delta is None else jax.tree.map(jnp.add, variables["params"],
+                                                                   delta)
+  loss = lambda x: recover.synthesis_loss(
+      model, params, variables["batch_stats"], jnp.roll(x, tuple(offset), axis=(1, 2)), labels,
+      bn_paths, recover.bn_layer_weights(len(bn_paths), cfg.first_bn_weight), cfg)[0]
+  g = np.asarray(jax.grad(loss)(x)) + extra
+  lo, hi = recover.pixel_bounds(MEAN, STD, jnp.float32)
+  # Adam's first step: m̂ = g, v̂ = g², so the update is lr·g/(|g| + eps).
+  return np.clip(np.asarray(x) - cfg.lr * g / (np.abs(g) + cfg.adam_eps), lo, hi)
+
+
+def _synthesize(teacher, x, labels, cfg, offsets, key=jax.random.key(0)):
+  model, variables = teacher
+  fn = recover.make_synthesizer(model, variables, IMAGE, MEAN, STD, cfg)
+  return fn(variables, x, labels, key, offsets)
+
+
+def test_sre2l_first_step_matches_adam_formula(teacher, batch):
+  x, labels = batch
+  cfg = recover.sre2l_config(iterations=1, lr=0.1)
+  assert cfg.r_var == 1.0
+  offsets = jnp.array([[2, 3]])
+  images, metrics = _synthesize(teacher, x, labels, cfg, offsets)
+  np.testing.assert_allclose(images, _first_step_by_hand(teacher, x, labels, cfg, (2, 3)),
+                             rtol=1e-5, atol=1e-5)
+  assert float(metrics["delta_norm"]) == 0.0
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_dwa_first_step_with_and_without_quirk_q1(teacher, batch, compat):
+  x, labels = batch
+  cfg = recover.SynthesisConfig(iterations=1, lr=0.1, adjust_steps=3, rho=0.2, compat_q1=compat)
+  offsets = jnp.array([[1, 4]])
+  images, _ = _synthesize(teacher, x, labels, cfg, offsets)
+  model, variables = teacher
+  delta, ascent_grad, _ = recover.delta_theta(model, variables, x, labels, offsets[0],
+                                              image_shape=IMAGE, cfg=cfg)
+  assert bool(np.any(ascent_grad)) == compat
+  expected = _first_step_by_hand(teacher, x, labels, cfg, (1, 4), np.asarray(ascent_grad), delta)
+  np.testing.assert_allclose(images, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_synthesis_lowers_the_loss_and_respects_pixel_range(teacher, batch):
+  x, labels = batch
+  cfg = recover.SynthesisConfig(iterations=40, lr=0.1, adjust_steps=2, rho=0.05)
+  offsets = recover.draw_jitter_offsets(jax.random.key(3), 40, 2)
+  images, metrics = _synthesize(teacher, x, labels, cfg, offsets)
+  loss = metrics["ce"] + cfg.r_bn * (metrics["bn_terms"] @ np.array([10.0, 1.0]))
+  assert float(loss[-5:].mean()) < 0.75 * float(loss[:5].mean())
+  lo, hi = recover.pixel_bounds(MEAN, STD, jnp.float32)
+  assert np.all(images >= lo - 1e-6) and np.all(images <= hi + 1e-6)
+  assert 0 < float(metrics["delta_norm"]) <= 0.05 + 1e-6
+  assert metrics["bn_terms"].shape == (40, 2) and metrics["adjust_ce"].shape == (2,)
+
+
+def test_random_ablation_and_methods_differ(teacher, batch):
+  x, labels = batch
+  offsets = jnp.zeros((3, 2), jnp.int32)
+  outs = {m: _synthesize(teacher, x, labels,
+                         recover.SynthesisConfig(method=m, iterations=3, adjust_steps=2), offsets)
+          for m in recover.METHODS}
+  np.testing.assert_allclose(outs["random"][1]["delta_norm"], 0.015, rtol=1e-4)
+  assert not np.allclose(outs["dwa"][0], outs["sre2l"][0])
+  assert not np.allclose(outs["random"][0], outs["dwa"][0])
+
+
+def test_no_teacher_weight_gradients_are_computed(teacher, batch):
+  """The synthesis step costs a forward + input-gradient pass, not a full weight backward."""
+  model, variables = teacher
+  x, labels = batch
+  bn_paths = paths(teacher)
+  cfg = recover.sre2l_config(iterations=1)
+  weights = recover.bn_layer_weights(len(bn_paths), 10.0)
+  loss = lambda p, x: recover.synthesis_loss(model, p, variables["batch_stats"], x, labels,
+                                             bn_paths, weights, cfg)[0]
+
+  def flops(fn, *args):
+    return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+  input_only = flops(jax.grad(loss, argnums=1), variables["params"], x)
+  with_weights = flops(jax.grad(loss, argnums=(0, 1)), variables["params"], x)
+  synth = functools.partial(recover.synthesize_batch, model, bn_paths=bn_paths, pixel_mean=MEAN,
+                            pixel_std=STD, cfg=cfg)
+  engine = flops(synth, variables, x, labels, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+  assert with_weights > 1.2 * input_only  # the weight gradient is a real extra cost here...
+  assert engine < 0.5 * (input_only + with_weights)  # ...which the engine does not pay
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(method="dwa2"), "method must be one of"),
+    (dict(r_bn=-1.0), "r_bn must be >= 0"),
+    (dict(iterations=0), "iterations must be >= 1"),
+    (dict(adjust_steps=0), "adjust_steps"),
+    (dict(augment="mixup"), "augment must be"),
+])
+def test_config_validation(bad, match):
+  with pytest.raises(ValueError, match=match):
+    recover.SynthesisConfig(**bad)
