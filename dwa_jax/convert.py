@@ -113,3 +113,27 @@ def model_template(model, image_shape: tuple[int, int, int]) -> Any:
   """Shapes and dtypes of the model's variables, without allocating or computing them."""
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A torchvision-layout state dict from .npz, or .pth/.pt when torch is installed."""
+  if str(path).endswith(".npz"):
+    return load_npz_state_dict(path)
+  if str(path).endswith((".pth", ".pt")):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise StateDictError(f"Reading {path} needs torch (pip install torch), or convert it to .npz "
+                           "with np.savez(out, **{k: v.numpy() for k, v in sd.items()}).") from None
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+      raise StateDictError(f"State dict file not found: {path}") from None
+    except Exception as e:  # torch raises many types for bad files
+      raise StateDictError(f"Cannot read {path}: {type(e).__name__}: {e}") from None
+    for wrapper in ("state_dict", "model"):
+      if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+        obj = obj[wrapper]
+    return strip_prefix({k: v.detach().cpu().numpy() for k, v in obj.items()
+                         if hasattr(v, "detach")})
+  raise StateDictError(f"Unsupported state dict format {path!r}: use .npz, .pth or .pt.")

@@ -13,13 +13,18 @@ gradients are taken w.r.t. the pixels only, so XLA never computes teacher weight
 
 import dataclasses
 import functools
+import pathlib
+import time
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from tqdm import auto as tqdm
 
+from dwa_jax import data, files, squeeze, train_lib
 from dwa_jax.models.layers import BN_STATS, BatchNorm
 
 METHODS = ("dwa", "sre2l", "random")
@@ -278,3 +283,108 @@ def delta_theta(model, variables, x, labels, offset, *, image_shape, cfg: Synthe
   view = lambda x: synthesis_view(x, offset, None, "roll")
   return directed_weight_adjustment(
       model, variables["params"], variables["batch_stats"], x, view, labels, bn_paths, cfg)
+
+
+# ============================================================================= the recover stage
+
+def synthesis_config(rc, method: str) -> SynthesisConfig:
+  """ml_collections `config.recover` -> the engine's config for `method` (SRe2L: r_var = 1)."""
+  return SynthesisConfig(
+      method=method, iterations=rc.iterations, lr=rc.lr, r_bn=rc.r_bn,
+      r_var=rc.sre2l_r_var if method == "sre2l" else rc.r_var,
+      first_bn_weight=rc.first_bn_weight, adjust_steps=rc.adjust_steps, rho=rc.rho,
+      jitter=rc.jitter, augment=rc.augment, compat_q1=rc.compat_q1)
+
+
+def init_kind(rc, method: str) -> str:
+  """'real' (DWA and the random ablation) or 'noise' (SRe2L), unless the config forces one."""
+  if rc.init in ("real", "noise"):
+    return rc.init
+  return "noise" if method == "sre2l" else "real"
+
+
+def initial_batches(dataset, ipc: int, seed: int, kind: str, mean, std) -> np.ndarray:
+  """(ipc, num_classes, H, W, C) normalised starting images; row i initialises ipc index i.
+
+  'real': `data.sample_per_class(dataset, ipc, seed)` draws ipc distinct training images per
+  class with numpy's default_rng(seed) (deterministic, documented there). 'noise': N(0, 1) in
+  normalised space, as SRe2L, from jax.random.key(seed).
+  """
+  if kind == "real":
+    idx = data.sample_per_class(dataset, ipc, seed)
+    return np.asarray(train_lib.normalize(dataset.images[idx], mean, std))
+  shape = (ipc, dataset.num_classes, *dataset.images.shape[1:])
+  return np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32))
+
+
+def class_chunks(num_classes: int, classes_per_batch: int) -> list[np.ndarray]:
+  """Classes of one ipc index split into batches (ImageNet: 10 batches of 100 classes)."""
+  size = classes_per_batch or num_classes
+  return [np.arange(s, min(s + size, num_classes)) for s in range(0, num_classes, size)]
+
+
+def batch_key(seed: int, ipc_index: int, chunk: int):
+  """Each (ipc index, class chunk) has its own key, whatever device or process runs it."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), ipc_index), chunk)
+
+
+def run(config, workdir, method: str) -> dict:
+  """Synthesises `config.ipc` images per class with `method` and saves them under
+  `<workdir>/synthetic/<method>/`: images.npz (float32 in [0, 1], lossless), png/classNNN/*.png,
+  grid.png (rows = ipc index, columns = classes) and recover.json (settings, per-batch metrics)."""
+
+  rc = config.recover
+  if config.ipc < 1:
+    raise ValueError(f"ipc must be >= 1, got {config.ipc}.")
+  train = data.load_dataset(config.dataset, "train", config.data_dir)
+  model, variables, meta = squeeze.load_teacher(workdir, train)
+  mean, std = tuple(meta["mean"]), tuple(meta["std"])
+  cfg = synthesis_config(rc, method)
+  image_shape = tuple(meta["image_shape"])
+  synthesize = make_synthesizer(model, variables, image_shape, mean, std, cfg)
+  starts = initial_batches(train, config.ipc, config.seed, init_kind(rc, method), mean, std)
+  log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
+  out_dir = pathlib.Path(workdir) / "synthetic" / method
+
+  images = np.zeros((config.ipc, train.num_classes, *image_shape), np.float32)
+  per_batch = []
+  chunks = class_chunks(train.num_classes, rc.classes_per_batch)
+  bar = tqdm.tqdm(total=config.ipc * len(chunks), desc=f"recover: {method}", unit="batch")
+  for i in range(config.ipc):
+    for j, classes in enumerate(chunks):
+      start = time.time()
+      offset_key, aug_key = jax.random.split(batch_key(config.seed, i, j))
+      offsets = draw_jitter_offsets(offset_key, cfg.iterations, cfg.jitter)
+      x, metrics = synthesize(variables, jnp.asarray(starts[i, classes]), jnp.asarray(classes),
+                              aug_key, offsets)
+      x, metrics = jax.device_get((x, metrics))
+      if not np.all(np.isfinite(x)):
+        raise FloatingPointError(f"recover: non-finite pixels in ipc {i}, classes "
+                                 f"{classes[0]}-{classes[-1]}; lower recover.lr or check the teacher.")
+      images[i, classes] = x
+      stats = {"ipc_index": i, "classes": [int(classes[0]), int(classes[-1])],
+               "final_ce": float(metrics["ce"][-1]),
+               "final_bn_loss": float(metrics["bn_terms"][-1] @ np.asarray(
+                   bn_layer_weights(metrics["bn_terms"].shape[1], cfg.first_bn_weight))),
+               "delta_norm": float(metrics["delta_norm"]), "seconds": time.time() - start}
+      per_batch.append(stats)
+      log.write(f"recover/{method}", len(per_batch), **stats)
+      bar.set_postfix(ce=f"{stats['final_ce']:.3f}", bn=f"{stats['final_bn_loss']:.3f}")
+      bar.update()
+  bar.close()
+
+  pixels = np.clip(images * np.asarray(std) + np.asarray(mean), 0.0, 1.0)  # de-normalise
+  labels = np.broadcast_to(np.arange(train.num_classes), (config.ipc, train.num_classes))
+  flat, flat_labels = pixels.reshape(-1, *image_shape), labels.reshape(-1)
+  files.save_npz(out_dir / "images.npz", images=flat.astype(np.float32),
+                 labels=flat_labels.astype(np.int32), mean=np.asarray(mean), std=np.asarray(std))
+  files.save_image_folder(out_dir / "png", flat, flat_labels)
+  shown = min(train.num_classes, 20)
+  files.save_png(out_dir / "grid.png",
+                 files.image_grid(pixels[:, :shown].reshape(-1, *image_shape), config.ipc, shown))
+  summary = {"method": method, "ipc": config.ipc, "num_images": len(flat_labels),
+             "synthesis": dataclasses.asdict(cfg), "init": init_kind(rc, method),
+             "teacher": meta, "batches": per_batch}
+  files.write_json(out_dir / "recover.json", summary)
+  print(f"recover: {method} wrote {len(flat_labels)} images to {out_dir}")
+  return summary

@@ -1,0 +1,138 @@
+"""Config-as-code: the official recipes of SPEC.md as ml_collections ConfigDicts.
+
+`configs/*.py` call `get_config(dataset, methods)` and override what differs; every field can be
+overridden again on the command line (`--config.ipc=50`, `--config.recover.iterations=500`).
+"""
+
+import ml_collections
+
+STAGES = ("squeeze", "recover", "relabel", "all")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "all"            # squeeze | recover | relabel | all
+  c.dataset = "digits"       # see dwa_jax.data.load_dataset
+  c.data_dir = ""            # tfds data_dir or the folder of a folder-based data set
+  c.seed = 0
+  c.ipc = 10                 # synthetic images per class
+  c.methods = ("dwa",)       # recovered and validated in turn: dwa | sre2l | random
+
+  # Squeeze: the teacher (official CIFAR recipe).
+  c.teacher = t = ml_collections.ConfigDict()
+  t.model = "resnet18_cifar"
+  t.checkpoint = ""          # a torchvision-layout state dict (.npz) to import instead of training
+  t.epochs = 200
+  t.batch_size = 128
+  t.optimizer = "sgd"
+  t.lr = 0.1
+  t.momentum = 0.9
+  t.weight_decay = 5e-4
+  t.warmup_epochs = 0
+  t.augment = "crop_flip"
+  t.eval_every = 10
+
+  # Recover: synthesis (official CIFAR DWA settings).
+  c.recover = r = ml_collections.ConfigDict()
+  r.iterations = 1000
+  r.lr = 0.25
+  r.r_bn = 0.01
+  r.r_var = 11.0             # DWA's variance weight; SRe2L uses sre2l_r_var
+  r.sre2l_r_var = 1.0
+  r.first_bn_weight = 10.0
+  r.adjust_steps = 12        # K
+  r.rho = 0.015
+  r.jitter = 4
+  r.augment = "roll"         # roll | crop_flip_roll
+  r.init = "auto"            # auto (real for DWA, noise for SRe2L) | real | noise
+  r.classes_per_batch = 0    # 0: all classes in one batch (ImageNet: 100)
+  r.compat_q1 = False        # reproduce the official first-step gradient quirk Q1
+
+  # Relabel + validate: online-KD students (official CIFAR recipe).
+  c.relabel = v = ml_collections.ConfigDict()
+  v.student = "resnet18_cifar"
+  v.epochs = 400
+  v.batch_size = 128
+  v.optimizer = "adamw"
+  v.lr = 1e-3
+  v.momentum = 0.9
+  v.weight_decay = 0.01
+  v.decay_bn_and_bias = True
+  v.warmup_epochs = 0
+  v.augment = "crop_flip"
+  v.mixing = "mixup"         # mixup | cutmix | none
+  v.mix_alpha = 0.8
+  v.temperature = 30.0
+  v.t2_factor = False
+  v.teacher_train_mode = False  # True reproduces the official CIFAR quirk (teacher BN in train mode)
+  v.eval_every = 10
+  v.seeds = (0, 1, 2)
+  v.random_real_baseline = True
+  return c
+
+
+def cifar(dataset: str, methods=("dwa",), model: str = "resnet18_cifar") -> ml_collections.ConfigDict:
+  c = base_config()
+  c.dataset, c.methods = dataset, tuple(methods)
+  c.teacher.model = c.relabel.student = model
+  return c
+
+
+def tiny_imagenet(methods=("dwa",)) -> ml_collections.ConfigDict:
+  c = base_config()
+  c.dataset, c.methods, c.ipc = "tiny_imagenet", tuple(methods), 50
+  t = c.teacher
+  t.epochs, t.batch_size, t.lr, t.weight_decay, t.warmup_epochs = 100, 256, 0.2, 1e-4, 5
+  t.augment = "rrc_flip"
+  r = c.recover
+  r.iterations, r.lr, r.augment = 2000, 0.1, "crop_flip_roll"
+  v = c.relabel
+  v.epochs, v.batch_size, v.optimizer, v.lr, v.weight_decay, v.warmup_epochs = 200, 64, "sgd", 0.2, 1e-4, 5
+  v.augment, v.mixing, v.mix_alpha, v.temperature, v.t2_factor = "rrc_flip", "cutmix", 1.0, 20.0, True
+  return c
+
+
+def imagenet(methods=("dwa",)) -> ml_collections.ConfigDict:
+  c = base_config()
+  c.dataset, c.methods = "imagenet2012", tuple(methods)
+  c.teacher.model = c.relabel.student = "resnet18"
+  c.teacher.checkpoint = "resnet18_imagenet1k_v1.npz"  # torchvision IMAGENET1K_V1, converted
+  r = c.recover
+  r.iterations, r.lr, r.r_var, r.adjust_steps, r.jitter = 2000, 0.25, 2.0, 15, 32
+  r.augment, r.classes_per_batch = "crop_flip_roll", 100
+  v = c.relabel
+  v.epochs, v.batch_size, v.decay_bn_and_bias = 300, 128, False
+  v.augment, v.mixing, v.mix_alpha, v.temperature = "rrc_flip", "cutmix", 1.0, 20.0
+  return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Rejects configs that cannot run, with one message naming every problem."""
+  errors = []
+  if c.stage not in STAGES:
+    errors.append(f"stage must be one of {STAGES}, got {c.stage!r}")
+  if c.ipc < 1:
+    errors.append(f"ipc must be >= 1, got {c.ipc}")
+  for m in c.methods:
+    if m not in ("dwa", "sre2l", "random"):
+      errors.append(f"unknown method {m!r} in methods (use dwa, sre2l, random)")
+  if not c.methods and c.stage != "squeeze":
+    errors.append("methods is empty")
+  for section, names in (("teacher", ("epochs", "batch_size", "eval_every")),
+                         ("relabel", ("epochs", "batch_size", "eval_every"))):
+    for name in names:
+      if c[section][name] < 1:
+        errors.append(f"{section}.{name} must be >= 1, got {c[section][name]}")
+  for section, names in (("teacher", ("lr", "weight_decay", "momentum")),
+                         ("recover", ("lr", "r_bn", "r_var", "sre2l_r_var", "first_bn_weight",
+                                      "rho", "jitter", "iterations")),
+                         ("relabel", ("lr", "weight_decay", "temperature", "mix_alpha"))):
+    for name in names:
+      if c[section][name] < 0:
+        errors.append(f"{section}.{name} must be >= 0, got {c[section][name]}")
+  if c.relabel.temperature == 0:
+    errors.append("relabel.temperature must be > 0")
+  if not c.relabel.seeds:
+    errors.append("relabel.seeds is empty")
+  if errors:
+    raise ValueError("Invalid config: " + "; ".join(errors))

@@ -1,0 +1,160 @@
+"""Relabel + validate: train fresh students on a synthetic set with online teacher soft labels.
+
+Every augmented (and mixed) batch is labelled by the frozen teacher on the fly; the student
+minimises KL(softmax(t/T) || softmax(s/T)) (batch mean, optional T² factor). Top-1 on the real
+test split is reported at the final epoch AND as the best over the periodic evaluations (what the
+official scripts print), each as mean ± std over seeds. A random real subset of the same size,
+trained with the same recipe, is the baseline.
+"""
+
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import auto as tqdm
+
+from dwa_jax import augment, data, files, squeeze, train_lib
+from dwa_jax.models import build_model
+
+RANDOM_REAL = "random_real"
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float, t2_factor: bool):
+  """KLDiv(batchmean) of log_softmax(s/T) against softmax(t/T), optionally times T²."""
+  log_p_s = jax.nn.log_softmax(student_logits / temperature)
+  log_p_t = jax.nn.log_softmax(teacher_logits / temperature)
+  kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s)) / student_logits.shape[0]
+  return kl * temperature**2 if t2_factor else kl
+
+
+def mix(key, x, kind: str, alpha: float):
+  """Mixup or CutMix of the images only: the teacher labels the mixed images directly."""
+  if kind == "mixup":
+    return augment.mixup(key, x, alpha)[0]
+  if kind == "cutmix":
+    return augment.cutmix(key, x, alpha)[0]
+  if kind == "none":
+    return x
+  raise ValueError(f"Unknown mixing {kind!r}; use 'mixup', 'cutmix' or 'none'.")
+
+
+def _student_step(student, teacher, tx, rc, state, teacher_vars, images, idx, key, mean, std):
+  params, batch_stats, opt_state = state
+  aug_key, mix_key = jax.random.split(key)
+  x = train_lib.augment_views(aug_key, train_lib.normalize(images[idx], mean, std), rc.augment)
+  x = mix(mix_key, x, rc.mixing, rc.mix_alpha)
+  if rc.teacher_train_mode:  # official CIFAR quirk: teacher BN on batch statistics
+    t_logits, _ = teacher.apply(teacher_vars, x, train=True, mutable=["batch_stats"])
+  else:
+    t_logits = teacher.apply(teacher_vars, x, train=False)
+  t_logits = jax.lax.stop_gradient(t_logits)
+
+  def loss_fn(params):
+    logits, updates = student.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                    mutable=["batch_stats"])
+    return kd_loss(logits, t_logits, rc.temperature, rc.t2_factor), updates["batch_stats"]
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+
+def train_student(rc: ml_collections.ConfigDict, teacher, teacher_vars, images01: np.ndarray,
+                  test: data.Dataset, mean, std, seed: int, desc: str,
+                  log: files.MetricsLog) -> dict:
+  """Trains one student on `images01` (N, H, W, C in [0, 1]); returns final/best top-1 (%)."""
+  student = build_model(rc.student, test.num_classes)
+  n = len(images01)
+  batch_size = min(rc.batch_size, n)
+  key = jax.random.key(seed)
+  variables = student.init(key, jnp.zeros((1, *images01.shape[1:]), jnp.float32))
+  schedule = train_lib.epoch_schedule(rc.lr, rc.epochs, train_lib.steps_per_epoch(n, batch_size),
+                                      rc.warmup_epochs)
+  tx = train_lib.make_optimizer(rc.optimizer, schedule, rc.weight_decay, rc.momentum,
+                                decay_bn_and_bias=rc.decay_bn_and_bias)
+  state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+  step = jax.jit(functools.partial(_student_step, student, teacher, tx, rc, mean=mean, std=std),
+                 donate_argnums=0)
+  accuracy = train_lib.make_accuracy_fn(student, mean, std)
+  images = jnp.asarray(images01, jnp.float32)
+  rng = np.random.default_rng(seed)
+  history = []
+  bar = tqdm.trange(rc.epochs, desc=desc, unit="epoch", leave=False)
+  for epoch in bar:
+    for i, idx in enumerate(train_lib.epoch_batches(rng, n, batch_size)):
+      state, loss = step(state, teacher_vars, images, jnp.asarray(idx),
+                         jax.random.fold_in(key, epoch * 100_003 + i))
+    if (epoch + 1) % rc.eval_every == 0 or epoch + 1 == rc.epochs:
+      acc = accuracy({"params": state[0], "batch_stats": state[1]}, test.images, test.labels)
+      history.append((epoch + 1, acc))
+      bar.set_postfix(test_acc=f"{acc:.2f}")
+      log.write(f"relabel/{desc}", epoch + 1, test_accuracy=acc)
+  return {"final": history[-1][1], "best": max(a for _, a in history), "history": history}
+
+
+def synthetic_set(workdir, method: str) -> np.ndarray:
+  path = pathlib.Path(workdir) / "synthetic" / method / "images.npz"
+  if not path.exists():
+    raise FileNotFoundError(f"No synthetic set at {path}: run the recover stage for {method!r} "
+                            "first (--config.stage=recover).")
+  with np.load(path) as f:
+    return f["images"]
+
+
+def random_real_set(train: data.Dataset, ipc: int, seed: int) -> np.ndarray:
+  """ipc random real training images per class (seed + 1: not the DWA initialisation draw)."""
+  idx = data.sample_per_class(train, ipc, seed + 1).reshape(-1)
+  return train.images[idx].astype(np.float32) / 255.0
+
+
+def mean_std(values) -> tuple[float, float]:
+  values = np.asarray(values, np.float64)
+  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def results_table(results: dict) -> str:
+  """Markdown table: one row per image set, final and best top-1 as mean ± std over seeds."""
+  lines = ["| images | ipc | seeds | final top-1 (%) | best top-1 (%) |",
+           "|---|---|---|---|---|"]
+  for name, r in results["sets"].items():
+    lines.append(f"| {name} | {results['ipc']} | {len(r['seeds'])} | "
+                 f"{r['final_mean']:.2f} ± {r['final_std']:.2f} | "
+                 f"{r['best_mean']:.2f} ± {r['best_std']:.2f} |")
+  return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, workdir) -> dict:
+  """Validates every synthetic set of `config.methods` (+ the random real baseline) over seeds;
+  writes `<workdir>/results.json` and `results.md` and prints the table."""
+  rc = config.relabel
+  train = data.load_dataset(config.dataset, "train", config.data_dir)
+  test = data.load_dataset(config.dataset, "test", config.data_dir)
+  teacher, teacher_vars, meta = squeeze.load_teacher(workdir, train)
+  mean, std = tuple(meta["mean"]), tuple(meta["std"])
+  log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
+  sets = {m: synthetic_set(workdir, m) for m in config.methods}
+  if rc.random_real_baseline:
+    sets[RANDOM_REAL] = random_real_set(train, config.ipc, config.seed)
+  results = {"dataset": config.dataset, "ipc": config.ipc, "student": rc.student,
+             "teacher_test_accuracy": meta["test_accuracy"], "sets": {}}
+  for name, images in sets.items():
+    runs = [train_student(rc, teacher, teacher_vars, images, test, mean, std, seed,
+                          f"relabel: {name} seed {seed}", log)
+            for seed in tqdm.tqdm(rc.seeds, desc=f"relabel: {name}", unit="seed")]
+    final_mean, final_std = mean_std([r["final"] for r in runs])
+    best_mean, best_std = mean_std([r["best"] for r in runs])
+    results["sets"][name] = {"seeds": list(rc.seeds), "runs": runs, "num_images": len(images),
+                             "final_mean": final_mean, "final_std": final_std,
+                             "best_mean": best_mean, "best_std": best_std}
+  table = results_table(results)
+  files.write_json(pathlib.Path(workdir) / "results.json", results)
+  files.write_bytes(pathlib.Path(workdir) / "results.md",
+                    (f"Teacher {meta['model']}: {meta['test_accuracy']:.2f}% test top-1\n\n"
+                     + table + "\n").encode())
+  print(f"\nStudents ({rc.student}, {rc.epochs} epochs) on {config.dataset}, "
+        f"teacher {meta['test_accuracy']:.2f}%:\n{table}")
+  return results

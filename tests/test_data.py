@@ -1,0 +1,113 @@
+"""Data sources on small local data and under tfds.testing.mock_data (no download)."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dwa_jax import data
+
+
+def test_digits_is_deterministic_stratified_and_disjoint():
+  train, test = data.load_digits("train"), data.load_digits("test")
+  assert train.images.shape[1:] == (8, 8, 1) and train.images.dtype == np.uint8
+  assert len(train.labels) + len(test.labels) == 1797 and train.num_classes == 10
+  assert train.images.max() == 255
+  # ~20% of every class is test.
+  for c in range(10):
+    frac = np.sum(test.labels == c) / (np.sum(test.labels == c) + np.sum(train.labels == c))
+    assert 0.17 < frac < 0.23
+  assert train.mean == test.mean
+  np.testing.assert_array_equal(data.load_digits("train").images, train.images)
+  train_rows = {r.tobytes() for r in train.images}
+  assert sum(r.tobytes() in train_rows for r in test.images) < 10  # digits has a few duplicates
+
+
+def test_sample_per_class_rows_hold_one_image_per_class():
+  train = data.load_digits("train")
+  idx = data.sample_per_class(train, 5, seed=3)
+  assert idx.shape == (5, 10)
+  np.testing.assert_array_equal(train.labels[idx], np.tile(np.arange(10), (5, 1)))
+  assert len(np.unique(idx)) == 50
+  np.testing.assert_array_equal(idx, data.sample_per_class(train, 5, seed=3))
+  assert not np.array_equal(idx, data.sample_per_class(train, 5, seed=4))
+  # Asking for more ipc keeps the earlier rows (prefix property of the rule).
+  np.testing.assert_array_equal(data.sample_per_class(train, 7, seed=3)[:5], idx)
+  with pytest.raises(data.DataError, match="fewer than the 1000 requested"):
+    data.sample_per_class(train, 1000, seed=0)
+
+
+def test_tfds_cifar10_through_data_source():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=12):
+    ds = data.load_tfds("cifar10", "train")
+  assert ds.images.shape == (12, 32, 32, 3) and ds.images.dtype == np.uint8
+  assert ds.labels.shape == (12,) and ds.num_classes == 10
+  assert ds.mean == data.NORMALISATION["cifar10"][0]
+
+
+def test_npz_and_image_folder_round_trip(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (6, 5, 5, 3), dtype=np.uint8)
+  labels = np.array([0, 1, 2, 0, 1, 2])
+  np.savez(tmp_path / "d.npz", images=images, labels=labels)
+  ds = data.load_dataset(f"npz:{tmp_path / 'd.npz'}", "train")
+  np.testing.assert_array_equal(ds.images, images)
+  assert ds.num_classes == 3
+  for k, (image, label) in enumerate(zip(images, labels)):
+    folder = tmp_path / "folder" / f"class{label:03d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(folder / f"{k}.png")
+  ds = data.load_dataset(f"folder:{tmp_path / 'folder'}", "train")
+  assert ds.class_names == ("class000", "class001", "class002")
+  np.testing.assert_array_equal(np.sort(ds.images.reshape(6, -1), 0),
+                                np.sort(images.reshape(6, -1), 0))
+
+
+def _fake_jpeg_file(path, n=5):
+  rng = np.random.default_rng(1)
+  out = {}
+  for split in ("train", "test"):
+    blobs = []
+    for _ in range(n):
+      buf = io.BytesIO()
+      Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG")
+      blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
+    out[f"{split}_jpeg"] = np.concatenate(blobs)
+    out[f"{split}_offsets"] = np.concatenate([[0], np.cumsum([len(b) for b in blobs])])
+    out[f"{split}_labels"] = np.arange(n) % 10
+  np.savez(path, class_names=np.array([f"c{i}" for i in range(10)]), **out)
+
+
+def test_cifar10_jpeg_decodes_and_caches(tmp_path):
+  _fake_jpeg_file(tmp_path / "c.npz")
+  ds = data.load_cifar10_jpeg(tmp_path / "c.npz", "train", tmp_path / "cache")
+  assert ds.images.shape == (5, 32, 32, 3) and ds.num_classes == 10
+  cached = list((tmp_path / "cache").glob("*.npz"))
+  assert len(cached) == 1
+  mtime = cached[0].stat().st_mtime_ns
+  again = data.load_cifar10_jpeg(tmp_path / "c.npz", "train", tmp_path / "cache")
+  np.testing.assert_array_equal(again.images, ds.images)
+  assert cached[0].stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("name,match", [
+    ("mnist2", "Unknown data set 'mnist2'"),
+    ("npz:/nonexistent/x.npz", "npz data file not found"),
+    ("folder:/nonexistent", "Image folder not found"),
+    ("tiny_imagenet", "Tiny-ImageNet not found"),
+    ("cifar10_jpeg:/nonexistent.npz", "CIFAR-10 JPEG file not found"),
+])
+def test_bad_sources_are_one_clear_error(name, match):
+  with pytest.raises(data.DataError, match=match):
+    data.load_dataset(name, "train")
+
+
+def test_npz_with_wrong_content(tmp_path):
+  np.savez(tmp_path / "bad.npz", pictures=np.zeros((2, 4, 4, 3), np.uint8))
+  with pytest.raises(data.DataError, match="needs arrays 'images' and 'labels'"):
+    data.load_npz(tmp_path / "bad.npz")
+  np.savez(tmp_path / "bad2.npz", images=np.zeros((2, 4, 4, 3)), labels=np.zeros(2))
+  with pytest.raises(data.DataError, match="must be uint8"):
+    data.load_npz(tmp_path / "bad2.npz")

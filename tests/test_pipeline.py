@@ -1,0 +1,133 @@
+"""The three stages end to end on the embedded digits data, at toy sizes."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dwa_jax import main as main_lib
+from dwa_jax import presets, recover, relabel, squeeze
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(methods=("sre2l", "dwa")):
+  c = presets.cifar("digits", methods, model="convnet")
+  c.ipc = 2
+  c.teacher.epochs, c.teacher.batch_size, c.teacher.eval_every = 2, 128, 1
+  c.recover.iterations, c.recover.adjust_steps, c.recover.jitter = 4, 2, 1
+  c.relabel.epochs, c.relabel.batch_size, c.relabel.eval_every = 3, 16, 1
+  c.relabel.seeds = (0, 1)
+  return c
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """One squeeze + recover run shared by the tests below."""
+  path = tmp_path_factory.mktemp("run")
+  config = tiny_config()
+  config.stage = "recover"
+  squeeze.run(config, path)
+  for m in config.methods:
+    recover.run(config, path, m)
+  return path
+
+
+def test_squeeze_saves_a_loadable_teacher(workdir):
+  model, variables, meta = squeeze.load_teacher(workdir)
+  assert meta["num_classes"] == 10 and meta["image_shape"] == [8, 8, 1]
+  assert 0 <= meta["test_accuracy"] <= 100
+  assert set(variables) == {"params", "batch_stats"}
+
+
+def test_recover_writes_lossless_images_png_folder_and_grid(workdir):
+  out = workdir / "synthetic" / "dwa"
+  with np.load(out / "images.npz") as f:
+    images, labels = f["images"], f["labels"]
+  assert images.shape == (20, 8, 8, 1) and images.dtype == np.float32
+  assert images.min() >= 0 and images.max() <= 1
+  np.testing.assert_array_equal(labels, np.tile(np.arange(10), 2))
+  png = np.asarray(Image.open(out / "png" / "class003" / "class003_id001.png"))
+  np.testing.assert_array_equal(png, np.rint(images[13, ..., 0] * 255).astype(np.uint8))
+  assert len(list((out / "png").glob("class*/*.png"))) == 20
+  assert Image.open(out / "grid.png").size[0] > 10 * 8
+  summary = json.loads((out / "recover.json").read_text())
+  assert summary["init"] == "real" and len(summary["batches"]) == 2
+  assert all(0 < b["delta_norm"] <= 0.015 + 1e-6 for b in summary["batches"])
+  sre2l = json.loads((workdir / "synthetic" / "sre2l" / "recover.json").read_text())
+  assert sre2l["init"] == "noise" and sre2l["synthesis"]["r_var"] == 1.0
+  assert all(b["delta_norm"] == 0 for b in sre2l["batches"])
+
+
+def test_recover_is_deterministic(workdir, tmp_path):
+  config = tiny_config(("dwa",))
+  (tmp_path / "teacher").symlink_to(workdir / "teacher")
+  recover.run(config, tmp_path, "dwa")
+  a = (workdir / "synthetic" / "dwa" / "images.npz").read_bytes()
+  assert (tmp_path / "synthetic" / "dwa" / "images.npz").read_bytes() == a
+
+
+def test_relabel_reports_final_best_and_spread(workdir):
+  config = tiny_config()
+  results = relabel.run(config, workdir)
+  assert set(results["sets"]) == {"sre2l", "dwa", relabel.RANDOM_REAL}
+  for r in results["sets"].values():
+    assert len(r["runs"]) == 2 and r["num_images"] == 20
+    assert r["best_mean"] >= r["final_mean"] - 1e-9
+    assert all(len(run["history"]) == 3 for run in r["runs"])
+  table = (workdir / "results.md").read_text()
+  assert "| dwa | 2 | 2 |" in table and "±" in table
+
+
+def test_kd_loss_is_batchmean_kl_with_optional_t2():
+  rng = np.random.default_rng(0)
+  s, t = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
+  log_softmax = lambda z: z - np.log(np.exp(z).sum(1, keepdims=True))
+  p_t = np.exp(log_softmax(t / 3))
+  expected = np.sum(p_t * (np.log(p_t) - log_softmax(s / 3))) / 4
+  np.testing.assert_allclose(relabel.kd_loss(s, t, 3.0, False), expected, rtol=1e-5)
+  np.testing.assert_allclose(relabel.kd_loss(s, t, 3.0, True), 9 * expected, rtol=1e-5)
+
+
+def run_main(*args, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", "dwa_jax.main", *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_command_line_overrides_and_all_stages(tmp_path):
+  proc = run_main("--config=configs/demo_digits.py", f"--workdir={tmp_path}",
+                  "--config.ipc=1", "--config.methods=('dwa',)", "--config.teacher.epochs=1",
+                  "--config.recover.iterations=2", "--config.recover.adjust_steps=1",
+                  "--config.relabel.epochs=1", "--config.relabel.seeds=(0,)",
+                  "--config.relabel.random_real_baseline=False")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["ipc"] == 1 and saved["recover"]["iterations"] == 2
+  assert saved["methods"] == ["dwa"]
+  assert "| dwa | 1 | 1 |" in proc.stdout
+  assert (tmp_path / "results.json").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.ipc=0", "ipc must be >= 1"),
+    ("--config.recover.r_bn=-1.0", "recover.r_bn must be >= 0"),
+    ("--config.stage=distill", "stage must be one of"),
+])
+def test_bad_config_is_one_clear_error(tmp_path, override, message):
+  proc = run_main("--config=configs/demo_digits.py", f"--workdir={tmp_path}", override)
+  assert proc.returncode == 2
+  assert message in proc.stderr and "Traceback" not in proc.stderr
+  assert not (tmp_path / "teacher").exists()
+
+
+def test_every_config_file_loads_and_validates():
+  import importlib.util
+  for path in sorted((REPO / "configs").glob("*.py")):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    presets.validate(module.get_config())
