@@ -13,7 +13,8 @@
 # %% [markdown]
 # # dwa_jax: DWA and SRe2L dataset distillation in JAX
 #
-# This notebook installs `dwa_jax`, checks the runtime, runs the digits demo end to end
+# This notebook installs `dwa_jax` (on Colab: set `DWA_REPO_URL` to your clone of the repository,
+# or upload it and `pip install -e .`), checks the runtime, runs the digits demo end to end
 # (teacher → SRe2L and DWA synthesis → students with online soft labels → results table), shows
 # the synthetic images, and then explains how to run the CIFAR-100 / ImageNet configs on a GPU or
 # TPU runtime. `DWA_SMOKE=1` shrinks every size so CI can execute the notebook in a minute.
@@ -25,9 +26,9 @@ import sys
 
 SMOKE = os.environ.get("DWA_SMOKE") == "1"
 IN_COLAB = "google.colab" in sys.modules
-if IN_COLAB:  # inside Colab: install from the repository (replace with your fork or a wheel)
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q",
-                  "git+https://github.com/YOUR_ORG/dwa_jax.git"], check=True)
+REPO_URL = os.environ.get("DWA_REPO_URL", "")  # your clone of the repository, e.g. a git URL
+if IN_COLAB and REPO_URL:
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
 
 # %% [markdown]
 # ## Runtime check
@@ -51,20 +52,12 @@ import pathlib
 from dwa_jax import main as dwa_main
 from dwa_jax import presets
 
-config = presets.cifar("digits", ("sre2l", "dwa"), model="convnet")
+config = presets.demo_digits()  # the settings of configs/demo_digits.py
 if SMOKE:
   config.ipc = 1
   config.teacher.epochs = 1
   config.recover.iterations, config.recover.adjust_steps = 3, 2
   config.relabel.epochs, config.relabel.seeds = 2, (0,)
-else:
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "demo_digits", pathlib.Path(dwa_main.__file__).parents[1] / "configs" / "demo_digits.py")
-  if spec and pathlib.Path(spec.origin).exists():
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    config = demo.get_config()
 workdir = pathlib.Path("workdir/colab_demo")
 results = dwa_main.run_stages(config, workdir)
 

@@ -136,3 +136,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     errors.append("relabel.seeds is empty")
   if errors:
     raise ValueError("Invalid config: " + "; ".join(errors))
+
+
+def demo_digits() -> ml_collections.ConfigDict:
+  """The fast demo on scikit-learn's embedded digits (8x8 grayscale, 10 classes): the CIFAR
+  recipe scaled down to the data, SRe2L and DWA side by side, ConvNet teacher and students."""
+  c = cifar("digits", ("sre2l", "dwa"), model="convnet")
+  c.teacher.epochs, c.teacher.batch_size, c.teacher.lr, c.teacher.eval_every = 30, 64, 0.05, 5
+  c.recover.iterations = 300
+  c.recover.jitter = 1       # 4 px on 32 px images is 1 px on 8 px images
+  c.relabel.epochs, c.relabel.batch_size, c.relabel.temperature = 150, 64, 4.0
+  return c
