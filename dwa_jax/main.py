@@ -12,9 +12,11 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from dwa_jax import files, presets
+from dwa_jax import files, presets, recover, relabel, squeeze
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -35,32 +37,57 @@ def prepare_workdir(workdir: str) -> pathlib.Path:
   return path
 
 
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-process runs: host:port of process 0 (jax.distributed.initialize).")
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def run_stages(config, workdir) -> dict:
-  """Runs the configured stage(s) in order; returns what the last one produced."""
-  from dwa_jax import recover, relabel, squeeze  # heavy imports only once flags parsed
+  """Runs the configured stage(s) in order; returns what the last one produced.
+
+  With several processes, all synthesise (each its own ipc indices); squeeze, the merge of the
+  synthetic set and relabel run on process 0 only.
+  """
   presets.validate(config)
   workdir = prepare_workdir(workdir)
-  files.write_json(workdir / "config.json", config.to_dict())
+  lead = jax.process_index() == 0
   out = {}
   if config.stage in ("squeeze", "all"):
-    out = squeeze.run(config, workdir)
+    if lead:
+      out = squeeze.run(config, workdir)
+    _barrier("squeeze")
   if config.stage in ("recover", "all"):
     out = {m: recover.run(config, workdir, m) for m in config.methods}
-  if config.stage in ("relabel", "all"):
+  if config.stage in ("relabel", "all") and lead:
     out = relabel.run(config, workdir)
+  if lead:
+    files.write_json(workdir / "config.json", config.to_dict())
   return out
+
+
+def execute(config, workdir) -> int:
+  """run_stages with bad input reported as one line on stderr and exit status 2."""
+  try:
+    run_stages(config, workdir)
+  except (ValueError, OSError, FloatingPointError) as e:
+    print(f"dwa_jax: error: {e}", file=sys.stderr)
+    return 2
+  return 0
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every read and write at INFO
-  try:
-    run_stages(FLAGS.config, FLAGS.workdir)
-  except (ValueError, OSError, FloatingPointError) as e:
-    # One clear line instead of a traceback for bad input; the exit code says it failed.
-    print(f"dwa_jax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  if FLAGS.coordinator_address:
+      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  sys.exit(execute(FLAGS.config, FLAGS.workdir))
 
 
 def run():

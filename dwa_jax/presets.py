@@ -47,6 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
   r.init = "auto"            # auto (real for DWA, noise for SRe2L) | real | noise
   r.classes_per_batch = 0    # 0: all classes in one batch (ImageNet: 100)
   r.compat_q1 = False        # reproduce the official first-step gradient quirk Q1
+  r.checkpoint_every = 100   # save in-flight pixels + Adam state every N iterations (0: per batch)
+  r.wait_timeout_s = 86400.0  # multi-process: how long process 0 waits for the others' batches
 
   # Relabel + validate: online-KD students (official CIFAR recipe).
   c.relabel = v = ml_collections.ConfigDict()

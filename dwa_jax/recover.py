@@ -13,15 +13,18 @@ gradients are taken w.r.t. the pixels only, so XLA never computes teacher weight
 
 import dataclasses
 import functools
+import hashlib
 import pathlib
+import shutil
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from tqdm import auto as tqdm
 
 from dwa_jax import data, files, squeeze, train_lib
@@ -210,9 +213,87 @@ def synthesis_loss(model, params, batch_stats, x_view, labels, bn_paths, layer_w
   return ce + cfg.r_bn * jnp.dot(layer_weights, terms), (ce, terms)
 
 
+class BatchState(NamedTuple):
+  """A synthetic batch between iterations: enough to continue (or checkpoint) it."""
+  x: jax.Array                 # current normalised pixels
+  adam: Any                    # optax.ScaleByAdamState
+  delta: Any                   # Δθ (None for SRe2L)
+  first_grad_extra: jax.Array  # quirk Q1's leaked ascent gradient (zeros unless compat_q1)
+  t: jax.Array                 # index of the next iteration
+
+
+def _adam(cfg: SynthesisConfig):
+  return optax.scale_by_adam(b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps)
+
+
+def _views(key, offsets, cfg: SynthesisConfig):
+  aug_keys = jax.random.split(key, cfg.iterations + 1)
+  return aug_keys, lambda t: (lambda x: synthesis_view(x, offsets[t], aug_keys[t], cfg.augment))
+
+
+def start_batch(model, variables, x_init, labels, key, offsets, *, bn_paths,
+                cfg: SynthesisConfig):
+  """Weight adjustment (DWA: directed, 'random': Gaussian, SRe2L: none) and fresh Adam state.
+
+  Returns the BatchState at t = 0 and metrics: `delta_norm`, and for DWA per ascent pass
+  `adjust_ce` and `adjust_bn_terms`.
+  """
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  aug_keys, view_at = _views(key, offsets, cfg)
+  metrics = {}
+  extra = jnp.zeros_like(x_init)
+  delta = None
+  if cfg.method == "dwa":
+    delta, extra, adjust = directed_weight_adjustment(model, params, batch_stats, x_init,
+                                                      view_at(0), labels, bn_paths, cfg)
+    metrics = {"adjust_ce": adjust["ce"], "adjust_bn_terms": adjust["bn_terms"]}
+  elif cfg.method == "random":
+    delta = random_weight_adjustment(aug_keys[-1], params, cfg.rho)
+  metrics["delta_norm"] = (jnp.zeros((), x_init.dtype) if delta is None
+                           else optax.tree.norm(delta))
+  state = BatchState(x_init, _adam(cfg).init(x_init), delta, extra, jnp.zeros((), jnp.int32))
+  return state, metrics
+
+
+def run_iterations(model, variables, state: BatchState, labels, key, offsets, num_steps: int, *,
+                   bn_paths, pixel_mean, pixel_std, cfg: SynthesisConfig):
+  """Iterations state.t .. state.t + num_steps − 1 of Adam on the pixels (clamped after each).
+
+  Running T iterations in one call or in several chunks computes the same thing, which is what
+  lets the recover stage checkpoint inside a batch. Metrics per iteration: `ce`, `bn_terms`
+  (num_steps, L), `grad_norm` (of the gradient Adam received), `lr`.
+  """
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  model_params = params if state.delta is None else _add(params, state.delta)
+  dtype = state.x.dtype
+  layer_w = bn_layer_weights(len(bn_paths), cfg.first_bn_weight).astype(dtype)
+  lo, hi = pixel_bounds(pixel_mean, pixel_std, dtype)
+  _, view_at = _views(key, offsets, cfg)
+  adam = _adam(cfg)
+
+  def loss_fn(x, t):
+    return synthesis_loss(model, model_params, batch_stats, view_at(t)(x), labels, bn_paths,
+                          layer_w, cfg)
+
+  def step(carry, t):
+    x, adam_state = carry
+    (_, (ce, terms)), grad = jax.value_and_grad(loss_fn, has_aux=True)(x, t)
+    grad = grad + jnp.where(t == 0, state.first_grad_extra, jnp.zeros_like(grad))
+    lr = cosine_lr(t, cfg.iterations, cfg.lr, dtype)
+    direction, adam_state = adam.update(grad, adam_state)
+    x = jnp.clip(x - lr * direction, lo, hi)
+    return (x, adam_state), {"ce": ce, "bn_terms": terms, "grad_norm": jnp.linalg.norm(grad),
+                             "lr": lr}
+
+  steps = state.t + jnp.arange(num_steps, dtype=jnp.int32)
+  (x, adam_state), metrics = jax.lax.scan(step, (state.x, state.adam), steps)
+  return state._replace(x=x, adam=adam_state, t=state.t + num_steps), metrics
+
+
 def synthesize_batch(model, variables, x_init, labels, key, offsets, *, bn_paths, pixel_mean,
                      pixel_std, cfg: SynthesisConfig):
-  """Optimises one synthetic batch. Pure and jit-able (model, bn_paths, cfg static).
+  """Optimises one synthetic batch from start to end. Pure and jit-able (model, bn_paths, cfg
+  static).
 
   Args:
     variables: the frozen teacher's {'params', 'batch_stats'}.
@@ -224,45 +305,12 @@ def synthesize_batch(model, variables, x_init, labels, key, offsets, *, bn_paths
     the final normalised images and a metrics dict: per iteration `ce`, `bn_terms` (T, L),
     `grad_norm`, `lr`; per ascent pass `adjust_ce`, `adjust_bn_terms`; and `delta_norm`.
   """
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  dtype = x_init.dtype
-  aug_keys = jax.random.split(key, cfg.iterations + 1)
-  layer_w = bn_layer_weights(len(bn_paths), cfg.first_bn_weight).astype(dtype)
-  lo, hi = pixel_bounds(pixel_mean, pixel_std, dtype)
-  view_at = lambda t: (lambda x: synthesis_view(x, offsets[t], aug_keys[t], cfg.augment))
-
-  adjust_metrics = {}
-  extra_first_grad = jnp.zeros_like(x_init)
-  if cfg.method == "dwa":
-    delta, extra_first_grad, adjust_metrics = directed_weight_adjustment(
-        model, params, batch_stats, x_init, view_at(0), labels, bn_paths, cfg)
-    adjust_metrics = {"adjust_ce": adjust_metrics["ce"],
-                      "adjust_bn_terms": adjust_metrics["bn_terms"]}
-  elif cfg.method == "random":
-    delta = random_weight_adjustment(aug_keys[-1], params, cfg.rho)
-  else:
-    delta = None
-  model_params = params if delta is None else _add(params, delta)
-
-  def loss_fn(x, t):
-    return synthesis_loss(model, model_params, batch_stats, view_at(t)(x), labels, bn_paths,
-                          layer_w, cfg)
-
-  adam = optax.scale_by_adam(b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps)
-
-  def step(carry, t):
-    x, adam_state = carry
-    (_, (ce, terms)), grad = jax.value_and_grad(loss_fn, has_aux=True)(x, t)
-    grad = grad + jnp.where(t == 0, extra_first_grad, jnp.zeros_like(grad))
-    lr = cosine_lr(t, cfg.iterations, cfg.lr, dtype)
-    direction, adam_state = adam.update(grad, adam_state)
-    x = jnp.clip(x - lr * direction, lo, hi)
-    return (x, adam_state), {"ce": ce, "bn_terms": terms, "grad_norm": jnp.linalg.norm(grad),
-                             "lr": lr}
-
-  (x, _), metrics = jax.lax.scan(step, (x_init, adam.init(x_init)), jnp.arange(cfg.iterations))
-  delta_norm = jnp.zeros((), dtype) if delta is None else optax.tree.norm(delta)
-  return x, {**metrics, **adjust_metrics, "delta_norm": delta_norm}
+  state, start_metrics = start_batch(model, variables, x_init, labels, key, offsets,
+                                     bn_paths=bn_paths, cfg=cfg)
+  state, metrics = run_iterations(model, variables, state, labels, key, offsets, cfg.iterations,
+                                  bn_paths=bn_paths, pixel_mean=pixel_mean, pixel_std=pixel_std,
+                                  cfg=cfg)
+  return state.x, {**metrics, **start_metrics}
 
 
 def make_synthesizer(model, variables, image_shape, pixel_mean, pixel_std,
@@ -286,6 +334,15 @@ def delta_theta(model, variables, x, labels, offset, *, image_shape, cfg: Synthe
 
 
 # ============================================================================= the recover stage
+# Batches (ipc index i, class chunk j) are independent and keyed by (seed, i, j): whichever
+# process or device runs one, it gives the same bytes. Each process owns ipc indices
+# i ≡ process_index (mod process_count); within a process, groups of one batch per local device
+# run under shard_map (each device its own Δθ). Progress lives in <workdir>/progress/<method>/:
+# every finished batch as an .npz, and the in-flight group's pixels + Adam state as an Orbax
+# checkpoint every `checkpoint_every` iterations, so a killed run resumes bit-identically.
+
+BATCH_AXIS = "batch"
+
 
 def synthesis_config(rc, method: str) -> SynthesisConfig:
   """ml_collections `config.recover` -> the engine's config for `method` (SRe2L: r_var = 1)."""
@@ -307,7 +364,7 @@ def initial_batches(dataset, ipc: int, seed: int, kind: str, mean, std) -> np.nd
   """(ipc, num_classes, H, W, C) normalised starting images; row i initialises ipc index i.
 
   'real': `data.sample_per_class(dataset, ipc, seed)` draws ipc distinct training images per
-  class with numpy's default_rng(seed) (deterministic, documented there). 'noise': N(0, 1) in
+  class with numpy's default_rng (deterministic, documented there). 'noise': N(0, 1) in
   normalised space, as SRe2L, from jax.random.key(seed).
   """
   if kind == "real":
@@ -328,63 +385,261 @@ def batch_key(seed: int, ipc_index: int, chunk: int):
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), ipc_index), chunk)
 
 
-def run(config, workdir, method: str) -> dict:
+def owned_batches(ipc: int, num_chunks: int, process_index: int, process_count: int):
+  """The (ipc index, chunk) pairs this process synthesises, in order."""
+  return [(i, j) for i in range(ipc) if i % process_count == process_index
+          for j in range(num_chunks)]
+
+
+class GroupRunner:
+  """Jitted start/advance of G batches at once, one per device of `devices` (shard_map)."""
+
+  def __init__(self, model, variables, image_shape, mean, std, cfg: SynthesisConfig, devices):
+    self.mesh = jax.sharding.Mesh(np.asarray(devices), (BATCH_AXIS,))
+    self.size = len(devices)
+    bn_paths = bn_layer_paths(model, variables, image_shape)
+    shard, full = jax.sharding.PartitionSpec(BATCH_AXIS), jax.sharding.PartitionSpec()
+
+    def per_device(fn):
+      """Runs `fn` on this device's single batch; the teacher is made device-varying so that
+      gradients w.r.t. it (Δθ) are NOT summed across devices."""
+      def body(variables, *batched):
+        variables = jax.lax.pcast(variables, BATCH_AXIS, to="varying")
+        out = fn(variables, *jax.tree.map(lambda a: a[0], batched))
+        return jax.tree.map(lambda a: a[None], out)
+      return body
+
+    start = lambda v, x, y, k, o: start_batch(model, v, x, y, k, o, bn_paths=bn_paths, cfg=cfg)
+    self._start = jax.jit(jax.shard_map(per_device(start), mesh=self.mesh,
+                                        in_specs=(full, shard, shard, shard, shard),
+                                        out_specs=shard))
+    self._advance = {}
+    self._make_advance = lambda n: jax.jit(jax.shard_map(
+        per_device(lambda v, st, y, k, o: run_iterations(
+            model, v, st, y, k, o, n, bn_paths=bn_paths, pixel_mean=mean, pixel_std=std,
+            cfg=cfg)),
+        mesh=self.mesh, in_specs=(full, shard, shard, shard, shard), out_specs=shard),
+        donate_argnums=1)
+
+  def start(self, variables, x, labels, keys, offsets):
+    return self._start(variables, x, labels, keys, offsets)
+
+  def advance(self, variables, state, labels, keys, offsets, num_steps: int):
+    if num_steps not in self._advance:
+      self._advance[num_steps] = self._make_advance(num_steps)
+    return self._advance[num_steps](variables, state, labels, keys, offsets)
+
+
+class Progress:
+  """Finished batches (.npz, atomic) and the in-flight group (Orbax) of one method's run."""
+
+  def __init__(self, root: pathlib.Path, fingerprint: dict):
+    self.root = root
+    stamp = root / "fingerprint.json"
+    if stamp.exists() and files.read_json(stamp) != fingerprint:
+      print(f"recover: settings changed since the progress in {root} was saved; starting over")
+      shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    files.write_json(stamp, fingerprint)
+    # One in-flight checkpoint per process, each written by its own process alone.
+    process = jax.process_index()
+    self.marker = root / f"inflight_p{process}.json"
+    (root / f"inflight_p{process}").mkdir(exist_ok=True)
+    self.manager = ocp.CheckpointManager(
+        (root / f"inflight_p{process}").absolute(), options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=False, enable_async_checkpointing=False,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=process, active_processes={process})))
+
+  def done_path(self, i: int, j: int) -> pathlib.Path:
+    return self.root / "done" / f"batch_{i:05d}_{j:03d}.npz"
+
+  def is_done(self, i: int, j: int) -> bool:
+    return self.done_path(i, j).exists()
+
+  def save_done(self, i: int, j: int, x: np.ndarray, summary: dict) -> None:
+    files.save_npz(self.done_path(i, j), x=x, **{k: np.asarray(v) for k, v in summary.items()})
+
+  def load_done(self, i: int, j: int) -> tuple[np.ndarray, dict]:
+    with np.load(self.done_path(i, j)) as f:
+      return f["x"], {k: f[k].item() for k in f.files if k != "x"}
+
+  def clear_inflight(self) -> None:
+    for step in self.manager.all_steps():
+      self.manager.delete(step)
+
+  def save_inflight(self, group_id: str, state) -> None:
+    """Replaces the in-flight checkpoint; the group marker is written before the state, so a
+    kill at any point leaves either a matching pair or nothing to resume from."""
+    self.clear_inflight()
+    files.write_json(self.marker, {"group": group_id})
+    tree = jax.device_get({"x": state.x, "adam": state.adam, "t": state.t})  # host-local copies
+    self.manager.save(int(np.asarray(state.t).ravel()[0]), args=ocp.args.StandardSave(tree))
+    self.manager.wait_until_finished()
+
+  def load_inflight(self, group_id: str, state):
+    """The saved pixels/Adam/t of this group, or None (no checkpoint, or another group's)."""
+    step = self.manager.latest_step()
+    if step is None or not self.marker.exists() or files.read_json(self.marker)["group"] != group_id:
+      return None
+    target = {"x": state.x, "adam": state.adam, "t": state.t}
+    restored = self.manager.restore(
+        step, args=ocp.args.StandardRestore(jax.device_get(target)))
+    restored = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), restored, target)
+    return state._replace(x=restored["x"], adam=restored["adam"], t=restored["t"])
+
+
+def variables_digest(variables) -> str:
+  """sha256 of the teacher's variables: progress saved against another teacher is stale."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(variables)):
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
+def _summary(metrics, k: int, first_bn_weight: float) -> dict:
+  bn = np.asarray(metrics["bn_terms"][k, -1], np.float64)
+  weights = np.asarray(bn_layer_weights(len(bn), first_bn_weight), np.float64)
+  return {"final_ce": float(metrics["ce"][k, -1]), "final_bn_loss": float(bn @ weights)}
+
+
+def synthesize_owned(config, workdir, method: str, train, model, variables, meta,
+                     devices=None, process_index: int = 0, process_count: int = 1) -> Progress:
+  """Synthesises this process's batches into <workdir>/progress/<method>/, resuming any
+  earlier progress of the same settings."""
+  rc = config.recover
+  cfg = synthesis_config(rc, method)
+  mean, std = tuple(meta["mean"]), tuple(meta["std"])
+  image_shape = tuple(meta["image_shape"])
+  chunks = class_chunks(train.num_classes, rc.classes_per_batch)
+  if len({len(c) for c in chunks}) > 1:
+    raise ValueError(f"recover.classes_per_batch={rc.classes_per_batch} must divide the "
+                     f"{train.num_classes} classes.")
+  fingerprint = {"synthesis": dataclasses.asdict(cfg), "seed": config.seed, "ipc": config.ipc,
+                 "dataset": config.dataset, "init": init_kind(rc, method),
+                 "classes_per_batch": rc.classes_per_batch, "teacher": meta,
+                 "teacher_sha256": variables_digest(variables)}
+  progress = Progress(pathlib.Path(workdir) / "progress" / method, fingerprint)
+  todo = [b for b in owned_batches(config.ipc, len(chunks), process_index, process_count)
+          if not progress.is_done(*b)]
+  if not todo:
+    return progress
+  devices = list(devices or jax.local_devices())[:len(todo)]
+  runner = GroupRunner(model, variables, image_shape, mean, std, cfg, devices)
+  starts = initial_batches(train, config.ipc, config.seed, init_kind(rc, method), mean, std)
+  log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
+  every = rc.checkpoint_every or cfg.iterations
+  bar = tqdm.tqdm(total=len(todo) * cfg.iterations, desc=f"recover: {method}",
+                  unit="batch-it", mininterval=1.0)
+  for g in range(0, len(todo), runner.size):
+    group = todo[g:g + runner.size]
+    padded = group + [group[-1]] * (runner.size - len(group))  # idle devices redo the last one
+    keys = [jax.random.split(batch_key(config.seed, i, j)) for i, j in padded]
+    offsets = jnp.stack([draw_jitter_offsets(k[0], cfg.iterations, cfg.jitter) for k in keys])
+    aug_keys = jnp.stack([k[1] for k in keys])
+    labels = jnp.asarray(np.stack([chunks[j] for _, j in padded]))
+    x_init = jnp.asarray(np.stack([starts[i, chunks[j]] for i, j in padded]))
+    group_id = ",".join(f"{i}:{j}" for i, j in padded)
+    started = time.time()
+    state, start_metrics = runner.start(variables, x_init, labels, aug_keys, offsets)
+    resumed = progress.load_inflight(group_id, state)
+    if resumed is not None:
+      state = resumed
+    bar.update(len(group) * int(np.asarray(state.t)[0]))
+    metrics = None
+    while int(np.asarray(state.t)[0]) < cfg.iterations:
+      n = min(every, cfg.iterations - int(np.asarray(state.t)[0]))
+      state, metrics = runner.advance(variables, state, labels, aug_keys, offsets, n)
+      ce = np.asarray(metrics["ce"])
+      if not np.all(np.isfinite(ce)) or not np.all(np.isfinite(np.asarray(metrics["bn_terms"]))):
+        raise FloatingPointError(
+            f"recover: the synthesis loss became non-finite (NaN/inf) in batches {group}; lower "
+            "recover.lr or check the teacher checkpoint.")
+      if int(np.asarray(state.t)[0]) < cfg.iterations:
+        progress.save_inflight(group_id, state)
+      bar.update(len(group) * n)
+      bar.set_postfix(ce=f"{ce[0, -1]:.3f}")
+    if metrics is None:  # resumed exactly at the end: one zero-step call for the metrics
+      raise RuntimeError("in-flight checkpoint at the final iteration; delete progress and rerun")
+    x = np.asarray(state.x)
+    for k, (i, j) in enumerate(group):
+      summary = {"ipc_index": i, "chunk": j,
+                 "delta_norm": float(np.asarray(start_metrics["delta_norm"])[k]),
+                 **_summary(metrics, k, cfg.first_bn_weight)}
+      progress.save_done(i, j, x[k], summary)
+      log.write(f"recover/{method}", i * len(chunks) + j,
+                seconds=(time.time() - started) / len(group), **summary)
+    progress.clear_inflight()
+  bar.close()
+  return progress
+
+
+def wait_for_batches(progress: Progress, ipc: int, num_chunks: int, timeout_s: float) -> None:
+  """Process 0 waits until every process's batches are on disk (a shared work directory)."""
+  deadline = time.time() + timeout_s
+  missing = [(i, j) for i in range(ipc) for j in range(num_chunks) if not progress.is_done(i, j)]
+  while missing:
+    if time.time() > deadline:
+      raise TimeoutError(f"recover: {len(missing)} batches from other processes did not appear "
+                         f"in {progress.root} within {timeout_s:.0f} s.")
+    time.sleep(1.0)
+    missing = [b for b in missing if not progress.is_done(*b)]
+
+
+def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str, meta,
+                  num_classes: int, chunks) -> dict:
+  """Merges the finished batches (in ipc/class order) into the outputs, then the manifest."""
+  image_shape = tuple(meta["image_shape"])
+  mean, std = np.asarray(meta["mean"]), np.asarray(meta["std"])
+  images = np.zeros((config.ipc, num_classes, *image_shape), np.float32)
+  batches = []
+  for i in range(config.ipc):
+    for j, classes in enumerate(chunks):
+      x, summary = progress.load_done(i, j)
+      images[i, classes] = x
+      batches.append(summary)
+  pixels = np.clip(images * std + mean, 0.0, 1.0).astype(np.float32)  # de-normalise
+  labels = np.broadcast_to(np.arange(num_classes), (config.ipc, num_classes))
+  flat, flat_labels = pixels.reshape(-1, *image_shape), labels.reshape(-1).astype(np.int32)
+  files.save_npz(out_dir / "images.npz", images=flat, labels=flat_labels,
+                 mean=mean.astype(np.float32), std=std.astype(np.float32))
+  written = ["images.npz"] + [f"png/{f}" for f in files.save_image_folder(out_dir / "png", flat,
+                                                                          flat_labels)]
+  shown = min(num_classes, 20)
+  files.save_png(out_dir / "grid.png",
+                 files.image_grid(pixels[:, :shown].reshape(-1, *image_shape), config.ipc, shown))
+  written.append("grid.png")
+  summary = {"method": method, "ipc": config.ipc, "num_images": len(flat_labels),
+             "synthesis": dataclasses.asdict(synthesis_config(config.recover, method)),
+             "init": init_kind(config.recover, method), "seed": config.seed, "teacher": meta,
+             "batches": batches}
+  files.write_json(out_dir / "recover.json", summary)
+  written.append("recover.json")
+  files.write_json(out_dir / "manifest.json",
+                   {"files": {name: files.sha256(out_dir / name) for name in written}})
+  return summary
+
+
+def run(config, workdir, method: str, devices=None) -> dict | None:
   """Synthesises `config.ipc` images per class with `method` and saves them under
   `<workdir>/synthetic/<method>/`: images.npz (float32 in [0, 1], lossless), png/classNNN/*.png,
-  grid.png (rows = ipc index, columns = classes) and recover.json (settings, per-batch metrics)."""
-
-  rc = config.recover
+  grid.png (rows = ipc index, columns = classes), recover.json (settings, per-batch metrics) and
+  manifest.json (sha256 of every file, written last). Returns the summary on process 0."""
   if config.ipc < 1:
     raise ValueError(f"ipc must be >= 1, got {config.ipc}.")
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   model, variables, meta = squeeze.load_teacher(workdir, train)
-  mean, std = tuple(meta["mean"]), tuple(meta["std"])
-  cfg = synthesis_config(rc, method)
-  image_shape = tuple(meta["image_shape"])
-  synthesize = make_synthesizer(model, variables, image_shape, mean, std, cfg)
-  starts = initial_batches(train, config.ipc, config.seed, init_kind(rc, method), mean, std)
-  log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
+  chunks = class_chunks(train.num_classes, config.recover.classes_per_batch)
+  if config.ipc > np.min(np.bincount(train.labels, minlength=train.num_classes)):
+    data.sample_per_class(train, config.ipc, config.seed)  # raises the clear DataError
+  p, n = jax.process_index(), jax.process_count()
+  progress = synthesize_owned(config, workdir, method, train, model, variables, meta, devices,
+                              p, n)
+  if p != 0:
+    return None
+  wait_for_batches(progress, config.ipc, len(chunks), config.recover.wait_timeout_s)
   out_dir = pathlib.Path(workdir) / "synthetic" / method
-
-  images = np.zeros((config.ipc, train.num_classes, *image_shape), np.float32)
-  per_batch = []
-  chunks = class_chunks(train.num_classes, rc.classes_per_batch)
-  bar = tqdm.tqdm(total=config.ipc * len(chunks), desc=f"recover: {method}", unit="batch")
-  for i in range(config.ipc):
-    for j, classes in enumerate(chunks):
-      start = time.time()
-      offset_key, aug_key = jax.random.split(batch_key(config.seed, i, j))
-      offsets = draw_jitter_offsets(offset_key, cfg.iterations, cfg.jitter)
-      x, metrics = synthesize(variables, jnp.asarray(starts[i, classes]), jnp.asarray(classes),
-                              aug_key, offsets)
-      x, metrics = jax.device_get((x, metrics))
-      if not np.all(np.isfinite(x)):
-        raise FloatingPointError(f"recover: non-finite pixels in ipc {i}, classes "
-                                 f"{classes[0]}-{classes[-1]}; lower recover.lr or check the teacher.")
-      images[i, classes] = x
-      stats = {"ipc_index": i, "classes": [int(classes[0]), int(classes[-1])],
-               "final_ce": float(metrics["ce"][-1]),
-               "final_bn_loss": float(metrics["bn_terms"][-1] @ np.asarray(
-                   bn_layer_weights(metrics["bn_terms"].shape[1], cfg.first_bn_weight))),
-               "delta_norm": float(metrics["delta_norm"]), "seconds": time.time() - start}
-      per_batch.append(stats)
-      log.write(f"recover/{method}", len(per_batch), **stats)
-      bar.set_postfix(ce=f"{stats['final_ce']:.3f}", bn=f"{stats['final_bn_loss']:.3f}")
-      bar.update()
-  bar.close()
-
-  pixels = np.clip(images * np.asarray(std) + np.asarray(mean), 0.0, 1.0)  # de-normalise
-  labels = np.broadcast_to(np.arange(train.num_classes), (config.ipc, train.num_classes))
-  flat, flat_labels = pixels.reshape(-1, *image_shape), labels.reshape(-1)
-  files.save_npz(out_dir / "images.npz", images=flat.astype(np.float32),
-                 labels=flat_labels.astype(np.int32), mean=np.asarray(mean), std=np.asarray(std))
-  files.save_image_folder(out_dir / "png", flat, flat_labels)
-  shown = min(train.num_classes, 20)
-  files.save_png(out_dir / "grid.png",
-                 files.image_grid(pixels[:, :shown].reshape(-1, *image_shape), config.ipc, shown))
-  summary = {"method": method, "ipc": config.ipc, "num_images": len(flat_labels),
-             "synthesis": dataclasses.asdict(cfg), "init": init_kind(rc, method),
-             "teacher": meta, "batches": per_batch}
-  files.write_json(out_dir / "recover.json", summary)
-  print(f"recover: {method} wrote {len(flat_labels)} images to {out_dir}")
+  summary = write_outputs(out_dir, progress, config, method, meta, train.num_classes, chunks)
+  shutil.rmtree(progress.root)  # everything is in the outputs now
+  print(f"recover: {method} wrote {summary['num_images']} images to {out_dir}")
   return summary
