@@ -108,8 +108,29 @@ def imagenet(methods=("dwa",)) -> ml_collections.ConfigDict:
   return c
 
 
+CHOICES = {
+    ("teacher", "optimizer"): ("sgd", "adamw"),
+    ("teacher", "augment"): ("crop_flip", "rrc_flip", "none"),
+    ("recover", "augment"): ("roll", "crop_flip_roll"),
+    ("recover", "init"): ("auto", "real", "noise"),
+    ("relabel", "optimizer"): ("sgd", "adamw"),
+    ("relabel", "augment"): ("crop_flip", "rrc_flip", "none"),
+    ("relabel", "mixing"): ("mixup", "cutmix", "none"),
+}
+POSITIVE_INTS = {"teacher": ("epochs", "batch_size", "eval_every"),
+                 "recover": ("iterations",),
+                 "relabel": ("epochs", "batch_size", "eval_every")}
+NON_NEGATIVE = {"teacher": ("lr", "weight_decay", "momentum", "warmup_epochs"),
+                "recover": ("lr", "r_bn", "r_var", "sre2l_r_var", "first_bn_weight", "rho", "jitter",
+                            "adjust_steps", "classes_per_batch", "checkpoint_every",
+                            "wait_timeout_s"),
+                "relabel": ("lr", "weight_decay", "momentum", "temperature", "mix_alpha",
+                            "warmup_epochs")}
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Rejects configs that cannot run, with one message naming every problem."""
+  from dwa_jax.models import MODELS  # pylint: disable=g-import-not-at-top
   errors = []
   if c.stage not in STAGES:
     errors.append(f"stage must be one of {STAGES}, got {c.stage!r}")
@@ -120,20 +141,24 @@ def validate(c: ml_collections.ConfigDict) -> None:
       errors.append(f"unknown method {m!r} in methods (use dwa, sre2l, random)")
   if not c.methods and c.stage != "squeeze":
     errors.append("methods is empty")
-  for section, names in (("teacher", ("epochs", "batch_size", "eval_every")),
-                         ("relabel", ("epochs", "batch_size", "eval_every"))):
+  for field, name in (("teacher.model", c.teacher.model), ("relabel.student", c.relabel.student)):
+    if name not in MODELS:
+      errors.append(f"unknown model {name!r} in {field} (choose from {', '.join(sorted(MODELS))})")
+  for (section, name), allowed in CHOICES.items():
+    if c[section][name] not in allowed:
+      errors.append(f"{section}.{name} must be one of {allowed}, got {c[section][name]!r}")
+  for section, names in POSITIVE_INTS.items():
     for name in names:
-      if c[section][name] < 1:
+      if not c[section][name] >= 1:
         errors.append(f"{section}.{name} must be >= 1, got {c[section][name]}")
-  for section, names in (("teacher", ("lr", "weight_decay", "momentum")),
-                         ("recover", ("lr", "r_bn", "r_var", "sre2l_r_var", "first_bn_weight",
-                                      "rho", "jitter", "iterations")),
-                         ("relabel", ("lr", "weight_decay", "temperature", "mix_alpha"))):
+  for section, names in NON_NEGATIVE.items():
     for name in names:
-      if c[section][name] < 0:
+      if not c[section][name] >= 0:  # also catches NaN
         errors.append(f"{section}.{name} must be >= 0, got {c[section][name]}")
   if c.relabel.temperature == 0:
     errors.append("relabel.temperature must be > 0")
+  if "dwa" in c.methods and c.recover.adjust_steps < 1:
+    errors.append("recover.adjust_steps (K) must be >= 1 for DWA")
   if not c.relabel.seeds:
     errors.append("relabel.seeds is empty")
   if errors:

@@ -529,48 +529,47 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
   starts = initial_batches(train, config.ipc, config.seed, init_kind(rc, method), mean, std)
   log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
   every = rc.checkpoint_every or cfg.iterations
-  bar = tqdm.tqdm(total=len(todo) * cfg.iterations, desc=f"recover: {method}",
-                  unit="batch-it", mininterval=1.0)
-  for g in range(0, len(todo), runner.size):
-    group = todo[g:g + runner.size]
-    padded = group + [group[-1]] * (runner.size - len(group))  # idle devices redo the last one
-    keys = [jax.random.split(batch_key(config.seed, i, j)) for i, j in padded]
-    offsets = jnp.stack([draw_jitter_offsets(k[0], cfg.iterations, cfg.jitter) for k in keys])
-    aug_keys = jnp.stack([k[1] for k in keys])
-    labels = jnp.asarray(np.stack([chunks[j] for _, j in padded]))
-    x_init = jnp.asarray(np.stack([starts[i, chunks[j]] for i, j in padded]))
-    group_id = ",".join(f"{i}:{j}" for i, j in padded)
-    started = time.time()
-    state, start_metrics = runner.start(variables, x_init, labels, aug_keys, offsets)
-    resumed = progress.load_inflight(group_id, state)
-    if resumed is not None:
-      state = resumed
-    bar.update(len(group) * int(np.asarray(state.t)[0]))
-    metrics = None
-    while int(np.asarray(state.t)[0]) < cfg.iterations:
-      n = min(every, cfg.iterations - int(np.asarray(state.t)[0]))
-      state, metrics = runner.advance(variables, state, labels, aug_keys, offsets, n)
-      ce = np.asarray(metrics["ce"])
-      if not np.all(np.isfinite(ce)) or not np.all(np.isfinite(np.asarray(metrics["bn_terms"]))):
-        raise FloatingPointError(
-            f"recover: the synthesis loss became non-finite (NaN/inf) in batches {group}; lower "
-            "recover.lr or check the teacher checkpoint.")
-      if int(np.asarray(state.t)[0]) < cfg.iterations:
-        progress.save_inflight(group_id, state)
-      bar.update(len(group) * n)
-      bar.set_postfix(ce=f"{ce[0, -1]:.3f}")
-    if metrics is None:  # resumed exactly at the end: one zero-step call for the metrics
-      raise RuntimeError("in-flight checkpoint at the final iteration; delete progress and rerun")
-    x = np.asarray(state.x)
-    for k, (i, j) in enumerate(group):
-      summary = {"ipc_index": i, "chunk": j,
-                 "delta_norm": float(np.asarray(start_metrics["delta_norm"])[k]),
-                 **_summary(metrics, k, cfg.first_bn_weight)}
-      progress.save_done(i, j, x[k], summary)
-      log.write(f"recover/{method}", i * len(chunks) + j,
-                seconds=(time.time() - started) / len(group), **summary)
-    progress.clear_inflight()
-  bar.close()
+  with tqdm.tqdm(total=len(todo) * cfg.iterations, desc=f"recover: {method}",
+                  unit="batch-it", mininterval=1.0) as bar:
+    for g in range(0, len(todo), runner.size):
+      group = todo[g:g + runner.size]
+      padded = group + [group[-1]] * (runner.size - len(group))  # idle devices redo the last one
+      keys = [jax.random.split(batch_key(config.seed, i, j)) for i, j in padded]
+      offsets = jnp.stack([draw_jitter_offsets(k[0], cfg.iterations, cfg.jitter) for k in keys])
+      aug_keys = jnp.stack([k[1] for k in keys])
+      labels = jnp.asarray(np.stack([chunks[j] for _, j in padded]))
+      x_init = jnp.asarray(np.stack([starts[i, chunks[j]] for i, j in padded]))
+      group_id = ",".join(f"{i}:{j}" for i, j in padded)
+      started = time.time()
+      state, start_metrics = runner.start(variables, x_init, labels, aug_keys, offsets)
+      resumed = progress.load_inflight(group_id, state)
+      if resumed is not None:
+        state = resumed
+      bar.update(len(group) * int(np.asarray(state.t)[0]))
+      metrics = None
+      while int(np.asarray(state.t)[0]) < cfg.iterations:
+        n = min(every, cfg.iterations - int(np.asarray(state.t)[0]))
+        state, metrics = runner.advance(variables, state, labels, aug_keys, offsets, n)
+        ce = np.asarray(metrics["ce"])
+        if not np.all(np.isfinite(ce)) or not np.all(np.isfinite(np.asarray(metrics["bn_terms"]))):
+          raise FloatingPointError(
+              f"recover: the synthesis loss became non-finite (NaN/inf) in batches {group}; lower "
+              "recover.lr or check the teacher checkpoint.")
+        if int(np.asarray(state.t)[0]) < cfg.iterations:
+          progress.save_inflight(group_id, state)
+        bar.update(len(group) * n)
+        bar.set_postfix(ce=f"{ce[0, -1]:.3f}")
+      if metrics is None:  # resumed exactly at the end: one zero-step call for the metrics
+        raise RuntimeError("in-flight checkpoint at the final iteration; delete progress and rerun")
+      x = np.asarray(state.x)
+      for k, (i, j) in enumerate(group):
+        summary = {"ipc_index": i, "chunk": j,
+                   "delta_norm": float(np.asarray(start_metrics["delta_norm"])[k]),
+                   **_summary(metrics, k, cfg.first_bn_weight)}
+        progress.save_done(i, j, x[k], summary)
+        log.write(f"recover/{method}", i * len(chunks) + j,
+                  seconds=(time.time() - started) / len(group), **summary)
+      progress.clear_inflight()
   return progress
 
 

@@ -1,0 +1,144 @@
+"""Bad input: one clear error line, a non-zero exit, and existing outputs left untouched."""
+
+import hashlib
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dwa_jax import main as main_lib
+from dwa_jax import presets, squeeze
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny():
+  c = presets.demo_digits()
+  c.methods, c.ipc = ("dwa",), 1
+  c.teacher.epochs = 1
+  c.recover.iterations, c.recover.adjust_steps = 2, 1
+  c.relabel.epochs, c.relabel.seeds, c.relabel.random_real_baseline = 1, (0,), False
+  return c
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """A workdir holding a complete run: teacher, synthetic set, results."""
+  path = tmp_path_factory.mktemp("finished")
+  assert main_lib.execute(tiny(), path) == 0
+  return path
+
+
+def snapshot(root: pathlib.Path) -> dict:
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def npz_data(path, num_classes, size):
+  rng = np.random.default_rng(0)
+  np.savez(path, images=rng.integers(0, 256, (4 * num_classes, size, size, 1), dtype=np.uint8),
+           labels=np.repeat(np.arange(num_classes), 4))
+  return f"npz:{path}"
+
+
+def corrupt_teacher(workdir):
+  for f in (workdir / "teacher" / "variables").rglob("*"):
+    if f.is_file() and f.stat().st_size > 100:
+      f.write_bytes(b"\x00" * 64)
+
+
+def nan_teacher(workdir):
+  model, variables, meta = squeeze.load_teacher(workdir)
+  import jax
+  variables = jax.tree.map(lambda v: v * np.nan, variables)
+  squeeze.save_teacher(workdir, variables, meta)
+
+
+# (name, config overrides, preparation of a COPY of the finished workdir, expected message)
+CASES = [
+    ("ipc zero", {"ipc": 0}, None, "ipc must be >= 1"),
+    ("unknown model", {"teacher.model": "resnet19"}, None, "unknown model 'resnet19'"),
+    ("unknown student", {"relabel.student": "vit"}, None, "unknown model 'vit' in relabel.student"),
+    ("unknown data set", {"dataset": "mnist2"}, None, "Unknown data set 'mnist2'"),
+    ("missing data", {"dataset": "npz:/nonexistent/d.npz"}, None, "npz data file not found"),
+    ("negative coefficient", {"recover.r_bn": -0.01}, None, "recover.r_bn must be >= 0"),
+    ("NaN hyper-parameter", {"recover.lr": float("nan")}, None, "recover.lr must be >= 0"),
+    ("unknown method", {"methods": ("dwa2",)}, None, "unknown method 'dwa2'"),
+    ("unknown stage", {"stage": "distill"}, None, "stage must be one of"),
+    ("bad augmentation", {"recover.augment": "mixup"}, None, "recover.augment must be one of"),
+    ("zero temperature", {"relabel.temperature": 0.0}, None, "relabel.temperature must be > 0"),
+    ("ipc above class size", {"ipc": 1000, "stage": "recover"}, None,
+     "fewer than the 1000 requested"),
+    ("missing teacher checkpoint file", {"teacher.checkpoint": "/nonexistent/resnet.npz",
+                                         "stage": "squeeze"}, None, "State dict file not found"),
+    ("class count mismatch", {"stage": "recover"}, lambda w: npz_data(w.parent / "c3.npz", 3, 8),
+     "has 10 classes but data set"),
+    ("image size mismatch", {"stage": "recover"}, lambda w: npz_data(w.parent / "s16.npz", 10, 16),
+     "trained on images of shape [8, 8, 1]"),
+    ("no teacher yet", {"stage": "recover"}, lambda w: shutil.rmtree(w / "teacher"),
+     "No complete teacher checkpoint"),
+    ("corrupt teacher", {"stage": "recover"}, corrupt_teacher, "Cannot restore the teacher"),
+    ("NaN loss during synthesis", {"stage": "recover", "recover.iterations": 3}, nan_teacher,
+     "non-finite"),
+    ("relabel before recover", {"stage": "relabel", "methods": ("random",)}, None,
+     "No synthetic set"),
+    ("classes per batch", {"stage": "recover", "recover.classes_per_batch": 3}, None,
+     "must divide the 10 classes"),
+]
+
+
+@pytest.mark.parametrize("name,overrides,prepare,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(finished, tmp_path, capsys, name, overrides, prepare, message):
+  workdir = tmp_path / "w"
+  shutil.copytree(finished, workdir)
+  config = tiny()
+  if prepare is not None:
+    dataset = prepare(workdir)
+    if isinstance(dataset, str):
+      config.dataset = dataset
+  before = snapshot(workdir)
+  for key, value in overrides.items():
+    section, _, field = key.rpartition(".")
+    (config[section] if section else config)[field] = value
+  assert main_lib.execute(config, workdir) == 2, name
+  err = capsys.readouterr().err.strip().splitlines()
+  errors = [line for line in err if line.startswith("dwa_jax: error:")]
+  assert len(errors) == 1 and message in errors[0], err[-3:]
+  after = snapshot(workdir)
+  assert {k: v for k, v in after.items() if k in before} == before  # nothing overwritten
+  assert set(before) <= set(after)                                    # nothing deleted
+
+
+def test_unwritable_workdir(tmp_path, capsys):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  assert main_lib.execute(tiny(), blocker / "workdir") == 2
+  assert "is not writable" in capsys.readouterr().err
+
+
+def test_command_line_exit_status_and_single_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "dwa_jax.main", "--config=configs/demo_digits.py",
+                         f"--workdir={tmp_path}", "--config.dataset=npz:/nonexistent.npz"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("dwa_jax: error: npz data file not found")
+  assert "Traceback" not in proc.stderr
+
+
+def test_same_config_and_seed_give_identical_bytes(finished, tmp_path):
+  again = tmp_path / "again"
+  assert main_lib.execute(tiny(), again) == 0
+  # metrics.jsonl holds wall-clock times and Orbax's checkpoint metadata holds timestamps: the
+  # teacher is compared by value, every other output by bytes.
+  keep = lambda snap: {k: v for k, v in snap.items()
+                       if k != "metrics.jsonl" and not k.startswith("teacher/variables/")}
+  a, b = keep(snapshot(finished)), keep(snapshot(again))
+  assert a == b
+  import jax
+  leaves = [jax.tree.leaves(squeeze.load_teacher(w)[1]) for w in (finished, again)]
+  for x, y in zip(*leaves):
+    np.testing.assert_array_equal(x, y)
+  assert any(k.startswith("synthetic/dwa/png/") for k in a) and "results.json" in a
