@@ -160,6 +160,10 @@ def _add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
+def _stack(per_step: list) -> dict:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
+
+
 def directed_weight_adjustment(model, params, batch_stats, x, view, labels, bn_paths,
                                cfg: SynthesisConfig):
   """K steps Δθ += (ρ/K)·g/(‖g‖+1e-12), g = ∇_θ CE(f_{θ+Δθ}(view(x))), one global norm over θ.
@@ -187,10 +191,14 @@ def directed_weight_adjustment(model, params, batch_stats, x, view, labels, bn_p
     delta = jax.tree.map(lambda d, gi: d + scale * gi, delta, g)
     return (delta, x_grad_sum), {"ce": ce, "bn_terms": terms}
 
-  delta0 = jax.tree.map(jnp.zeros_like, params)
-  (delta, x_grad_sum), metrics = jax.lax.scan(
-      ascent_step, (delta0, jnp.zeros_like(x)), None, length=cfg.adjust_steps)
-  return delta, x_grad_sum, metrics
+  # Unrolled: XLA's CPU backend runs convolutions inside while loops several times slower.
+  carry = (jax.tree.map(jnp.zeros_like, params), jnp.zeros_like(x))
+  per_step = []
+  for _ in range(cfg.adjust_steps):
+    carry, m = ascent_step(carry, None)
+    per_step.append(m)
+  (delta, x_grad_sum) = carry
+  return delta, x_grad_sum, _stack(per_step)
 
 
 def random_weight_adjustment(key, params, rho):
@@ -256,12 +264,14 @@ def start_batch(model, variables, x_init, labels, key, offsets, *, bn_paths,
 
 
 def run_iterations(model, variables, state: BatchState, labels, key, offsets, num_steps: int, *,
-                   bn_paths, pixel_mean, pixel_std, cfg: SynthesisConfig):
+                   bn_paths, pixel_mean, pixel_std, cfg: SynthesisConfig, unroll: bool = False):
   """Iterations state.t .. state.t + num_steps − 1 of Adam on the pixels (clamped after each).
 
   Running T iterations in one call or in several chunks computes the same thing, which is what
-  lets the recover stage checkpoint inside a batch. Metrics per iteration: `ce`, `bn_terms`
-  (num_steps, L), `grad_norm` (of the gradient Adam received), `lr`.
+  lets the recover stage checkpoint inside a batch. `unroll=True` traces num_steps copies instead
+  of a `lax.scan` (XLA's CPU backend runs convolutions inside loops ~3x slower); use it for short
+  blocks, see `make_synthesizer`. Metrics per iteration: `ce`, `bn_terms` (num_steps, L),
+  `grad_norm` (of the gradient Adam received), `lr`.
   """
   params, batch_stats = variables["params"], variables["batch_stats"]
   model_params = params if state.delta is None else _add(params, state.delta)
@@ -286,7 +296,14 @@ def run_iterations(model, variables, state: BatchState, labels, key, offsets, nu
                              "lr": lr}
 
   steps = state.t + jnp.arange(num_steps, dtype=jnp.int32)
-  (x, adam_state), metrics = jax.lax.scan(step, (state.x, state.adam), steps)
+  if unroll:
+    carry, per_step = (state.x, state.adam), []
+    for i in range(num_steps):
+      carry, m = step(carry, steps[i])
+      per_step.append(m)
+    (x, adam_state), metrics = carry, _stack(per_step)
+  else:
+    (x, adam_state), metrics = jax.lax.scan(step, (state.x, state.adam), steps)
   return state._replace(x=x, adam=adam_state, t=state.t + num_steps), metrics
 
 
@@ -313,13 +330,37 @@ def synthesize_batch(model, variables, x_init, labels, key, offsets, *, bn_paths
   return state.x, {**metrics, **start_metrics}
 
 
-def make_synthesizer(model, variables, image_shape, pixel_mean, pixel_std,
-                     cfg: SynthesisConfig) -> Callable:
-  """A jitted `(variables, x_init, labels, key, offsets) -> (images, metrics)` for this teacher."""
+ITERATION_BLOCK = 4  # iterations per compiled program: fast on CPU, compiles in seconds
+
+
+def iteration_blocks(num_steps: int, block: int = ITERATION_BLOCK) -> list[int]:
+  """num_steps split into blocks of `block` (the last one shorter)."""
+  return [min(block, num_steps - s) for s in range(0, num_steps, block)]
+
+
+def make_synthesizer(model, variables, image_shape, pixel_mean, pixel_std, cfg: SynthesisConfig,
+                     block: int = ITERATION_BLOCK) -> Callable:
+  """`(variables, x_init, labels, key, offsets) -> (images, metrics)` for this teacher.
+
+  The same computation as `synthesize_batch`, run as a jitted weight adjustment followed by
+  jitted blocks of `block` unrolled iterations.
+  """
   bn_paths = bn_layer_paths(model, variables, image_shape)
-  fn = functools.partial(synthesize_batch, model, bn_paths=bn_paths, pixel_mean=pixel_mean,
-                         pixel_std=pixel_std, cfg=cfg)
-  return jax.jit(fn)
+  start = jax.jit(functools.partial(start_batch, model, bn_paths=bn_paths, cfg=cfg))
+  advance = functools.lru_cache()(lambda n: jax.jit(
+      functools.partial(run_iterations, model, num_steps=n, bn_paths=bn_paths,
+                        pixel_mean=pixel_mean, pixel_std=pixel_std, cfg=cfg, unroll=True)))
+
+  def synthesize(variables, x_init, labels, key, offsets):
+    state, start_metrics = start(variables, x_init, labels, key, offsets)
+    per_block = []
+    for n in iteration_blocks(cfg.iterations, block):
+      state, m = advance(n)(variables, state, labels, key, offsets)
+      per_block.append(m)
+    metrics = jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_block)
+    return state.x, {**metrics, **start_metrics}
+
+  return synthesize
 
 
 def delta_theta(model, variables, x, labels, offset, *, image_shape, cfg: SynthesisConfig):
@@ -337,12 +378,9 @@ def delta_theta(model, variables, x, labels, offset, *, image_shape, cfg: Synthe
 # Batches (ipc index i, class chunk j) are independent and keyed by (seed, i, j): whichever
 # process or device runs one, it gives the same bytes. Each process owns ipc indices
 # i ≡ process_index (mod process_count); within a process, groups of one batch per local device
-# run under shard_map (each device its own Δθ). Progress lives in <workdir>/progress/<method>/:
+# run concurrently (see GroupRunner). Progress lives in <workdir>/progress/<method>/:
 # every finished batch as an .npz, and the in-flight group's pixels + Adam state as an Orbax
 # checkpoint every `checkpoint_every` iterations, so a killed run resumes bit-identically.
-
-BATCH_AXIS = "batch"
-
 
 def synthesis_config(rc, method: str) -> SynthesisConfig:
   """ml_collections `config.recover` -> the engine's config for `method` (SRe2L: r_var = 1)."""
@@ -392,42 +430,46 @@ def owned_batches(ipc: int, num_chunks: int, process_index: int, process_count: 
 
 
 class GroupRunner:
-  """Jitted start/advance of G batches at once, one per device of `devices` (shard_map)."""
+  """Runs up to G batches at once, batch k on devices[k], all with ONE single-device program.
+
+  Inputs are committed to their device with `jax.device_put` and the jitted calls dispatch
+  asynchronously, so the devices work concurrently. Each batch computes its own Δθ (nothing is
+  reduced across devices), and because every batch runs the same compiled program the results
+  do not depend on how many devices or processes share the work. (A `shard_map` over a mesh
+  compiles a mesh of one device differently from larger meshes, so its results would change in
+  the last bits with the device count.)
+  """
 
   def __init__(self, model, variables, image_shape, mean, std, cfg: SynthesisConfig, devices):
-    self.mesh = jax.sharding.Mesh(np.asarray(devices), (BATCH_AXIS,))
-    self.size = len(devices)
+    self.devices = list(devices)
+    self.size = len(self.devices)
     bn_paths = bn_layer_paths(model, variables, image_shape)
-    shard, full = jax.sharding.PartitionSpec(BATCH_AXIS), jax.sharding.PartitionSpec()
+    self._variables = [jax.device_put(variables, d) for d in self.devices]
+    self._start = jax.jit(functools.partial(start_batch, model, bn_paths=bn_paths, cfg=cfg))
+    self._advance = functools.lru_cache()(lambda n: jax.jit(
+        functools.partial(run_iterations, model, num_steps=n, bn_paths=bn_paths, pixel_mean=mean,
+                          pixel_std=std, cfg=cfg, unroll=True), donate_argnums=1))
 
-    def per_device(fn):
-      """Runs `fn` on this device's single batch; the teacher is made device-varying so that
-      gradients w.r.t. it (Δθ) are NOT summed across devices."""
-      def body(variables, *batched):
-        variables = jax.lax.pcast(variables, BATCH_AXIS, to="varying")
-        out = fn(variables, *jax.tree.map(lambda a: a[0], batched))
-        return jax.tree.map(lambda a: a[None], out)
-      return body
+  def _on_device(self, k, *arrays):
+    return [jax.device_put(a[k], self.devices[k]) for a in arrays]
 
-    start = lambda v, x, y, k, o: start_batch(model, v, x, y, k, o, bn_paths=bn_paths, cfg=cfg)
-    self._start = jax.jit(jax.shard_map(per_device(start), mesh=self.mesh,
-                                        in_specs=(full, shard, shard, shard, shard),
-                                        out_specs=shard))
-    self._advance = {}
-    self._make_advance = lambda n: jax.jit(jax.shard_map(
-        per_device(lambda v, st, y, k, o: run_iterations(
-            model, v, st, y, k, o, n, bn_paths=bn_paths, pixel_mean=mean, pixel_std=std,
-            cfg=cfg)),
-        mesh=self.mesh, in_specs=(full, shard, shard, shard, shard), out_specs=shard),
-        donate_argnums=1)
+  def start(self, x, labels, keys, offsets):
+    """Per batch k (leading axis): (BatchState, start metrics), each on devices[k]."""
+    return [self._start(self._variables[k], *self._on_device(k, x, labels, keys, offsets))
+            for k in range(len(x))]
 
-  def start(self, variables, x, labels, keys, offsets):
-    return self._start(variables, x, labels, keys, offsets)
-
-  def advance(self, variables, state, labels, keys, offsets, num_steps: int):
-    if num_steps not in self._advance:
-      self._advance[num_steps] = self._make_advance(num_steps)
-    return self._advance[num_steps](variables, state, labels, keys, offsets)
+  def advance(self, states, labels, keys, offsets, num_steps: int):
+    """num_steps iterations of every batch, as blocks of unrolled iterations."""
+    per_block = []
+    for n in iteration_blocks(num_steps):
+      out = [self._advance(n)(self._variables[k], states[k],
+                              *self._on_device(k, labels, keys, offsets))
+             for k in range(len(states))]
+      states = [state for state, _ in out]
+      per_block.append([m for _, m in out])
+    metrics = [jax.tree.map(lambda *xs: np.concatenate(xs), *[b[k] for b in per_block])
+               for k in range(len(states))]
+    return states, metrics
 
 
 class Progress:
@@ -468,25 +510,32 @@ class Progress:
     for step in self.manager.all_steps():
       self.manager.delete(step)
 
-  def save_inflight(self, group_id: str, state) -> None:
+  def save_inflight(self, group_id: str, states) -> None:
     """Replaces the in-flight checkpoint; the group marker is written before the state, so a
     kill at any point leaves either a matching pair or nothing to resume from."""
     self.clear_inflight()
     files.write_json(self.marker, {"group": group_id})
-    tree = jax.device_get({"x": state.x, "adam": state.adam, "t": state.t})  # host-local copies
-    self.manager.save(int(np.asarray(state.t).ravel()[0]), args=ocp.args.StandardSave(tree))
+    self.manager.save(int(states[0].t), args=ocp.args.StandardSave(_host_tree(states)))
     self.manager.wait_until_finished()
 
-  def load_inflight(self, group_id: str, state):
+  def load_inflight(self, group_id: str, states):
     """The saved pixels/Adam/t of this group, or None (no checkpoint, or another group's)."""
     step = self.manager.latest_step()
     if step is None or not self.marker.exists() or files.read_json(self.marker)["group"] != group_id:
       return None
-    target = {"x": state.x, "adam": state.adam, "t": state.t}
-    restored = self.manager.restore(
-        step, args=ocp.args.StandardRestore(jax.device_get(target)))
-    restored = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding), restored, target)
-    return state._replace(x=restored["x"], adam=restored["adam"], t=restored["t"])
+    restored = self.manager.restore(step, args=ocp.args.StandardRestore(_host_tree(states)))
+    out = []
+    for k, state in enumerate(states):
+      part = jax.tree.map(lambda a, old: jax.device_put(a[k], old.sharding), restored,
+                          {"x": state.x, "adam": state.adam, "t": state.t})
+      out.append(state._replace(x=part["x"], adam=part["adam"], t=part["t"]))
+    return out
+
+
+def _host_tree(states) -> dict:
+  """The resumable part of a group's states, stacked on the host."""
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                      *[{"x": s.x, "adam": s.adam, "t": s.t} for s in states])
 
 
 def variables_digest(variables) -> str:
@@ -497,10 +546,10 @@ def variables_digest(variables) -> str:
   return digest.hexdigest()
 
 
-def _summary(metrics, k: int, first_bn_weight: float) -> dict:
-  bn = np.asarray(metrics["bn_terms"][k, -1], np.float64)
+def _summary(metrics, first_bn_weight: float) -> dict:
+  bn = np.asarray(metrics["bn_terms"][-1], np.float64)
   weights = np.asarray(bn_layer_weights(len(bn), first_bn_weight), np.float64)
-  return {"final_ce": float(metrics["ce"][k, -1]), "final_bn_loss": float(bn @ weights)}
+  return {"final_ce": float(metrics["ce"][-1]), "final_bn_loss": float(bn @ weights)}
 
 
 def synthesize_owned(config, workdir, method: str, train, model, variables, meta,
@@ -533,40 +582,37 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
                   unit="batch-it", mininterval=1.0) as bar:
     for g in range(0, len(todo), runner.size):
       group = todo[g:g + runner.size]
-      padded = group + [group[-1]] * (runner.size - len(group))  # idle devices redo the last one
-      keys = [jax.random.split(batch_key(config.seed, i, j)) for i, j in padded]
+      keys = [jax.random.split(batch_key(config.seed, i, j)) for i, j in group]
       offsets = jnp.stack([draw_jitter_offsets(k[0], cfg.iterations, cfg.jitter) for k in keys])
       aug_keys = jnp.stack([k[1] for k in keys])
-      labels = jnp.asarray(np.stack([chunks[j] for _, j in padded]))
-      x_init = jnp.asarray(np.stack([starts[i, chunks[j]] for i, j in padded]))
-      group_id = ",".join(f"{i}:{j}" for i, j in padded)
+      labels = jnp.asarray(np.stack([chunks[j] for _, j in group]))
+      x_init = jnp.asarray(np.stack([starts[i, chunks[j]] for i, j in group]))
+      group_id = ",".join(f"{i}:{j}" for i, j in group)
       started = time.time()
-      state, start_metrics = runner.start(variables, x_init, labels, aug_keys, offsets)
-      resumed = progress.load_inflight(group_id, state)
-      if resumed is not None:
-        state = resumed
-      bar.update(len(group) * int(np.asarray(state.t)[0]))
+      out = runner.start(x_init, labels, aug_keys, offsets)
+      states, start_metrics = [o[0] for o in out], [o[1] for o in out]
+      states = progress.load_inflight(group_id, states) or states
+      bar.update(len(group) * int(states[0].t))
       metrics = None
-      while int(np.asarray(state.t)[0]) < cfg.iterations:
-        n = min(every, cfg.iterations - int(np.asarray(state.t)[0]))
-        state, metrics = runner.advance(variables, state, labels, aug_keys, offsets, n)
-        ce = np.asarray(metrics["ce"])
-        if not np.all(np.isfinite(ce)) or not np.all(np.isfinite(np.asarray(metrics["bn_terms"]))):
+      while int(states[0].t) < cfg.iterations:
+        n = min(every, cfg.iterations - int(states[0].t))
+        states, metrics = runner.advance(states, labels, aug_keys, offsets, n)
+        if not all(np.all(np.isfinite(m["ce"])) and np.all(np.isfinite(m["bn_terms"]))
+                   for m in metrics):
           raise FloatingPointError(
               f"recover: the synthesis loss became non-finite (NaN/inf) in batches {group}; lower "
               "recover.lr or check the teacher checkpoint.")
-        if int(np.asarray(state.t)[0]) < cfg.iterations:
-          progress.save_inflight(group_id, state)
+        if int(states[0].t) < cfg.iterations:
+          progress.save_inflight(group_id, states)
         bar.update(len(group) * n)
-        bar.set_postfix(ce=f"{ce[0, -1]:.3f}")
-      if metrics is None:  # resumed exactly at the end: one zero-step call for the metrics
+        bar.set_postfix(ce=f"{metrics[0]['ce'][-1]:.3f}")
+      if metrics is None:
         raise RuntimeError("in-flight checkpoint at the final iteration; delete progress and rerun")
-      x = np.asarray(state.x)
       for k, (i, j) in enumerate(group):
         summary = {"ipc_index": i, "chunk": j,
-                   "delta_norm": float(np.asarray(start_metrics["delta_norm"])[k]),
-                   **_summary(metrics, k, cfg.first_bn_weight)}
-        progress.save_done(i, j, x[k], summary)
+                   "delta_norm": float(start_metrics[k]["delta_norm"]),
+                   **_summary(metrics[k], cfg.first_bn_weight)}
+        progress.save_done(i, j, np.asarray(states[k].x), summary)
         log.write(f"recover/{method}", i * len(chunks) + j,
                   seconds=(time.time() - started) / len(group), **summary)
       progress.clear_inflight()

@@ -22,6 +22,9 @@ RECOVER_ARGS = ("--config.stage=recover", "--config.methods=('dwa',)", "--config
                 "--config.recover.checkpoint_every=3")
 
 
+REFERENCE_SECONDS = []  # wall time of the uninterrupted run, to place the kills
+
+
 def config(ipc=4, iterations=60):
   c = presets.demo_digits()
   c.methods, c.ipc, c.stage = ("dwa",), ipc, "recover"
@@ -50,16 +53,20 @@ def images_bytes(workdir) -> bytes:
 def run_main(workdir, *extra, **popen):
   cmd = [sys.executable, "-m", "dwa_jax.main", "--config=configs/demo_digits.py",
          f"--workdir={workdir}", *RECOVER_ARGS, *extra]
+  # Two devices per process: multi-device, while keeping per-device compiles cheap.
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, **popen)
+                          text=True, env=env, **popen)
 
 
 @pytest.fixture(scope="module")
 def reference(teacher_dir, tmp_path_factory):
   """An uninterrupted single-process run of the command-line recover."""
   workdir = workdir_with(teacher_dir, tmp_path_factory.mktemp("reference"))
+  started = time.time()
   proc = run_main(workdir)
   _, err = proc.communicate(timeout=300)
+  REFERENCE_SECONDS.append(time.time() - started)
   assert proc.returncode == 0, err[-2000:]
   manifest = (workdir / "synthetic" / "dwa" / "manifest.json").read_text()
   assert "images.npz" in manifest and not (workdir / "progress" / "dwa").exists()
@@ -92,7 +99,7 @@ def test_sigkill_at_random_points_resumes_bit_identically(teacher_dir, tmp_path,
   kills = 0
   for _ in range(12):
     proc = run_main(workdir)
-    time.sleep(rng.uniform(2.5, 6.0))
+    time.sleep(rng.uniform(0.35, 0.9) * REFERENCE_SECONDS[0])
     if proc.poll() is None:
       proc.send_signal(signal.SIGKILL)
       proc.wait()

@@ -1,0 +1,241 @@
+"""Speed of the recover engine on this machine: seconds per synthesis iteration and more.
+
+For ResNet-18 (CIFAR stem) at batch 100 (CIFAR-100) and batch 10 (CIFAR-10):
+  * seconds per iteration: median over >= 20 timed calls of one jitted iteration, after warm-up;
+  * GFLOP/s from XLA's cost analysis of that iteration, and its fraction of a measured fp32
+    matmul peak (a large jnp.dot timed the same way);
+  * the DWA adjustment (K ascent passes, once per batch), and DWA's whole-batch overhead over
+    SRe2L, (time(DWA batch) − time(SRe2L batch)) / time(SRe2L batch), against K/T;
+  * if torch is importable, the equivalent PyTorch iteration (forward with BN-input hooks, the
+    loss, backward to the pixels) in the same run, and the speed ratio.
+Then a device-scaling table: 1/2/4/8 forced CPU devices (subprocesses), a small ConvNet, one batch
+per device, checking that every device count gives the same images (correctness; on a 2-core
+CPU the throughput cannot scale).
+
+  python benchmarks/recover_speed.py [--quick] [--out benchmarks/results/recover_speed.json]
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SPEC_TORCH_SECONDS = {100: 1.19, 10: 0.146}  # authors' code, fp32, 2 threads (SPEC.md, measured)
+
+
+def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_peak_gflops(repeats: int) -> float:
+  import jax
+  import jax.numpy as jnp
+  n = 2048
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  dot = jax.jit(lambda a: a @ a)
+  seconds = median_seconds(lambda: dot(a).block_until_ready(), repeats)
+  return 2 * n**3 / seconds / 1e9
+
+
+def teacher(num_classes: int, image_size: int = 32, model_name: str = "resnet18_cifar"):
+  import jax
+  import jax.numpy as jnp
+  from dwa_jax.models import build_model
+  model = build_model(model_name, num_classes)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+  return model, variables
+
+
+def time_engine(batch: int, iterations: int, adjust_steps: int, repeats: int) -> dict:
+  """One jitted iteration (SRe2L and DWA share it: Δθ is fixed within a batch) and one DWA
+  adjustment, each timed as a median; whole-batch costs follow from them."""
+  import jax
+  import jax.numpy as jnp
+  from dwa_jax import recover
+  model, variables = teacher(batch)
+  mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+  bn_paths = recover.bn_layer_paths(model, variables, (32, 32, 3))
+  x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3))
+  labels = jnp.arange(batch)
+  key = jax.random.key(2)
+  out = {}
+  for method in ("sre2l", "dwa"):
+    cfg = recover.SynthesisConfig(method=method, iterations=iterations, adjust_steps=adjust_steps,
+                                  r_var=1.0 if method == "sre2l" else 11.0)
+    offsets = recover.draw_jitter_offsets(key, iterations, cfg.jitter)
+    start = jax.jit(lambda v, x: recover.start_batch(model, v, x, labels, key, offsets,
+                                                     bn_paths=bn_paths, cfg=cfg))
+    step = jax.jit(lambda v, s: recover.run_iterations(
+        model, v, s, labels, key, offsets, 1, bn_paths=bn_paths, pixel_mean=mean,
+        pixel_std=std, cfg=cfg))
+    state, _ = start(variables, x)
+    flops = step.lower(variables, state).compile().cost_analysis()["flops"]
+    holder = {"s": state}
+
+    def one_iteration():
+      holder["s"], m = step(variables, holder["s"])
+      jax.block_until_ready(m)
+
+    seconds = median_seconds(one_iteration, repeats)
+    adjust = 0.0
+    if method == "dwa":
+      adjust = median_seconds(lambda: jax.block_until_ready(start(variables, x)),
+                              max(3, repeats // 5))
+    out[method] = {"seconds_per_iteration": seconds, "gflop_per_iteration": flops / 1e9,
+                   "gflops": flops / 1e9 / seconds, "adjust_seconds": adjust}
+  it = out["sre2l"]["seconds_per_iteration"]
+  dwa_batch = out["dwa"]["adjust_seconds"] + iterations * out["dwa"]["seconds_per_iteration"]
+  out["dwa_overhead"] = dwa_batch / (iterations * it) - 1
+  out["k_over_t"] = adjust_steps / iterations
+  return out
+
+
+def time_torch(batch: int, repeats: int) -> float | None:
+  """The authors' iteration in PyTorch: BN-input hooks, CE + BN loss, backward to the pixels."""
+  try:
+    import torch
+    import torchvision
+  except ImportError:
+    return None
+  torch.set_num_threads(os.cpu_count() or 1)
+  net = torchvision.models.resnet18(num_classes=batch)
+  net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+  net.maxpool = torch.nn.Identity()
+  net.eval()
+  for p in net.parameters():
+    p.requires_grad_(False)  # the fair comparison: no weight gradients
+  terms = []
+
+  def hook(module, inputs, _):
+    x = inputs[0]
+    mean = x.mean([0, 2, 3])
+    var = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1).var(1, unbiased=False)
+    terms.append(torch.norm(module.running_var - var) + torch.norm(module.running_mean - mean))
+
+  for m in net.modules():
+    if isinstance(m, torch.nn.BatchNorm2d):
+      m.register_forward_hook(hook)
+  x = torch.randn(batch, 3, 32, 32, requires_grad=True)
+  opt = torch.optim.Adam([x], lr=0.25, betas=(0.5, 0.9))
+  labels = torch.arange(batch)
+
+  def iteration():
+    terms.clear()
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(net(torch.roll(x, (1, 2), (2, 3))), labels)
+    loss = loss + 0.01 * (10 * terms[0] + sum(terms[1:]))
+    loss.backward()
+    opt.step()
+
+  return median_seconds(iteration, repeats)
+
+
+def scaling_child(n_devices: int) -> None:
+  """Runs in a subprocess with n forced devices: one tiny batch per device, prints JSON."""
+  import jax
+  from dwa_jax import recover
+  from dwa_jax.models.convnet import ConvNet
+  import jax.numpy as jnp
+  model = ConvNet(10, width=32, depth=2)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  cfg = recover.SynthesisConfig(iterations=20, adjust_steps=4, jitter=2)
+  runner = recover.GroupRunner(model, variables, (16, 16, 3), (0.5,) * 3, (0.25,) * 3, cfg,
+                               jax.devices()[:n_devices])
+  groups = 8 // n_devices  # the same 8 batches whatever the device count
+  images = []
+  start_time = time.perf_counter()
+  for g in range(groups):
+    ids = range(g * n_devices, (g + 1) * n_devices)
+    keys = [jax.random.split(recover.batch_key(0, i, 0)) for i in ids]
+    offsets = jnp.stack([recover.draw_jitter_offsets(k[0], cfg.iterations, cfg.jitter)
+                         for k in keys])
+    aug = jnp.stack([k[1] for k in keys])
+    x0 = jnp.stack([jax.random.normal(k[0], (10, 16, 16, 3)) for k in keys])
+    labels = jnp.tile(jnp.arange(10), (n_devices, 1))
+    states = [state for state, _ in runner.start(x0, labels, aug, offsets)]
+    states, _ = runner.advance(states, labels, aug, offsets, cfg.iterations)
+    images += [np.asarray(state.x) for state in states]
+  seconds = time.perf_counter() - start_time
+  digest = hashlib.sha256(np.stack(images).tobytes()).hexdigest()
+  print(json.dumps({"devices": n_devices, "seconds": seconds, "batches_per_s": 8 / seconds,
+                    "sha256": digest}))
+
+
+def scaling_table() -> list[dict]:
+  rows = []
+  for n in (1, 2, 4, 8):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+    proc = subprocess.run([sys.executable, __file__, "--scaling-child", str(n)], env=env,
+                          capture_output=True, text=True, timeout=900, check=True)
+    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+  parser.add_argument("--out", default="benchmarks/results/recover_speed.json")
+  parser.add_argument("--scaling-child", type=int, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.scaling_child:
+    return scaling_child(args.scaling_child)
+
+  import jax
+  repeats = 3 if args.quick else 20
+  batches = (10,) if args.quick else (100, 10)
+  iterations, k = 1000, 12
+  print(f"jax {jax.__version__} on {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; median of {repeats}")
+  peak = matmul_peak_gflops(repeats)
+  results = {"jax": jax.__version__, "cpu_count": os.cpu_count(), "repeats": repeats,
+             "matmul_peak_gflops": peak, "engine": {}, "torch": {}}
+  print(f"fp32 matmul peak: {peak:.0f} GFLOP/s")
+  header = (f"{'batch':>5} {'method':>6} {'s/iter':>8} {'GFLOP/it':>9} {'GFLOP/s':>8} "
+            f"{'%peak':>6} {'adjust s':>9} {'torch s/it':>10} {'speed-up':>8}")
+  print(header)
+  for batch in batches:
+    r = time_engine(batch, iterations, k, repeats)
+    torch_s = time_torch(batch, repeats)
+    results["engine"][batch] = r
+    results["torch"][batch] = torch_s
+    reference = torch_s or SPEC_TORCH_SECONDS[batch]
+    for method in ("sre2l", "dwa"):
+      m = r[method]
+      print(f"{batch:>5} {method:>6} {m['seconds_per_iteration']:>8.4f} "
+            f"{m['gflop_per_iteration']:>9.2f} {m['gflops']:>8.1f} "
+            f"{100 * m['gflops'] / peak:>5.1f}% {m['adjust_seconds']:>9.3f} "
+            f"{reference:>9.3f}{'' if torch_s else '*'} "
+            f"{reference / m['seconds_per_iteration']:>7.2f}x")
+    print(f"      DWA whole-batch overhead over SRe2L (T={iterations}, K={k}): "
+          f"{100 * r['dwa_overhead']:.2f}% (target <= K/T + 1% = {100 * r['k_over_t'] + 1:.2f}%)")
+  print("* torch not importable here: the authors' code as measured in SPEC.md on this CPU kind")
+  if not args.quick:
+    rows = scaling_table()
+    results["scaling"] = rows
+    print(f"\n{'devices':>7} {'seconds':>8} {'batches/s':>9}  same images as 1 device")
+    for row in rows:
+      print(f"{row['devices']:>7} {row['seconds']:>8.2f} {row['batches_per_s']:>9.2f}  "
+            f"{row['sha256'] == rows[0]['sha256']}")
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(results, indent=1, default=float) + "\n")
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
