@@ -1,7 +1,8 @@
 """Speed of the recover engine on this machine: seconds per synthesis iteration and more.
 
 For ResNet-18 (CIFAR stem) at batch 100 (CIFAR-100) and batch 10 (CIFAR-10):
-  * seconds per iteration: median over >= 20 timed calls of one jitted iteration, after warm-up;
+  * seconds per iteration: median over timed calls of one jitted block of ITERATION_BLOCK unrolled
+    iterations (>= 20 iterations in all), after warm-up, divided by the block size;
   * GFLOP/s from XLA's cost analysis of that iteration, and its fraction of a measured fp32
     matmul peak (a large jnp.dot timed the same way);
   * the DWA adjustment (K ascent passes, once per batch), and DWA's whole-batch overhead over
@@ -80,18 +81,20 @@ def time_engine(batch: int, iterations: int, adjust_steps: int, repeats: int) ->
     offsets = recover.draw_jitter_offsets(key, iterations, cfg.jitter)
     start = jax.jit(lambda v, x: recover.start_batch(model, v, x, labels, key, offsets,
                                                      bn_paths=bn_paths, cfg=cfg))
+    block = recover.ITERATION_BLOCK  # as make_synthesizer and the recover stage run them
     step = jax.jit(lambda v, s: recover.run_iterations(
-        model, v, s, labels, key, offsets, 1, bn_paths=bn_paths, pixel_mean=mean,
-        pixel_std=std, cfg=cfg))
+        model, v, s, labels, key, offsets, block, bn_paths=bn_paths, pixel_mean=mean,
+        pixel_std=std, cfg=cfg, unroll=True))
     state, _ = start(variables, x)
-    flops = step.lower(variables, state).compile().cost_analysis()["flops"]
+    flops = step.lower(variables, state).compile().cost_analysis()["flops"] / block
     holder = {"s": state}
 
-    def one_iteration():
+    def one_block():
       holder["s"], m = step(variables, holder["s"])
       jax.block_until_ready(m)
 
-    seconds = median_seconds(one_iteration, repeats)
+    # Median over blocks of `block` iterations, per iteration.
+    seconds = median_seconds(one_block, max(5, -(-repeats // block))) / block
     adjust = 0.0
     if method == "dwa":
       adjust = median_seconds(lambda: jax.block_until_ready(start(variables, x)),
