@@ -25,11 +25,15 @@ class StateDictError(ValueError):
 
 
 def torch_name(collection: str, path: tuple[str, ...]) -> str:
-  """('params', ('layer1_0', 'conv1', 'kernel')) -> 'layer1.0.conv1.weight'."""
+  """('params', ('layer1_0', 'conv1', 'kernel')) -> 'layer1.0.conv1.weight'.
+
+  Trailing `_<int>` groups become `.<int>`: ('features_1_0', 'block_0_1', 'scale') ->
+  'features.1.0.block.0.1.weight'.
+  """
   *modules, leaf = path
   if (collection, leaf) not in _LEAF_TO_TORCH:
     raise StateDictError(f"No torch name for {collection}/{'/'.join(path)}.")
-  parts = [re.sub(r"_(\d+)$", r".\1", m) for m in modules]
+  parts = [re.sub(r"(?:_\d+)+$", lambda m: m.group(0).replace("_", "."), m) for m in modules]
   return ".".join(parts + [_LEAF_TO_TORCH[(collection, leaf)]])
 
 

@@ -8,7 +8,11 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from dwa_jax.models.convnet import ConvNet
+from dwa_jax.models.efficientnet import EfficientNetB0
+from dwa_jax.models.mobilenet import MobileNetV2
 from dwa_jax.models.resnet import resnet
+from dwa_jax.models.shufflenet import ShuffleNetV2
+from dwa_jax.models.vgg import VGG
 
 # name -> constructor(num_classes, dtype). "_cifar" variants use the 3x3 stride-1 stem, no max-pool.
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -17,6 +21,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
        for d in (18, 34, 50, 101)},
     **{f"resnet{d}_cifar": (lambda num_classes, dtype=None, d=d: resnet(d, num_classes, True, dtype))
        for d in (18, 34, 50, 101)},
+    # torchvision ImageNet architectures; they run on any input size (32x32 CIFAR included).
+    "mobilenet_v2": lambda num_classes, dtype=None: MobileNetV2(num_classes, dtype=dtype),
+    "shufflenet_v2_x1_0": lambda num_classes, dtype=None: ShuffleNetV2(num_classes, dtype=dtype),
+    "efficientnet_b0": lambda num_classes, dtype=None: EfficientNetB0(num_classes, dtype=dtype),
+    "vgg16_bn": lambda num_classes, dtype=None: VGG(num_classes, dtype=dtype),
 }
 
 

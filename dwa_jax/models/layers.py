@@ -2,8 +2,9 @@
 
 Naming convention shared by every model in `dwa_jax.models` (the torch importer relies on it):
 a Flax module path maps to a torchvision state-dict prefix by joining path components with '.'
-and turning a trailing `_<int>` of a component into `.<int>` (`layer1_0` -> `layer1.0`,
-`downsample_1` -> `downsample.1`, `features_4` -> `features.4`). Leaves map as
+and turning the trailing `_<int>` groups of a component into `.<int>` (`layer1_0` -> `layer1.0`,
+`downsample_1` -> `downsample.1`, `features_1_0` -> `features.1.0`, `conv_0_1` -> `conv.0.1`), so
+nested torch `Sequential`s need no nested Flax modules. Leaves map as
 conv `kernel` (HWIO) <-> `weight` (OIHW), dense `kernel` (in, out) <-> `weight` (out, in),
 BatchNorm `scale`/`bias` <-> `weight`/`bias`, batch_stats `mean`/`var` <-> `running_mean`/`running_var`.
 """
@@ -86,3 +87,46 @@ def conv(features: int, kernel: int, stride: int = 1, pad: int | None = None, bi
 def max_pool_torch(x, window: int, stride: int, pad: int):
   """torch MaxPool2d with -inf padding."""
   return nn.max_pool(x, (window, window), strides=(stride, stride), padding=torch_padding(pad))
+
+
+def conv_bn(x, features: int, kernel: int, stride: int = 1, *, name: str, train: bool,
+            capture_stats: bool, groups: int = 1, act=None, dtype: Any = None):
+  """torchvision Conv2dNormActivation: conv `<name>_0` (no bias), BatchNorm `<name>_1`, `act`.
+
+  Call inside a compact method: the layers become children of the calling module.
+  """
+  x = conv(features, kernel, stride, groups=groups, name=f"{name}_0", dtype=dtype)(x)
+  x = BatchNorm(use_running_average=not train, name=f"{name}_1", dtype=dtype)(
+      x, capture_stats=capture_stats)
+  return act(x) if act is not None else x
+
+
+def adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
+  """torch AdaptiveAvgPool bins: [floor(i*size/out), ceil((i+1)*size/out)); they overlap (and
+  repeat input cells) when out > size."""
+  return [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
+
+
+def adaptive_avg_pool(x, out_hw: tuple[int, int]):
+  """torch AdaptiveAvgPool2d on NHWC: the mean over each (row bin x column bin) rectangle.
+
+  Pooled one axis at a time (the mean of a rectangle is the mean of its row means); shapes are
+  static, so this unrolls into out_h + out_w slices.
+  """
+  for axis, out in zip((1, 2), out_hw):
+    size = x.shape[axis]
+    if size == out:
+      continue
+    x = jnp.stack([jnp.mean(jax.lax.slice_in_dim(x, a, b, axis=axis), axis=axis)
+                   for a, b in adaptive_bins(size, out)], axis=axis)
+  return x
+
+
+def dropout(module: nn.Module, x, rate: float, train: bool, name: str | None = None):
+  """Dropout active only when training AND a 'dropout' PRNG is supplied (`rngs={'dropout': k}`).
+
+  The pipeline's training loops pass no dropout key, so models with dropout train without it
+  there, as the SRe2L/DWA ResNets (which have none) do.
+  """
+  deterministic = not (train and module.has_rng("dropout"))
+  return nn.Dropout(rate, deterministic=deterministic, name=name)(x)
