@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -21,3 +22,39 @@ def test_recover_speed_quick(tmp_path):
   assert engine["sre2l"]["gflop_per_iteration"] > 10  # ResNet-18 fwd + input grad, batch 10
   assert engine["dwa"]["adjust_seconds"] > 0 and result["matmul_peak_gflops"] > 0
   assert "s/iter" in proc.stdout
+
+
+@pytest.mark.slow
+def test_reproduce_cifar10_runs_end_to_end_on_digits(tmp_path):
+  """The reproduction script's pipeline, caching, D_fea and pictures, on tiny digits settings."""
+  command = [sys.executable, "benchmarks/reproduce_cifar10.py", "--config=configs/demo_digits.py",
+             f"--workdir={tmp_path / 'work'}", f"--results_dir={tmp_path / 'results'}",
+             "--config.teacher.epochs=2", "--config.recover.iterations=8", "--config.ipc=3",
+             "--config.relabel.epochs=4", "--config.relabel.eval_every=2",
+             "--config.relabel.seeds=(0,1)"]
+  proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((tmp_path / "results" / "reproduce_cifar10_convnet.json").read_text())
+  assert set(report["results"]["sets"]) == {"sre2l", "dwa", "random_real"}
+  assert set(report["stage_seconds"]) == {"squeeze", "recover/sre2l", "recover/dwa", "relabel"}
+  for name, d in report["diversity"].items():
+    assert len(d["per_class"]) == 10 and all(v > 0 for v in d["per_class"]), name
+  assert report["diversity"]["random_real"]["relative_to_real"] == 1.0
+  for png in ("pca", "dwa_grid", "sre2l_grid"):
+    assert (tmp_path / "results" / f"reproduce_cifar10_convnet_{png}.png").stat().st_size > 0
+  # A second run reuses every stage.
+  proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((tmp_path / "results" / "reproduce_cifar10_convnet.json").read_text())
+  assert report["stage_seconds"] == {}
+
+
+def test_diversity_per_class_matches_the_double_sum():
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import reproduce_cifar10  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  features, labels = rng.normal(size=(12, 5)), np.repeat(np.arange(3), 4)
+  expected = [sum(np.sum((features[i] - features[j])**2)
+                  for i in np.flatnonzero(labels == c) for j in np.flatnonzero(labels == c))
+              for c in range(3)]
+  np.testing.assert_allclose(reproduce_cifar10.diversity_per_class(features, labels, 3), expected)

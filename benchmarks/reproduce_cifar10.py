@@ -1,0 +1,273 @@
+"""CIFAR-10 ipc 10 on this CPU: DWA vs SRe2L vs a random real subset, beside the paper's numbers.
+
+  python benchmarks/reproduce_cifar10.py --config=configs/reproduce_cifar10_convnet.py \
+      --workdir=workdir/reproduce_cifar10_convnet
+
+1. squeeze: trains the teacher (cached in the workdir: rerunning reuses it);
+2. recover: synthesises ipc 10 with DWA and with SRe2L (paper settings; cached);
+3. relabel: trains students on each set and on a random real subset of the same size with the
+   same online-KD recipe, over the config's seeds (3), final and best top-1, mean ± std;
+4. diversity: the paper's D_fea per class (sum over pairs of synthetic images of a class of the
+   squared distance between teacher feature maps, the last conv layer before pooling), per method
+   and relative to the random real subset;
+5. pictures: the synthetic image grids and a PCA plot of teacher features, real test images vs
+   each synthetic set.
+Prints a table and writes `<results_dir>/reproduce_cifar10_<model>.json` plus PNGs. Every config
+field can be overridden (`--config.teacher.epochs=5`, `--config.relabel.seeds="(0,)"`).
+"""
+
+import hashlib
+import json
+import pathlib
+import shutil
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dwa_jax import data, files, presets, recover, relabel, squeeze, train_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Paper top-1 (%) at CIFAR-10 ipc 10 (SPEC.md); None: not reported for that student.
+PAPER = {"convnet": {"dwa": 45.0, "sre2l": None, relabel.RANDOM_REAL: None},
+         "resnet18_cifar": {"dwa": 32.6, "sre2l": 27.2, relabel.RANDOM_REAL: None}}
+
+FLAGS = flags.FLAGS
+
+
+# ----------------------------------------------------------------------------- stage cache
+
+def fingerprint(*parts) -> str:
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class StageCache:
+  """Skips a stage whose outputs exist and whose settings are unchanged."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.path = workdir / "stage_cache.json"
+    self.done = files.read_json(self.path) if self.path.exists() else {}
+
+  def fresh(self, stage: str, key: str, output: pathlib.Path) -> bool:
+    return self.done.get(stage) == key and output.exists()
+
+  def mark(self, stage: str, key: str) -> None:
+    self.done[stage] = key
+    files.write_json(self.path, self.done)
+
+
+def run_pipeline(config, workdir: pathlib.Path) -> dict:
+  """squeeze, recover (per method) and relabel, each skipped when cached; returns seconds each."""
+  cache, seconds = StageCache(workdir), {}
+  teacher_key = fingerprint(config.dataset, config.seed, config.teacher.to_dict())
+  if not cache.fresh("squeeze", teacher_key, squeeze.teacher_path(workdir) / "teacher.json"):
+    start = time.time()
+    squeeze.run(config, workdir)
+    seconds["squeeze"] = time.time() - start
+    cache.mark("squeeze", teacher_key)
+  for method in config.methods:
+    key = fingerprint(teacher_key, config.ipc, config.recover.to_dict(), method)
+    if not cache.fresh(f"recover/{method}", key,
+                       workdir / "synthetic" / method / "manifest.json"):
+      start = time.time()
+      recover.run(config, workdir, method)
+      seconds[f"recover/{method}"] = time.time() - start
+      cache.mark(f"recover/{method}", key)
+  key = fingerprint(teacher_key, config.ipc, config.recover.to_dict(), config.methods,
+                    config.relabel.to_dict())
+  if not cache.fresh("relabel", key, workdir / "results.json"):
+    start = time.time()
+    relabel.run(config, workdir)
+    seconds["relabel"] = time.time() - start
+    cache.mark("relabel", key)
+  return seconds
+
+
+# ----------------------------------------------------------------------------- diversity
+
+def teacher_features(model, variables, images01: np.ndarray, mean, std,
+                     batch_size: int = 500) -> np.ndarray:
+  """Flattened last conv feature map (before pooling) of the teacher, eval mode."""
+  feats = jax.jit(lambda v, x: model.apply(v, train_lib.normalize(x, mean, std), train=False,
+                                           features=True)[1])
+  out = [np.asarray(feats(variables, images01[s:s + batch_size]))
+         for s in range(0, len(images01), batch_size)]
+  return np.concatenate(out).reshape(len(images01), -1).astype(np.float64)
+
+
+def diversity_per_class(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """D_fea^c = Σ_i Σ_j ‖g(s_i^c) − g(s_j^c)‖² over the images of class c (both orders)."""
+  out = np.zeros(num_classes)
+  for c in range(num_classes):
+    f = features[labels == c]
+    sq = np.sum(f * f, axis=1)
+    out[c] = np.sum(sq[:, None] + sq[None, :] - 2.0 * f @ f.T)
+  return out
+
+
+# ----------------------------------------------------------------------------- pictures
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def pca_projection(reference: np.ndarray, dims: int = 2):
+  """The top principal directions of `reference`: returns x -> (x − mean) @ directions."""
+  mu = reference.mean(0)
+  _, _, vt = np.linalg.svd(reference - mu, full_matrices=False)
+  return lambda x: (x - mu) @ vt[:dims].T
+
+
+def scatter_png(panels: list, path: pathlib.Path, size: int = 420) -> None:
+  """Side-by-side scatter panels (title, real xy, real labels, synthetic xy, synthetic labels):
+  real points small and faint, synthetic points as large outlined squares, colour = class."""
+  all_xy = np.concatenate([np.concatenate([p[1], p[3]]) for p in panels])
+  lo, hi = all_xy.min(0), all_xy.max(0)
+  to_px = lambda xy: 20 + (xy - lo) / np.maximum(hi - lo, 1e-12) * (size - 40)
+  canvas = Image.new("RGB", (size * len(panels), size + 24), "white")
+  draw = ImageDraw.Draw(canvas)
+  for k, (title, real_xy, real_y, syn_xy, syn_y) in enumerate(panels):
+    ox = k * size
+    draw.text((ox + 8, 4), title, fill="black")
+    draw.rectangle([ox + 2, 20, ox + size - 2, size + 22], outline=(200, 200, 200))
+    for (x, y), c in zip(to_px(real_xy), real_y):
+      colour = tuple(int(v + (255 - v) * 0.6) for v in PALETTE[c % 10])
+      draw.ellipse([ox + x - 1.5, 24 + y - 1.5, ox + x + 1.5, 24 + y + 1.5], fill=colour)
+    for (x, y), c in zip(to_px(syn_xy), syn_y):
+      draw.rectangle([ox + x - 4, 24 + y - 4, ox + x + 4, 24 + y + 4], fill=PALETTE[c % 10],
+                     outline="black")
+  files.save_png(path, np.asarray(canvas))
+
+
+# ----------------------------------------------------------------------------- report
+
+def fmt(mean: float, std: float) -> str:
+  return f"{mean:.2f} ± {std:.2f}"
+
+
+def paper_numbers(config) -> dict:
+  """The paper's CIFAR-10 ipc-10 numbers for this student, when that is what was run."""
+  if "cifar10" not in config.dataset or "cifar100" in config.dataset or config.ipc != 10:
+    return {}
+  return PAPER.get(config.relabel.student, {})
+
+
+def report_table(paper: dict, student: str, results: dict, diversity: dict) -> str:
+  lines = [f"| images ({student}, ipc {results['ipc']}) | seeds | final top-1 (%) | "
+           "best top-1 (%) | paper (%) | D_fea / real |",
+           "|---|---|---|---|---|---|"]
+  for name, r in results["sets"].items():
+    p = paper.get(name)
+    d = diversity.get(name, {}).get("relative_to_real")
+    lines.append(f"| {name} | {len(r['seeds'])} | {fmt(r['final_mean'], r['final_std'])} | "
+                 f"{fmt(r['best_mean'], r['best_std'])} | {'—' if p is None else p} | "
+                 f"{'—' if d is None else f'{d:.3f}'} |")
+  return "\n".join(lines)
+
+
+def targets(paper: dict, results: dict) -> dict:
+  """Issue targets: DWA within 1.5 points of the paper, and >= 3 points above SRe2L (best)."""
+  sets = results["sets"]
+  out = {}
+  paper = paper.get("dwa")
+  if "dwa" in sets and paper is not None:
+    gap = sets["dwa"]["best_mean"] - paper
+    out["dwa_minus_paper"] = gap
+    out["dwa_within_1.5_of_paper"] = abs(gap) <= 1.5
+  if "dwa" in sets and "sre2l" in sets:
+    margin = sets["dwa"]["best_mean"] - sets["sre2l"]["best_mean"]
+    out["dwa_minus_sre2l"] = margin
+    out["dwa_at_least_3_above_sre2l"] = margin >= 3.0
+  return out
+
+
+def analyse(config, workdir: pathlib.Path, results_dir: pathlib.Path) -> dict:
+  """D_fea per class and method, image grids and the PCA plot."""
+  train = data.load_dataset(config.dataset, "train", config.data_dir)
+  test = data.load_dataset(config.dataset, "test", config.data_dir)
+  model, variables, meta = squeeze.load_teacher(workdir, train)
+  mean, std = tuple(meta["mean"]), tuple(meta["std"])
+  name = f"reproduce_cifar10_{config.teacher.model}"
+  sets = {}
+  for method in config.methods:
+    with np.load(workdir / "synthetic" / method / "images.npz") as f:
+      sets[method] = (f["images"], f["labels"])
+    shutil.copyfile(workdir / "synthetic" / method / "grid.png",
+                    results_dir / f"{name}_{method}_grid.png")
+  idx = data.sample_per_class(train, config.ipc, config.seed + 1).reshape(-1)  # = relabel's subset
+  sets[relabel.RANDOM_REAL] = (train.images[idx].astype(np.float32) / 255.0, train.labels[idx])
+
+  diversity, features = {}, {}
+  for set_name, (images, labels) in sets.items():
+    features[set_name] = teacher_features(model, variables, images, mean, std)
+    per_class = diversity_per_class(features[set_name], labels, train.num_classes)
+    diversity[set_name] = {"per_class": per_class.tolist(), "mean": float(per_class.mean())}
+  real_mean = diversity[relabel.RANDOM_REAL]["mean"]
+  for d in diversity.values():
+    d["relative_to_real"] = d["mean"] / real_mean
+
+  # PCA of teacher features, fitted on (up to) 100 real test images per class.
+  per_class = int(min(100, np.bincount(test.labels, minlength=test.num_classes).min()))
+  test_idx = data.sample_per_class(test, per_class, config.seed).reshape(-1)
+  real_feats = teacher_features(model, variables, test.images[test_idx].astype(np.float32) / 255.0,
+                                mean, std)
+  project = pca_projection(real_feats)
+  panels = [(f"{m}: synthetic (squares) vs real test (dots)", project(real_feats),
+             test.labels[test_idx], project(features[m]), sets[m][1])
+            for m in (*config.methods, relabel.RANDOM_REAL)]
+  scatter_png(panels, results_dir / f"{name}_pca.png")
+  return diversity
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  config = FLAGS.config
+  presets.validate(config)
+  model_name = config.teacher.model
+  workdir = pathlib.Path(FLAGS.workdir or REPO / "workdir" / f"reproduce_cifar10_{model_name}")
+  workdir.mkdir(parents=True, exist_ok=True)
+  results_dir = pathlib.Path(FLAGS.results_dir)
+  results_dir.mkdir(parents=True, exist_ok=True)
+  started = time.time()
+  seconds = run_pipeline(config, workdir)
+  results = files.read_json(workdir / "results.json")
+  diversity = analyse(config, workdir, results_dir)
+  paper = paper_numbers(config)
+  table = report_table(paper, config.relabel.student, results, diversity)
+  report = {"command": " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
+            "jax": jax.__version__, "backend": jax.default_backend(),
+            "teacher_test_accuracy": results["teacher_test_accuracy"],
+            "teacher_epochs": config.teacher.epochs, "stage_seconds": seconds,
+            "total_seconds": time.time() - started, "paper": paper,
+            "results": results, "diversity": diversity, "targets": targets(paper, results),
+            "config": config.to_dict()}
+  out = results_dir / f"reproduce_cifar10_{model_name}.json"
+  files.write_json(out, report)
+  print(f"\nTeacher {model_name} ({config.teacher.epochs} epochs): "
+        f"{results['teacher_test_accuracy']:.2f}% test top-1\n\n{table}\n")
+  print("targets:", json.dumps(report["targets"]))
+  print(f"wrote {out} and PNGs in {results_dir}")
+
+
+def define_flags() -> None:
+  """Defined only when run as a script, so tests can import the module beside dwa_jax.main."""
+  config_flags.DEFINE_config_file(
+      "config", str(REPO / "configs" / "reproduce_cifar10_convnet.py"),
+      "Reproduction config (configs/reproduce_cifar10_*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Work directory (default workdir/reproduce_cifar10_<model>).")
+  flags.DEFINE_string("results_dir", str(REPO / "benchmarks" / "results"),
+                      "Where the JSON and PNGs go.")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
