@@ -1,8 +1,20 @@
-"""torchvision-layout state dicts <-> Flax variables (naming rule in `dwa_jax.models.layers`)."""
+"""torchvision-layout state dicts <-> Flax variables (naming rule in `dwa_jax.models.layers`).
 
+Reads .npz, .safetensors (parsed here with numpy, no extra dependency) and .pth/.pt (torch
+imported only then). Command line, writing a verified .npz for `--config.teacher.checkpoint`:
+
+  python -m dwa_jax.convert --model=resnet18 --num_classes=1000 --input=resnet18.pth \
+      --output=resnet18.npz
+"""
+
+import argparse
+import json
+import pathlib
+import pickle
 import re
+import sys
 import zipfile
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax
 import jax
@@ -96,15 +108,24 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], template: Any,
   unexpected = sorted(k for k in state_dict
                       if k not in used and not k.endswith(IGNORED_SUFFIXES))
   problems = []
+  if not used:
+    problems.append(f"none of the checkpoint's {len(state_dict)} tensors has a name the model "
+                    "uses (wrong architecture?)")
   if mismatched:
-    problems.append("shape mismatch: " + "; ".join(mismatched))
+    problems.append("shape mismatch: " + _some(mismatched, "; "))
   if missing:
-    problems.append(f"missing from checkpoint: {', '.join(missing)}")
+    problems.append(f"missing from checkpoint: {_some(sorted(missing))}")
   if unexpected:
-    problems.append(f"not used by the model: {', '.join(unexpected)}")
+    problems.append(f"not used by the model: {_some(unexpected)}")
   if problems:
     raise StateDictError("State dict does not fit the model — " + " | ".join(problems))
   return flax.traverse_util.unflatten_dict(out)
+
+
+def _some(names: list[str], sep: str = ", ", limit: int = 12) -> str:
+  """The first `limit` names, so a wrong architecture gives a readable one-line error."""
+  more = f"{sep}... ({len(names) - limit} more)" if len(names) > limit else ""
+  return sep.join(names[:limit]) + more
 
 
 def variables_to_state_dict(variables: Any) -> dict[str, np.ndarray]:
@@ -119,25 +140,179 @@ def model_template(model, image_shape: tuple[int, int, int]) -> Any:
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
 
 
+# safetensors dtype codes -> little-endian numpy dtypes (BF16 is widened to float32 on read).
+_SAFETENSORS_DTYPES = {
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+    "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+}
+
+
+def parse_safetensors(data: bytes) -> dict[str, np.ndarray]:
+  """Decodes the safetensors format: u64 little-endian header size N, N bytes of JSON
+  {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw
+  little-endian tensor bytes (offsets relative to the end of the header)."""
+  if len(data) < 8:
+    raise ValueError("file shorter than the 8-byte header length")
+  n = int.from_bytes(data[:8], "little")
+  if n > len(data) - 8:
+    raise ValueError(f"header length {n} exceeds the file size {len(data)}")
+  try:
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"header is not JSON: {e}") from None
+  if not isinstance(header, dict):
+    raise ValueError("header is not a JSON object")
+  buffer = memoryview(data)[8 + n:]
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+      raise ValueError(f"bad header entry for {name!r}: {info!r}") from None
+    if dtype not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"{name}: unsupported dtype {dtype}")
+    np_dtype = np.dtype(_SAFETENSORS_DTYPES[dtype])
+    size = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    if not 0 <= begin <= end <= len(buffer) or end - begin != size:
+      raise ValueError(f"{name}: data_offsets [{begin}, {end}] do not hold {dtype}{list(shape)} "
+                       f"in a {len(buffer)}-byte data section")
+    value = np.frombuffer(buffer[begin:end], np_dtype).reshape(shape)
+    if dtype == "BF16":  # the upper half of a float32
+      value = (value.astype(np.uint32) << 16).view(np.float32)
+    out[name] = value.astype(value.dtype.newbyteorder("="))  # native order, writable copy
+  return out
+
+
+def load_safetensors_state_dict(path: str) -> dict[str, np.ndarray]:
+  try:
+    data = pathlib.Path(path).read_bytes()
+  except FileNotFoundError:
+    raise StateDictError(f"State dict file not found: {path}") from None
+  except OSError as e:
+    raise StateDictError(f"Cannot read state dict {path}: {e.strerror}") from None
+  try:
+    return strip_prefix(parse_safetensors(data))
+  except ValueError as e:
+    raise StateDictError(f"Cannot read safetensors file {path}: {e}") from None
+
+
+def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A .pth/.pt state dict (optionally wrapped in {'state_dict': ...} or {'model': ...})."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise StateDictError(f"Reading {path} needs torch (pip install 'dwa_jax[torch]'); or save the "
+                         "state dict as .safetensors or as .npz with "
+                         "np.savez(out, **{k: v.numpy() for k, v in sd.items()}).") from None
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except FileNotFoundError:
+    raise StateDictError(f"State dict file not found: {path}") from None
+  except pickle.UnpicklingError:
+    raise StateDictError(f"Cannot read {path}: torch.load(weights_only=True) refuses it (a pickled "
+                         "model or other objects?); save model.state_dict() instead.") from None
+  except Exception as e:  # torch raises many types for bad files
+    raise StateDictError(f"Cannot read {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+  for wrapper in ("state_dict", "model"):
+    if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+      obj = obj[wrapper]
+  if not isinstance(obj, dict):
+    raise StateDictError(f"{path} holds a {type(obj).__name__}, not a state dict; save "
+                         "model.state_dict() instead of the model.")
+  # numpy has no bfloat16: widen it (and any other float type numpy lacks) to float32.
+  to_numpy = lambda t: (t.float() if t.dtype == torch.bfloat16 else t).detach().cpu().numpy()
+  return strip_prefix({k: to_numpy(v) for k, v in obj.items() if isinstance(v, torch.Tensor)})
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A torchvision-layout state dict from .npz, or .pth/.pt when torch is installed."""
-  if str(path).endswith(".npz"):
+  """A torchvision-layout state dict from .npz, .safetensors, or .pth/.pt (needs torch)."""
+  path = str(path)
+  if path.endswith(".npz"):
     return load_npz_state_dict(path)
-  if str(path).endswith((".pth", ".pt")):
-    try:
-      import torch  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise StateDictError(f"Reading {path} needs torch (pip install torch), or convert it to .npz "
-                           "with np.savez(out, **{k: v.numpy() for k, v in sd.items()}).") from None
-    try:
-      obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-      raise StateDictError(f"State dict file not found: {path}") from None
-    except Exception as e:  # torch raises many types for bad files
-      raise StateDictError(f"Cannot read {path}: {type(e).__name__}: {e}") from None
-    for wrapper in ("state_dict", "model"):
-      if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-        obj = obj[wrapper]
-    return strip_prefix({k: v.detach().cpu().numpy() for k, v in obj.items()
-                         if hasattr(v, "detach")})
-  raise StateDictError(f"Unsupported state dict format {path!r}: use .npz, .pth or .pt.")
+  if path.endswith(".safetensors"):
+    return load_safetensors_state_dict(path)
+  if path.endswith((".pth", ".pt")):
+    return load_torch_state_dict(path)
+  raise StateDictError(f"Unsupported state dict format {path!r}: use .npz, .safetensors, .pth "
+                       "or .pt.")
+
+
+def default_image_size(model_name: str) -> int:
+  """32 for the CIFAR-stem models and the ConvNet, 224 (ImageNet) otherwise."""
+  return 32 if model_name == "convnet" or model_name.endswith("_cifar") else 224
+
+
+def convert_checkpoint(model_name: str, num_classes: int, input_path: str, output_path: str,
+                       image_shape: tuple[int, int, int] | None = None) -> dict:
+  """Loads a torchvision state dict into `model_name`, writes it as a verified .npz.
+
+  Verified means: the written file reads back into exactly the same variables, and the model
+  runs on a random `image_shape` batch with finite logits of the right shape. Returns a summary.
+  """
+  from dwa_jax import files  # pylint: disable=g-import-not-at-top
+  from dwa_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  if not str(output_path).endswith(".npz"):
+    raise StateDictError(f"--output must end in .npz, got {output_path!r}.")
+  image_shape = image_shape or (default_image_size(model_name),) * 2 + (3,)
+  model = build_model(model_name, num_classes)
+  template = model_template(model, image_shape)
+  variables = state_dict_to_variables(load_state_dict(input_path), template)
+  try:
+    files.save_npz(output_path, **variables_to_state_dict(variables))
+  except OSError as e:
+    raise OSError(f"Cannot write {output_path}: {e.strerror}") from None
+
+  reread = state_dict_to_variables(load_npz_state_dict(output_path), template)
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), variables, reread)
+  if not all(jax.tree.leaves(same)):
+    raise StateDictError(f"{output_path} does not read back to the converted variables.")
+  x = jax.random.normal(jax.random.key(0), (1, *image_shape), jnp.float32)
+  logits = np.asarray(jax.jit(model.apply)(reread, x))
+  if logits.shape != (1, num_classes) or not np.isfinite(logits).all():
+    raise StateDictError(f"{model_name} gives non-finite or mis-shaped logits {logits.shape} "
+                         "with the converted weights.")
+  n_params = sum(int(np.prod(l.shape)) for l in jax.tree.leaves(variables["params"]))
+  return {"model": model_name, "tensors": len(jax.tree.leaves(variables)),
+          "parameters": n_params, "image_shape": list(image_shape), "output": str(output_path)}
+
+
+class _Parser(argparse.ArgumentParser):
+
+  def error(self, message):  # one line and status 2, like the main entry point
+    self.exit(2, f"dwa_jax: error: {message}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m dwa_jax.convert --model=NAME --num_classes=N --input=F --output=OUT.npz`."""
+  parser = _Parser(prog="dwa-jax-convert", description=(
+      "Convert a torchvision state dict (.pth/.pt, .safetensors or .npz) into a verified .npz "
+      "usable as --config.teacher.checkpoint."))
+  parser.add_argument("--model", required=True, help="zoo name, e.g. resnet18, mobilenet_v2")
+  parser.add_argument("--num_classes", required=True, type=int)
+  parser.add_argument("--input", required=True, help="state dict: .pth, .pt, .safetensors, .npz")
+  parser.add_argument("--output", required=True, help="output .npz (torchvision names/layout)")
+  parser.add_argument("--image_size", type=int, default=None,
+                      help="side of the verification input (default 32 for convnet/*_cifar, "
+                           "else 224); the ConvNet's classifier width depends on it")
+  parser.add_argument("--channels", type=int, default=3)
+  args = parser.parse_args(argv)
+  try:
+    size = args.image_size or default_image_size(args.model)
+    if size < 1 or args.channels < 1:
+      raise ValueError(f"--image_size and --channels must be positive, got {size}, "
+                       f"{args.channels}.")
+    summary = convert_checkpoint(args.model, args.num_classes, args.input, args.output,
+                                 (size, size, args.channels))
+  except (ValueError, OSError) as e:  # StateDictError is a ValueError
+    print(f"dwa_jax: error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {summary['output']}: {summary['model']}, {summary['tensors']} tensors, "
+        f"{summary['parameters']:,} parameters; verified (reads back identically, finite logits "
+        f"on a {'x'.join(map(str, summary['image_shape']))} input)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,4 +1,7 @@
-"""Loading torchvision-layout state dicts (.npz) into Flax variables."""
+"""Loading torchvision-layout state dicts (.npz, .safetensors, .pth) into Flax variables; the CLI."""
+
+import json
+import sys
 
 import jax
 import numpy as np
@@ -71,3 +74,108 @@ def test_missing_and_corrupt_files(tmp_path):
   corrupt.write_bytes(b"PK\x03\x04 definitely not a zip")
   with pytest.raises(convert.StateDictError, match="Cannot read"):
     convert.load_npz_state_dict(str(corrupt))
+
+
+def test_torch_name_maps_trailing_index_groups():
+  assert convert.torch_name("params", ("layer1_0", "downsample_1", "scale")) == \
+      "layer1.0.downsample.1.weight"
+  assert convert.torch_name("batch_stats", ("features_1_0", "block_0_1", "var")) == \
+      "features.1.0.block.0.1.running_var"
+  assert convert.torch_name("params", ("stage2_0", "branch1_0", "kernel")) == \
+      "stage2.0.branch1.0.weight"
+
+
+def write_safetensors(path, tensors: dict, header_extra: dict | None = None, pad: int = 0):
+  """A minimal safetensors writer (the format, not the library): u64 LE header size, JSON, data."""
+  codes = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<i8"): "I64"}
+  header, chunks, offset = dict(header_extra or {}), [], 0
+  for name, (value, code) in tensors.items():
+    raw = np.ascontiguousarray(value).tobytes()
+    header[name] = {"dtype": code or codes[value.dtype], "shape": list(value.shape),
+                    "data_offsets": [offset, offset + len(raw)]}
+    chunks.append(raw)
+    offset += len(raw)
+  blob = json.dumps(header).encode() + b" " * pad
+  path.write_bytes(len(blob).to_bytes(8, "little") + blob + b"".join(chunks))
+
+
+def test_safetensors_round_trip_with_f16_bf16_and_ignored_buffers(convnet_state_dict, tmp_path):
+  _, template, sd = convnet_state_dict
+  path = tmp_path / "sd.safetensors"
+  as_bf16 = lambda v: (v.view(np.uint32) >> 16).astype("<u2")  # truncation: exact in bf16
+  tensors = {k: (v, None) for k, v in sd.items()}
+  tensors["features.0.weight"] = (sd["features.0.weight"].astype(np.float16), None)
+  tensors["classifier.weight"] = (as_bf16(sd["classifier.weight"]), "BF16")
+  tensors["module.features.1.num_batches_tracked"] = (np.array(7, np.int64), None)
+  write_safetensors(path, tensors, {"__metadata__": {"format": "pt"}}, pad=5)
+  loaded = convert.load_state_dict(str(path))
+  np.testing.assert_array_equal(loaded["features.4.weight"], sd["features.4.weight"])
+  np.testing.assert_array_equal(loaded["features.0.weight"],
+                                sd["features.0.weight"].astype(np.float16))
+  bf16 = (as_bf16(sd["classifier.weight"]).astype(np.uint32) << 16).view(np.float32)
+  np.testing.assert_array_equal(loaded["classifier.weight"], bf16)
+  assert loaded["classifier.weight"].dtype == np.float32
+  variables = convert.state_dict_to_variables(loaded, template)
+  np.testing.assert_array_equal(variables["batch_stats"]["features_1"]["var"],
+                                sd["features.1.running_var"])
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda b: b[:5], "shorter than"),
+    (lambda b: (10**9).to_bytes(8, "little") + b[8:], "exceeds the file size"),
+    (lambda b: b[:8] + b"x" + b[9:], "not JSON"),
+    (lambda b: b[:-4], "data_offsets"),
+])
+def test_corrupt_safetensors_is_a_clear_error(tmp_path, damage, message):
+  path = tmp_path / "x.safetensors"
+  write_safetensors(path, {"w": (np.ones((2, 3), np.float32), None)})
+  path.write_bytes(damage(path.read_bytes()))
+  with pytest.raises(convert.StateDictError, match=f"Cannot read safetensors file .*{message}"):
+    convert.load_state_dict(str(path))
+
+
+def test_pth_without_torch_names_the_alternatives(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+  with pytest.raises(convert.StateDictError, match=r"needs torch .*\.safetensors"):
+    convert.load_state_dict(str(tmp_path / "x.pth"))
+  with pytest.raises(convert.StateDictError, match="Unsupported state dict format"):
+    convert.load_state_dict(str(tmp_path / "x.bin"))
+
+
+def test_cli_writes_a_verified_npz(convnet_state_dict, tmp_path, capsys):
+  model, template, sd = convnet_state_dict
+  src, out = tmp_path / "in.safetensors", tmp_path / "out.npz"
+  write_safetensors(src, {**{"module." + k: (v, None) for k, v in sd.items()}})
+  assert convert.main(["--model=convnet", "--num_classes=10", f"--input={src}",
+                       f"--output={out}"]) == 0
+  assert "verified" in capsys.readouterr().out
+  back = convert.load_state_dict(str(out))  # what --config.teacher.checkpoint reads
+  assert set(back) == set(sd)
+  variables = convert.state_dict_to_variables(back, template)
+  np.testing.assert_array_equal(variables["params"]["classifier"]["kernel"],
+                                sd["classifier.weight"].T)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model=convnet", "--num_classes=100"], "classifier.weight: checkpoint (10, 2048) vs model"),
+    (["--model=resnet18", "--num_classes=10"], "none of the checkpoint's 20 tensors"),
+    (["--model=resnet19", "--num_classes=10"], "Unknown model 'resnet19'"),
+    (["--model=convnet", "--num_classes=10", "--input=nope.npz"], "not found: nope.npz"),
+    (["--model=convnet", "--num_classes=ten"], "invalid int value: 'ten'"),
+    (["--model=convnet", "--num_classes=10", "--output=x.pth"], "--output must end in .npz"),
+])
+def test_cli_bad_input_is_one_line_and_status_2(convnet_state_dict, tmp_path, capsys, monkeypatch,
+                                                args, message):
+  _, _, sd = convnet_state_dict
+  monkeypatch.chdir(tmp_path)
+  np.savez(tmp_path / "in.npz", **sd)
+  defaults = {"--input": "--input=in.npz", "--output": "--output=out.npz"}
+  args = args + [v for k, v in defaults.items() if not any(a.startswith(k) for a in args)]
+  try:
+    status = convert.main(args)
+  except SystemExit as e:  # argparse errors
+    status = e.code
+  err = capsys.readouterr().err
+  assert status == 2 and message in err
+  assert err.count("\n") == 1 and err.startswith("dwa_jax: error: ")
+  assert not (tmp_path / "out.npz").exists()
