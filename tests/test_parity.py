@@ -32,6 +32,10 @@ def nchw(x):
 
 @pytest.fixture(scope="module")
 def run():
+  return compute()
+
+
+def compute():
   """Runs the recorded batch once in float64; returns numpy results and the recording."""
   record = json.loads((FIXTURE / "record.json").read_text())
   expected = dict(np.load(FIXTURE / "expected.npz"))
@@ -113,3 +117,24 @@ def test_first_step_gradient(run):
 
 def test_final_images(run):
   np.testing.assert_allclose(run["images"], run["expected"]["final_images"], rtol=0, atol=ABS_TOL)
+
+
+def report(r) -> dict:
+  """Max differences against the recording (`python tests/test_parity.py` prints them)."""
+  m, record, expected = r["metrics"], r["record"], r["expected"]
+  per_tensor = record["delta_theta_norm_per_tensor"]
+  return {
+      "ce_max_rel": max_rel(np.concatenate([m["adjust_ce"], m["ce"]]), record["ce"]),
+      "bn_terms_max_rel": max_rel(np.concatenate([m["adjust_bn_terms"], m["bn_terms"]]),
+                                  record["bn_terms_per_forward"]),
+      "grad_norm_max_rel": max_rel(m["grad_norm"], record["image_grad_norm_per_step"]),
+      "delta_norm_per_tensor_max_abs": max(abs(float(np.linalg.norm(v)) - per_tensor[k])
+                                           for k, v in r["delta"].items()),
+      "first_step_grad_max_abs": float(np.max(np.abs(r["first_grad"]
+                                                     - expected["first_step_image_grad"]))),
+      "final_images_max_abs": float(np.max(np.abs(r["images"] - expected["final_images"]))),
+  }
+
+
+if __name__ == "__main__":
+  print(json.dumps(report(compute()), indent=1))
