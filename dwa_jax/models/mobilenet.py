@@ -9,7 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dwa_jax.models.layers import conv, conv_bn, dropout, BatchNorm
+from dwa_jax.models.layers import BatchNorm, conv, conv_bn, dropout
 
 # (expand ratio t, output channels c, repeats n, first stride s), torchvision's table.
 SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
