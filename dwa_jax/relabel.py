@@ -45,6 +45,7 @@ def mix(key, x, kind: str, alpha: float):
 def _student_step(student, teacher, tx, rc, state, teacher_vars, images, idx, key, mean, std):
   params, batch_stats, opt_state = state
   aug_key, mix_key = jax.random.split(key)
+  dropout_key = jax.random.fold_in(key, 1)  # leaves the augmentation stream as it was
   x = train_lib.augment_views(aug_key, train_lib.normalize(images[idx], mean, std), rc.augment)
   x = mix(mix_key, x, rc.mixing, rc.mix_alpha)
   if rc.teacher_train_mode:  # official CIFAR quirk: teacher BN on batch statistics
@@ -54,8 +55,9 @@ def _student_step(student, teacher, tx, rc, state, teacher_vars, images, idx, ke
   t_logits = jax.lax.stop_gradient(t_logits)
 
   def loss_fn(params):
+    # Students with dropout / stochastic depth (MobileNetV2, EfficientNet, VGG) use it, as in torch.
     logits, updates = student.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                    mutable=["batch_stats"])
+                                    mutable=["batch_stats"], rngs={"dropout": dropout_key})
     return kd_loss(logits, t_logits, rc.temperature, rc.t2_factor), updates["batch_stats"]
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

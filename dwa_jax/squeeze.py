@@ -67,12 +67,13 @@ def load_teacher(workdir, dataset: data.Dataset | None = None):
 
 def _train_step(model, tx, augment_kind, state, images, labels, idx, key, mean, std):
   params, batch_stats, opt_state = state
+  dropout_key = jax.random.fold_in(key, 1)
   x = train_lib.augment_views(key, train_lib.normalize(images[idx], mean, std), augment_kind)
   y = labels[idx]
 
   def loss_fn(params):
     logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                  mutable=["batch_stats"])
+                                  mutable=["batch_stats"], rngs={"dropout": dropout_key})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, (updates["batch_stats"], jnp.mean(jnp.argmax(logits, -1) == y))
 

@@ -131,3 +131,34 @@ def test_every_config_file_loads_and_validates():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     presets.validate(module.get_config())
+
+
+def test_student_step_trains_with_dropout_like_torch():
+  """Students with dropout get a dropout PRNG in training (torch's model.train() behaviour)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from dwa_jax.models.layers import dropout
+
+  class DropoutNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = dropout(self, x.reshape(x.shape[0], -1), 0.5, train)
+      return nn.Dense(3)(x)
+
+  student, teacher = DropoutNet(), DropoutNet()
+  x = jnp.ones((4, 2, 2, 1))
+  variables = {**student.init(jax.random.key(0), x), "batch_stats": {}}
+  teacher_vars = student.init(jax.random.key(1), x)
+  rc = presets.demo_digits().relabel
+  rc.augment, rc.mixing = "none", "none"
+  tx = optax.sgd(0.0)
+  state = (variables["params"], {}, tx.init(variables["params"]))
+  step = lambda key: relabel._student_step(student, teacher, tx, rc, state, teacher_vars,
+                                           x, jnp.arange(4), key, (0.0,), (1.0,))[1]
+  t_logits = teacher.apply(teacher_vars, x)
+  no_dropout = relabel.kd_loss(student.apply(variables, x, train=False), t_logits,
+                               rc.temperature, rc.t2_factor)
+  losses = [float(step(jax.random.key(k))) for k in range(3)]
+  assert len(set(losses)) == 3 and all(abs(l - float(no_dropout)) > 1e-9 for l in losses)

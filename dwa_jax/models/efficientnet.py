@@ -5,7 +5,7 @@ Names: `features_0_0` <-> `features.0.0`, block `features_<stage>_<i>` with `blo
 
 Eval mode is exact. In training, stochastic depth (torchvision's per-block rate, 0.2 * block
 index / 16, row mode) and the classifier's 0.2 dropout are applied only when a 'dropout' PRNG is
-passed (`rngs={'dropout': key}`); the pipeline's loops pass none, so there both are identity.
+passed (`rngs={'dropout': key}`), as the squeeze and relabel training steps do.
 """
 
 from typing import Any

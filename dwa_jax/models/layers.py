@@ -125,8 +125,7 @@ def adaptive_avg_pool(x, out_hw: tuple[int, int]):
 def dropout(module: nn.Module, x, rate: float, train: bool, name: str | None = None):
   """Dropout active only when training AND a 'dropout' PRNG is supplied (`rngs={'dropout': k}`).
 
-  The pipeline's training loops pass no dropout key, so models with dropout train without it
-  there, as the SRe2L/DWA ResNets (which have none) do.
+  The squeeze and relabel training steps pass one; evaluation, synthesis and `init` need none.
   """
   deterministic = not (train and module.has_rng("dropout"))
   return nn.Dropout(rate, deterministic=deterministic, name=name)(x)
