@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     name: python3
@@ -93,13 +95,19 @@ print((workdir / "results.md").read_text())
 # ```
 #
 # ImageNet-1K needs the `imagenet2012` tfds data prepared in `data_dir` (manual download terms)
-# and torchvision's ResNet-18 weights converted to a state-dict `.npz`:
+# and torchvision's ResNet-18 weights converted to a state-dict `.npz` (`.pth` needs torch,
+# which Colab has; `.safetensors` does not):
 #
 # ```
+# !dwa-jax-convert --model=resnet18 --num_classes=1000 --input=/content/resnet18-f37072fd.pth \
+#     --output=/content/resnet18.npz
 # !python -m dwa_jax.main --config=configs/imagenet_dwa.py --workdir=/content/imagenet \
 #     --config.data_dir=/content/tfds --config.teacher.checkpoint=/content/resnet18.npz \
 #     --config.ipc=10
 # ```
 #
 # Stages can be run separately (`--config.stage=recover`), e.g. to re-synthesise with other
-# hyper-parameters against the same teacher.
+# hyper-parameters against the same teacher. Cross-architecture evaluation (paper Tables 4-5)
+# trains other students on the same synthetic set, e.g.
+# `--config.stage=relabel --config.relabel.student=mobilenet_v2` (also `shufflenet_v2_x1_0`,
+# `efficientnet_b0`, `vgg16_bn`, `resnet50`, ...).
