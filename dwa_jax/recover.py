@@ -508,7 +508,10 @@ class Progress:
 
   def clear_inflight(self) -> None:
     for step in self.manager.all_steps():
-      self.manager.delete(step)
+      try:
+        self.manager.delete(step)
+      except Exception:  # pylint: disable=broad-except
+        shutil.rmtree(self.manager.directory / str(step), ignore_errors=True)
 
   def save_inflight(self, group_id: str, states) -> None:
     """Replaces the in-flight checkpoint; the group marker is written before the state, so a
@@ -523,7 +526,15 @@ class Progress:
     step = self.manager.latest_step()
     if step is None or not self.marker.exists() or files.read_json(self.marker)["group"] != group_id:
       return None
-    restored = self.manager.restore(step, args=ocp.args.StandardRestore(_host_tree(states)))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.StandardRestore(_host_tree(states)))
+    except Exception as e:  # pylint: disable=broad-except
+      # A kill in the middle of a save can leave a step directory Orbax cannot read. The group
+      # is a pure function of its inputs, so restarting it gives the same bytes.
+      print(f"recover: in-flight checkpoint of batches {group_id} is unreadable "
+            f"({type(e).__name__}); restarting them")
+      self.clear_inflight()
+      return None
     out = []
     for k, state in enumerate(states):
       part = jax.tree.map(lambda a, old: jax.device_put(a[k], old.sharding), restored,

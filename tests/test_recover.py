@@ -269,3 +269,20 @@ def test_no_teacher_weight_gradients_are_computed(teacher, batch):
 def test_config_validation(bad, match):
   with pytest.raises(ValueError, match=match):
     recover.SynthesisConfig(**bad)
+
+
+def test_unreadable_inflight_checkpoint_restarts_the_group(tmp_path):
+  """A SIGKILL in the middle of an Orbax save leaves a step Orbax cannot read: start over."""
+  cfg = recover.SynthesisConfig(iterations=4)
+  x = jnp.ones((2, 4, 4, 3), jnp.float32)
+  state = recover.BatchState(x, recover._adam(cfg).init(x), None, jnp.zeros_like(x),
+                             jnp.asarray(2, jnp.int32))
+  progress = recover.Progress(tmp_path / "progress", {"a": 1})
+  progress.save_inflight("0:0", [state])
+  restored = progress.load_inflight("0:0", [state._replace(t=jnp.asarray(0, jnp.int32))])
+  assert int(restored[0].t) == 2
+  for f in (tmp_path / "progress").rglob("*"):
+    if f.is_file() and "inflight_p0/" in str(f):
+      f.write_bytes(b"")  # truncated, as a kill mid-write leaves it
+  assert progress.load_inflight("0:0", [state]) is None
+  assert not list(progress.manager.all_steps())
