@@ -201,7 +201,7 @@ def analyse(config, workdir: pathlib.Path, results_dir: pathlib.Path) -> dict:
       sets[method] = (f["images"], f["labels"])
     shutil.copyfile(workdir / "synthetic" / method / "grid.png",
                     results_dir / f"{name}_{method}_grid.png")
-  idx = data.sample_per_class(train, config.ipc, config.seed + 1).reshape(-1)  # = relabel's subset
+  idx = relabel.random_real_indices(train, config.ipc, config.seed)
   sets[relabel.RANDOM_REAL] = (train.images[idx].astype(np.float32) / 255.0, train.labels[idx])
 
   diversity, features = {}, {}

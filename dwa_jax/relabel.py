@@ -107,10 +107,14 @@ def synthetic_set(workdir, method: str) -> np.ndarray:
     return f["images"]
 
 
+def random_real_indices(train: data.Dataset, ipc: int, seed: int) -> np.ndarray:
+  """The random real baseline: ipc training images per class, drawn with seed + 1 (not the DWA
+  initialisation draw)."""
+  return data.sample_per_class(train, ipc, seed + 1).reshape(-1)
+
+
 def random_real_set(train: data.Dataset, ipc: int, seed: int) -> np.ndarray:
-  """ipc random real training images per class (seed + 1: not the DWA initialisation draw)."""
-  idx = data.sample_per_class(train, ipc, seed + 1).reshape(-1)
-  return train.images[idx].astype(np.float32) / 255.0
+  return train.images[random_real_indices(train, ipc, seed)].astype(np.float32) / 255.0
 
 
 def mean_std(values) -> tuple[float, float]:
