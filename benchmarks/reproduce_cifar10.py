@@ -92,14 +92,18 @@ def run_pipeline(config, workdir: pathlib.Path) -> dict:
 
 # ----------------------------------------------------------------------------- diversity
 
-def teacher_features(model, variables, images01: np.ndarray, mean, std,
-                     batch_size: int = 500) -> np.ndarray:
-  """Flattened last conv feature map (before pooling) of the teacher, eval mode."""
-  feats = jax.jit(lambda v, x: model.apply(v, train_lib.normalize(x, mean, std), train=False,
-                                           features=True)[1])
-  out = [np.asarray(feats(variables, images01[s:s + batch_size]))
-         for s in range(0, len(images01), batch_size)]
-  return np.concatenate(out).reshape(len(images01), -1).astype(np.float64)
+def make_feature_fn(model, variables, mean, std, batch_size: int = 500):
+  """images01 -> flattened last conv feature map (before pooling) of the teacher, eval mode.
+  Compiled once per teacher and batch shape, shared by every image set."""
+  feats = jax.jit(lambda x: model.apply(variables, train_lib.normalize(x, mean, std), train=False,
+                                        features=True)[1])
+
+  def features(images01: np.ndarray) -> np.ndarray:
+    out = [np.asarray(feats(images01[s:s + batch_size]))
+           for s in range(0, len(images01), batch_size)]
+    return np.concatenate(out).reshape(len(images01), -1).astype(np.float64)
+
+  return features
 
 
 def diversity_per_class(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -204,9 +208,10 @@ def analyse(config, workdir: pathlib.Path, results_dir: pathlib.Path) -> dict:
   idx = relabel.random_real_indices(train, config.ipc, config.seed)
   sets[relabel.RANDOM_REAL] = (train.images[idx].astype(np.float32) / 255.0, train.labels[idx])
 
+  teacher_features = make_feature_fn(model, variables, mean, std)
   diversity, features = {}, {}
   for set_name, (images, labels) in sets.items():
-    features[set_name] = teacher_features(model, variables, images, mean, std)
+    features[set_name] = teacher_features(images)
     per_class = diversity_per_class(features[set_name], labels, train.num_classes)
     diversity[set_name] = {"per_class": per_class.tolist(), "mean": float(per_class.mean())}
   real_mean = diversity[relabel.RANDOM_REAL]["mean"]
@@ -216,8 +221,7 @@ def analyse(config, workdir: pathlib.Path, results_dir: pathlib.Path) -> dict:
   # PCA of teacher features, fitted on (up to) 100 real test images per class.
   per_class = int(min(100, np.bincount(test.labels, minlength=test.num_classes).min()))
   test_idx = data.sample_per_class(test, per_class, config.seed).reshape(-1)
-  real_feats = teacher_features(model, variables, test.images[test_idx].astype(np.float32) / 255.0,
-                                mean, std)
+  real_feats = teacher_features(test.images[test_idx].astype(np.float32) / 255.0)
   project = pca_projection(real_feats)
   panels = [(f"{m}: synthetic (squares) vs real test (dots)", project(real_feats),
              test.labels[test_idx], project(features[m]), sets[m][1])
