@@ -1,8 +1,11 @@
 """The XLA:CPU defaults applied on `import dwa_jax`: when they apply, and that jaxlib accepts them."""
 
+import json
 import os
 import subprocess
 import sys
+
+import numpy as np
 
 from dwa_jax import xla_cpu
 
@@ -44,3 +47,39 @@ def test_import_applies_them_and_jax_runs_with_them():
   assert float(out[0]) == 22.0
   measured = xla_cpu._jaxlib_version().startswith(xla_cpu.MEASURED_JAXLIB_SERIES)
   assert out[1].split() == (list(xla_cpu.TUNED_FLAGS) if measured else [])
+
+
+SYNTHESIS = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from dwa_jax import recover
+from dwa_jax.models.convnet import ConvNet
+model = ConvNet(4, width=64, depth=2)
+variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+cfg = recover.SynthesisConfig(iterations=6, adjust_steps=3, jitter=2, lr=0.05)
+synth = recover.make_synthesizer(model, variables, (16, 16, 3), (0.5,) * 3, (0.25,) * 3, cfg)
+x0 = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+images, m = synth(variables, x0, jnp.arange(4), jax.random.key(2),
+                  recover.draw_jitter_offsets(jax.random.key(3), cfg.iterations, cfg.jitter))
+np.save(sys.argv[1], np.asarray(images))
+print(json.dumps({"ce": np.asarray(m["ce"]).tolist(), "bn": np.asarray(m["bn_terms"]).tolist(),
+                  "flags": __import__("os").environ.get("XLA_FLAGS", "")}))
+"""
+
+
+def test_tuned_options_compute_the_same_synthesis(tmp_path):
+  """A DWA batch (conv, BN statistics, weight and pixel gradients) with and without them."""
+  runs = {}
+  for name, opt_out in (("tuned", "1"), ("stock", "0")):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env[xla_cpu.OPT_OUT] = opt_out
+    out = subprocess.run([sys.executable, "-c", SYNTHESIS, str(tmp_path / f"{name}.npy")],
+                         env=env, capture_output=True, text=True, timeout=300, check=True)
+    runs[name] = (json.loads(out.stdout.strip().splitlines()[-1]),
+                  np.load(tmp_path / f"{name}.npy"))
+  (tuned, tuned_x), (stock, stock_x) = runs["tuned"], runs["stock"]
+  if xla_cpu._jaxlib_version().startswith(xla_cpu.MEASURED_JAXLIB_SERIES):
+    assert tuned["flags"] != stock["flags"]
+  np.testing.assert_allclose(tuned["ce"], stock["ce"], rtol=1e-4)
+  np.testing.assert_allclose(tuned["bn"], stock["bn"], rtol=1e-4)
+  np.testing.assert_allclose(tuned_x, stock_x, atol=1e-4)
