@@ -6,6 +6,7 @@ Outputs under DIR: teacher/ (Orbax checkpoint), synthetic/<method>/ (images.npz,
 results.json / results.md, metrics.jsonl (one JSON object per logged step) and config.json.
 """
 
+import os
 import pathlib
 import sys
 
@@ -30,8 +31,10 @@ def prepare_workdir(workdir: str) -> pathlib.Path:
   path = pathlib.Path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
-    files.write_bytes(path / ".write_check", b"ok")
-    (path / ".write_check").unlink()
+    # One probe file per process: processes of a multi-process run share the workdir.
+    probe = path / f".write_check.{os.getpid()}"
+    files.write_bytes(probe, b"ok")
+    probe.unlink()
   except OSError as e:
     raise PermissionError(f"workdir {workdir!r} is not writable: {e.strerror}") from None
   return path

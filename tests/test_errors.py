@@ -119,6 +119,18 @@ def test_unwritable_workdir(tmp_path, capsys):
   assert "is not writable" in capsys.readouterr().err
 
 
+def test_processes_sharing_a_workdir_can_all_check_it(tmp_path):
+  """Multi-process runs check the same workdir at once: their probe files must not collide."""
+  code = ("import sys; from dwa_jax.main import prepare_workdir\n"
+          "for _ in range(300): prepare_workdir(sys.argv[1])")
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "shared")],
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  for proc in procs:
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+  assert not list((tmp_path / "shared").iterdir())
+
+
 def test_command_line_exit_status_and_single_line(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "dwa_jax.main", "--config=configs/demo_digits.py",
                          f"--workdir={tmp_path}", "--config.dataset=npz:/nonexistent.npz"],
