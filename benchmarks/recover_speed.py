@@ -13,7 +13,10 @@ Then a device-scaling table: 1/2/4/8 forced CPU devices (subprocesses), a small 
 per device, checking that every device count gives the same images (correctness; on a 2-core
 CPU the throughput cannot scale).
 
-  python benchmarks/recover_speed.py [--quick] [--out benchmarks/results/recover_speed.json]
+With --compare-stock the engine is timed again in a child process with XLA's stock CPU options
+(DWA_JAX_XLA_DEFAULTS=0, see dwa_jax/xla_cpu.py), to show what the tuned options buy.
+
+  python benchmarks/recover_speed.py [--quick] [--compare-stock] [--out FILE.json]
 """
 
 import argparse
@@ -179,6 +182,16 @@ def scaling_child(n_devices: int) -> None:
                     "sha256": digest}))
 
 
+def stock_engine(batch: int, iterations: int, adjust_steps: int, repeats: int) -> dict:
+  """time_engine in a child process that runs with XLA's stock CPU options."""
+  env = {**os.environ, "DWA_JAX_XLA_DEFAULTS": "0"}
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, __file__, "--engine-child",
+                         json.dumps([batch, iterations, adjust_steps, repeats])],
+                        env=env, capture_output=True, text=True, timeout=3600, check=True)
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def scaling_table() -> list[dict]:
   rows = []
   for n in (1, 2, 4, 8):
@@ -192,11 +205,18 @@ def scaling_table() -> list[dict]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+  parser.add_argument("--compare-stock", action="store_true",
+                      help="also time the engine with XLA's stock CPU options (child process)")
   parser.add_argument("--out", default="benchmarks/results/recover_speed.json")
   parser.add_argument("--scaling-child", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--engine-child", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  import dwa_jax  # pylint: disable=unused-import  (applies the tuned XLA options before JAX starts)
   if args.scaling_child:
     return scaling_child(args.scaling_child)
+  if args.engine_child:
+    print(json.dumps(time_engine(*json.loads(args.engine_child))))
+    return None
 
   import jax
   repeats = 3 if args.quick else 20
@@ -206,26 +226,31 @@ def main():
         f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; median of {repeats}")
   peak = matmul_peak_gflops(repeats)
   results = {"jax": jax.__version__, "cpu_count": os.cpu_count(), "repeats": repeats,
-             "matmul_peak_gflops": peak, "engine": {}, "torch": {}}
+             "xla_flags": os.environ.get("XLA_FLAGS", ""), "matmul_peak_gflops": peak,
+             "engine": {}, "engine_stock_xla": {}, "torch": {}}
   print(f"fp32 matmul peak: {peak:.0f} GFLOP/s")
-  header = (f"{'batch':>5} {'method':>6} {'s/iter':>8} {'GFLOP/it':>9} {'GFLOP/s':>8} "
+  header = (f"{'batch':>5} {'method':>12} {'s/iter':>8} {'GFLOP/it':>9} {'GFLOP/s':>8} "
             f"{'%peak':>6} {'adjust s':>9} {'torch s/it':>10} {'speed-up':>8}")
   print(header)
   for batch in batches:
-    r = time_engine(batch, iterations, k, repeats)
+    runs = {"engine": time_engine(batch, iterations, k, repeats)}
+    if args.compare_stock:
+      runs["engine_stock_xla"] = stock_engine(batch, iterations, k, repeats)
     torch_s = time_torch(batch, repeats)
-    results["engine"][batch] = r
     results["torch"][batch] = torch_s
     reference = torch_s or SPEC_TORCH_SECONDS[batch]
-    for method in ("sre2l", "dwa"):
-      m = r[method]
-      print(f"{batch:>5} {method:>6} {m['seconds_per_iteration']:>8.4f} "
-            f"{m['gflop_per_iteration']:>9.2f} {m['gflops']:>8.1f} "
-            f"{100 * m['gflops'] / peak:>5.1f}% {m['adjust_seconds']:>9.3f} "
-            f"{reference:>9.3f}{'' if torch_s else '*'} "
-            f"{reference / m['seconds_per_iteration']:>7.2f}x")
-    print(f"      DWA whole-batch overhead over SRe2L (T={iterations}, K={k}): "
-          f"{100 * r['dwa_overhead']:.2f}% (target <= K/T + 1% = {100 * r['k_over_t'] + 1:.2f}%)")
+    for kind, r in runs.items():
+      results[kind][batch] = r
+      for method in ("sre2l", "dwa"):
+        m = r[method]
+        label = method + ("" if kind == "engine" else "/stock")
+        print(f"{batch:>5} {label:>12} {m['seconds_per_iteration']:>8.4f} "
+              f"{m['gflop_per_iteration']:>9.2f} {m['gflops']:>8.1f} "
+              f"{100 * m['gflops'] / peak:>5.1f}% {m['adjust_seconds']:>9.3f} "
+              f"{reference:>9.3f}{'' if torch_s else '*'} "
+              f"{reference / m['seconds_per_iteration']:>7.2f}x")
+      print(f"      {kind}: DWA whole-batch overhead over SRe2L (T={iterations}, K={k}): "
+            f"{100 * r['dwa_overhead']:.2f}% (target <= K/T + 1% = {100 * r['k_over_t'] + 1:.2f}%)")
   print("* torch not importable here: the authors' code as measured in SPEC.md on this CPU kind")
   if not args.quick:
     rows = scaling_table()

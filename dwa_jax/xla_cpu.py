@@ -5,7 +5,8 @@ CPUs YNNPACK's convolutions are up to 1.8x slower than XLA's own (Eigen) ones fo
 layers, while its reductions (the BN statistics) are much faster than XLA's. Restricting YNNPACK
 to reductions makes a ResNet-18 synthesis iteration ~19 % faster, a DWA ascent pass ~25 % and
 a training step 23-32 % (benchmarks/README.md). The flag changes float32 results only in the
-last bits (another summation order), never the maths.
+last bits (another summation order), never the maths. Its cost: float64 convolutions (only the
+parity check uses them) run ~6x slower; set DWA_JAX_XLA_DEFAULTS=0 for float64 work.
 
 Applied on `import dwa_jax` unless
   * DWA_JAX_XLA_DEFAULTS=0 is set, or XLA_FLAGS already chooses the YNNPACK fusion types;

@@ -1,6 +1,7 @@
 """The speed benchmark runs (tiny mode) and writes its JSON; timings are not asserted."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -14,14 +15,21 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_recover_speed_quick(tmp_path):
   out = tmp_path / "speed.json"
-  proc = subprocess.run([sys.executable, "benchmarks/recover_speed.py", "--quick", f"--out={out}"],
-                        cwd=REPO, capture_output=True, text=True, timeout=900)
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "DWA_JAX_XLA_DEFAULTS")}
+  proc = subprocess.run([sys.executable, "benchmarks/recover_speed.py", "--quick",
+                         "--compare-stock", f"--out={out}"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
-  engine = result["engine"]["10"]
-  assert engine["sre2l"]["gflop_per_iteration"] > 10  # ResNet-18 fwd + input grad, batch 10
-  assert engine["dwa"]["adjust_seconds"] > 0 and result["matmul_peak_gflops"] > 0
-  assert "s/iter" in proc.stdout
+  for kind in ("engine", "engine_stock_xla"):
+    engine = result[kind]["10"]
+    assert engine["sre2l"]["gflop_per_iteration"] > 10  # ResNet-18 fwd + input grad, batch 10
+    assert engine["dwa"]["adjust_seconds"] > 0
+  assert result["matmul_peak_gflops"] > 0
+  from dwa_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  if xla_cpu._jaxlib_version().startswith(xla_cpu.MEASURED_JAXLIB_SERIES):
+    assert set(xla_cpu.TUNED_FLAGS) <= set(result["xla_flags"].split())
+  assert "s/iter" in proc.stdout and "sre2l/stock" in proc.stdout
 
 
 @pytest.mark.slow
