@@ -6,7 +6,10 @@ layers, while its reductions (the BN statistics) are much faster than XLA's. Res
 to reductions makes a ResNet-18 synthesis iteration ~19 % faster, a DWA ascent pass ~25 % and
 a training step 23-32 % (benchmarks/README.md). The flag changes float32 results only in the
 last bits (another summation order), never the maths. Its cost: float64 convolutions (only the
-parity check uses them) run ~6x slower; set DWA_JAX_XLA_DEFAULTS=0 for float64 work.
+parity check uses them) run ~6x slower, and on one CPU with 4 or 8 forced host devices the
+images differ in the last bits from a 1-device run (each device count stays deterministic);
+with stock options they are the same bytes. Set DWA_JAX_XLA_DEFAULTS=0 for float64 work or for
+that guarantee (the test suite does).
 
 Applied on `import dwa_jax` unless
   * DWA_JAX_XLA_DEFAULTS=0 is set, or XLA_FLAGS already chooses the YNNPACK fusion types;
