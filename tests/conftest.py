@@ -6,7 +6,7 @@ import pathlib
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 # The suite runs with XLA's stock CPU options: the tuned ones (dwa_jax/xla_cpu.py) make float64
-# convolutions ~6x slower, and the float64 parity test would take 14 min instead of 2.
+# convolutions ~6x slower, and the float64 parity test would take 14 min instead of 1.5.
 # tests/test_xla_cpu.py checks the tuned configuration computes the same synthesis.
 os.environ.setdefault("DWA_JAX_XLA_DEFAULTS", "0")
 
