@@ -185,26 +185,31 @@ def scaling_child(n_devices: int) -> None:
                     "sha256": digest}))
 
 
-def stock_engine(batch: int, iterations: int, adjust_steps: int, repeats: int) -> dict:
-  """time_engine in a child process that runs with XLA's stock CPU options."""
-  env = {**os.environ, "DWA_JAX_XLA_DEFAULTS": "0"}
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, __file__, "--engine-child",
-                         json.dumps([batch, iterations, adjust_steps, repeats])],
-                        env=env, capture_output=True, text=True, timeout=3600, check=True)
+def child_json(args: list[str], env: dict, timeout: float):
+  """Runs this script with `args` in a child process; returns the JSON of its last output line."""
+  proc = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True,
+                        text=True, timeout=timeout, check=True)
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def stock_engine(batch: int, iterations: int, adjust_steps: int, repeats: int) -> dict:
+  """time_engine in a child process that runs with XLA's stock CPU options."""
+  from dwa_jax import xla_cpu
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env[xla_cpu.OPT_OUT] = "0"
+  return child_json(["--engine-child", json.dumps([batch, iterations, adjust_steps, repeats])],
+                    env, timeout=3600)
+
+
 def scaling_table() -> list[dict]:
+  from dwa_jax import xla_cpu
   rows = []
   for n in (1, 2, 4, 8):
     # Stock XLA options: the same-bytes-whatever-the-device-count guarantee is theirs (with the
     # tuned ones each device count is deterministic, but 4 and 8 forced devices differ from 1).
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
-           "DWA_JAX_XLA_DEFAULTS": "0"}
-    proc = subprocess.run([sys.executable, __file__, "--scaling-child", str(n)], env=env,
-                          capture_output=True, text=True, timeout=900, check=True)
-    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+           xla_cpu.OPT_OUT: "0"}
+    rows.append(child_json(["--scaling-child", str(n)], env, timeout=900))
   return rows
 
 

@@ -44,12 +44,17 @@ def _jaxlib_version() -> str:
     return ""
 
 
+def jaxlib_is_measured() -> bool:
+  """Whether the installed jaxlib is a release TUNED_FLAGS were measured (and accepted) on."""
+  return _jaxlib_version().startswith(MEASURED_JAXLIB_SERIES)
+
+
 def apply_defaults(environ=None) -> bool:
   """Appends TUNED_FLAGS to XLA_FLAGS when that is safe and wanted; True if it did."""
   environ = os.environ if environ is None else environ
   current = environ.get("XLA_FLAGS", "")
   if (environ.get(OPT_OUT, "1") == "0" or "ynn_fusion_type" in current
-      or not _jaxlib_version().startswith(MEASURED_JAXLIB_SERIES) or _backend_started()):
+      or not jaxlib_is_measured() or _backend_started()):
     return False
   environ["XLA_FLAGS"] = " ".join([current, *TUNED_FLAGS]).strip()
   return True
