@@ -49,13 +49,38 @@ def sample_crop_box(key, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 
   return top, left, h, w
 
 
+def _resize_axis(x, start, length, out_size: int, axis: int):
+  """Bilinear resize of x[start:start+length] along `axis` to out_size, half-pixel centres.
+
+  torch's `interpolate(mode='bilinear', align_corners=False)`: src = (dst + ½)·length/out − ½,
+  clamped at 0, blended between floor(src) and the next pixel (the last one repeats). Only
+  pixels inside the window are read. For upsampling (length ≤ out_size, the only case the
+  synthesis and training augmentations produce) torchvision's antialiased resize is this same
+  filter; for downsampling antialiasing would average a wider window.
+  """
+  dtype = x.dtype
+  scale = jnp.asarray(length, dtype) / out_size
+  src = jnp.maximum((jnp.arange(out_size, dtype=dtype) + 0.5) * scale - 0.5, 0)
+  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), length - 1)
+  i1 = jnp.minimum(i0 + 1, length - 1)
+  w1 = src - i0.astype(dtype)
+  shape = [1] * x.ndim
+  shape[axis] = out_size
+  w1 = w1.reshape(shape)
+  return (1 - w1) * jnp.take(x, start + i0, axis=axis) + w1 * jnp.take(x, start + i1, axis=axis)
+
+
+def crop_and_resize(x, box, out_size: int):
+  """torchvision's `resized_crop` on a tensor: crop the box (top, left, h, w) of NHWC images
+  (one box for the batch), then bilinear-resize it to out_size² (see `_resize_axis`)."""
+  top, left, h, w = (jnp.asarray(v, jnp.int32) for v in box)
+  x = _resize_axis(x, top, h, out_size, axis=1)
+  return _resize_axis(x, left, w, out_size, axis=2)
+
+
 def resized_crop(image, box, out_size: int):
-  """Bilinear (antialiased) resize of the box (top, left, h, w) of one HWC image to out_size²."""
-  top, left, h, w = (jnp.asarray(v, jnp.float32) for v in box)
-  scale = jnp.stack([out_size / h, out_size / w])
-  translation = -jnp.stack([top, left]) * scale
-  return jax.image.scale_and_translate(image, (out_size, out_size, image.shape[-1]), (0, 1), scale,
-                                       translation, method="linear", antialias=True)
+  """`crop_and_resize` of one HWC image."""
+  return crop_and_resize(image[None], box, out_size)[0]
 
 
 def random_resized_crop(key, x, out_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -63,11 +88,11 @@ def random_resized_crop(key, x, out_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 
   """RandomResizedCrop; per_example=False uses ONE box for the whole batch, as the official
   SRe2L/DWA synthesis applies the transform to the batch tensor."""
   n, height, width, _ = x.shape
-  keys = jax.random.split(key, n if per_example else 1)
-  boxes = jax.vmap(lambda k: sample_crop_box(k, height, width, scale, ratio))(keys)
   if not per_example:
-    boxes = tuple(jnp.broadcast_to(b, (n,)) for b in boxes)
-  return jax.vmap(lambda img, *b: resized_crop(img, b, out_size))(x, *boxes).astype(x.dtype)
+    return crop_and_resize(x, sample_crop_box(key, height, width, scale, ratio), out_size)
+  boxes = jax.vmap(lambda k: sample_crop_box(k, height, width, scale, ratio))(
+      jax.random.split(key, n))
+  return jax.vmap(lambda img, *b: resized_crop(img, b, out_size))(x, *boxes)
 
 
 def mixup(key, x, alpha: float = 0.8):

@@ -99,6 +99,13 @@ def save_image_folder(root, images01: np.ndarray, labels: np.ndarray) -> list[st
   return files
 
 
+def pixel_statistics(images01: np.ndarray) -> dict:
+  """Pixel std of a set in [0, 1], and the fraction of pixels at 0 or 255 in 8 bits."""
+  levels = np.rint(np.asarray(images01, np.float64) * 255)
+  return {"std": float(np.std(images01, dtype=np.float64)),
+          "clipped_fraction": float(np.mean((levels <= 0) | (levels >= 255)))}
+
+
 def image_grid(images01: np.ndarray, rows: int, cols: int, min_cell: int = 32) -> np.ndarray:
   """Tiles (rows*cols, H, W, C) images row-major, nearest-upscaled so small images stay visible."""
   images = to_uint8(images01)

@@ -17,7 +17,7 @@ import jax
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from dwa_jax import files, presets, recover, relabel, squeeze
+from dwa_jax import compat, files, presets, recover, relabel, squeeze
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -58,6 +58,7 @@ def run_stages(config, workdir) -> dict:
   synthetic set and relabel run on process 0 only.
   """
   presets.validate(config)
+  config = compat.resolve(config)  # every quirk switch set (config.json records them)
   workdir = prepare_workdir(workdir)
   lead = jax.process_index() == 0
   out = {}

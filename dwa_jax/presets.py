@@ -6,6 +6,8 @@ overridden again on the command line (`--config.ipc=50`, `--config.recover.itera
 
 import ml_collections
 
+from dwa_jax import compat
+
 STAGES = ("squeeze", "recover", "relabel", "all")
 
 
@@ -46,7 +48,6 @@ def base_config() -> ml_collections.ConfigDict:
   r.augment = "roll"         # roll | crop_flip_roll
   r.init = "auto"            # auto (real for DWA, noise for SRe2L) | real | noise
   r.classes_per_batch = 0    # 0: all classes in one batch (ImageNet: 100)
-  r.compat_q1 = False        # reproduce the official first-step gradient quirk Q1
   r.checkpoint_every = 100   # save in-flight pixels + Adam state every N iterations (0: per batch)
   r.wait_timeout_s = 86400.0  # multi-process: how long process 0 waits for the others' batches
 
@@ -66,10 +67,15 @@ def base_config() -> ml_collections.ConfigDict:
   v.mix_alpha = 0.8
   v.temperature = 30.0
   v.t2_factor = False
-  v.teacher_train_mode = False  # True reproduces the official CIFAR quirk (teacher BN in train mode)
   v.eval_every = 10
   v.seeds = (0, 1, 2)
   v.random_real_baseline = True
+
+  # The authors' quirks: `compat` ('clean' | 'official') and one switch per quirk, unset (None)
+  # switches following `compat` (dwa_jax/compat.py): compat_cifar10_std, recover.compat_q1,
+  # recover.compat_q2, recover.compat_jpeg, relabel.teacher_train_mode,
+  # relabel.compat_eval_epochs.
+  compat.add_fields(c)
   return c
 
 
@@ -132,6 +138,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   """Rejects configs that cannot run, with one message naming every problem."""
   from dwa_jax.models import MODELS  # pylint: disable=g-import-not-at-top
   errors = []
+  if c.get("compat", "clean") not in compat.MODES:
+    errors.append(f"compat must be one of {compat.MODES}, got {c.compat!r}")
   if c.stage not in STAGES:
     errors.append(f"stage must be one of {STAGES}, got {c.stage!r}")
   if c.ipc < 1:

@@ -27,7 +27,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import auto as tqdm
 
-from dwa_jax import data, files, squeeze, train_lib
+from dwa_jax import compat, data, files, squeeze
 from dwa_jax.models.layers import BN_STATS, BatchNorm
 
 METHODS = ("dwa", "sre2l", "random")
@@ -51,6 +51,10 @@ class SynthesisConfig:
   adam_eps: float = 1e-8
   # Reproduce the official code's quirk Q1: the K ascent passes' ∂CE/∂x leak into step 0.
   compat_q1: bool = False
+  # Reproduce quirk Q2 (official ImageNet code): the class-chunks of one ipc index form a chain;
+  # Δθ accumulates along it and the previous chunk's weight gradients leak into the first
+  # ascent step (see `ChainCarry`). DWA only.
+  compat_q2: bool = False
 
   def __post_init__(self):
     errors = []
@@ -132,14 +136,48 @@ def draw_jitter_offsets(key, iterations: int, jitter: int):
   return jax.random.randint(key, (iterations, 2), 0, jitter + 1)
 
 
-def synthesis_view(x, offset, key, augment: str):
-  """The augmented copy the teacher sees at one iteration (one transform for the whole batch)."""
+class AugmentDraws(NamedTuple):
+  """Every random draw of one batch's augmentation, one row per iteration, made up front: a
+  synthesis is a pure function of them, so a recording of the authors' draws can be replayed."""
+  roll: Any          # (T, 2) int: circular shift along (height, width), each in 0..jitter
+  crop: Any = None   # (T, 4) int: (top, left, height, width) of RandomResizedCrop (crop_flip_roll)
+  flip: Any = None   # (T,) bool: horizontal flip, applied after the resize (crop_flip_roll)
+
+  def at(self, t) -> "AugmentDraws":
+    return jax.tree.map(lambda a: a[t], self)
+
+
+def as_draws(draws) -> AugmentDraws:
+  """AugmentDraws, or a bare (T, 2) array of roll offsets (the CIFAR augmentation)."""
+  return draws if isinstance(draws, AugmentDraws) else AugmentDraws(jnp.asarray(draws))
+
+
+def draw_augmentation(key, iterations: int, cfg: "SynthesisConfig", image_hw) -> AugmentDraws:
+  """The draws of one batch: roll offsets, and for 'crop_flip_roll' one RandomResizedCrop box
+  (torchvision's rule, `augment.sample_crop_box`) and one flip decision per iteration."""
+  from dwa_jax import augment as aug  # pylint: disable=g-import-not-at-top
+  roll_key, crop_key = jax.random.split(key)
+  roll = draw_jitter_offsets(roll_key, iterations, cfg.jitter)
+  if cfg.augment == "roll":
+    return AugmentDraws(roll)
+  box_keys, flip_keys = jax.random.split(crop_key, (2, iterations))
+  boxes = jax.vmap(lambda k: jnp.stack(aug.sample_crop_box(k, *image_hw)))(box_keys)
+  flips = jax.vmap(lambda k: jax.random.bernoulli(k, 0.5))(flip_keys)
+  return AugmentDraws(roll, boxes.astype(jnp.int32), flips)
+
+
+def synthesis_view(x, draw: AugmentDraws, augment: str):
+  """The augmented copy the teacher sees at one iteration, one transform for the whole batch
+  (the official code transforms the batch tensor): for 'crop_flip_roll', crop the box and
+  resize it back to full size (bilinear), flip, then roll; for 'roll', roll only."""
+  draw = as_draws(draw)
   if augment == "crop_flip_roll":
     from dwa_jax import augment as aug  # pylint: disable=g-import-not-at-top
-    crop_key, flip_key = jax.random.split(key)
-    x = aug.random_resized_crop(crop_key, x, x.shape[1], per_example=False)
-    x = aug.random_flip(flip_key, x, per_example=False)
-  return jnp.roll(x, (offset[0], offset[1]), axis=(1, 2))
+    if draw.crop is None or draw.flip is None:
+      raise ValueError("augment='crop_flip_roll' needs crop boxes and flips in the draws.")
+    x = aug.crop_and_resize(x, draw.crop, x.shape[1])
+    x = jnp.where(draw.flip, x[:, :, ::-1, :], x)
+  return jnp.roll(x, (draw.roll[0], draw.roll[1]), axis=(1, 2))
 
 
 def pixel_bounds(mean, std, dtype):
@@ -164,13 +202,27 @@ def _stack(per_step: list) -> dict:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
 
 
+class ChainCarry(NamedTuple):
+  """What one class-chunk hands the next under quirk Q2 (the official ImageNet loop never
+  restores θ and never clears the weight gradients between the chunks of an ipc index)."""
+  delta: Any         # Δθ accumulated so far: the next chunk's ascent starts from θ0 + delta
+  weight_grad: Any   # Σ_t ∇θ L_total over this chunk's iterations: leaks into the next ascent
+
+
+def empty_chain(params) -> ChainCarry:
+  """The carry into the first chunk of an ipc index (the teacher as loaded)."""
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  return ChainCarry(zeros, zeros)
+
+
 def directed_weight_adjustment(model, params, batch_stats, x, view, labels, bn_paths,
-                               cfg: SynthesisConfig):
+                               cfg: SynthesisConfig, chain: ChainCarry | None = None):
   """K steps Δθ += (ρ/K)·g/(‖g‖+1e-12), g = ∇_θ CE(f_{θ+Δθ}(view(x))), one global norm over θ.
 
-  All parameters move (BN affine included); running statistics do not. Returns Δθ, the image
-  gradient the official code accumulates during the ascent (for compat_q1; zeros otherwise) and
-  per-pass metrics (CE before each update, BN terms).
+  All parameters move (BN affine included); running statistics do not. With a `chain` (quirk
+  Q2) Δθ starts from chain.delta and the first step's g also holds chain.weight_grad. Returns
+  Δθ, the image gradient the official code accumulates during the ascent (for compat_q1; zeros
+  otherwise) and per-pass metrics (CE before each update, BN terms).
   """
 
   def ce_and_terms(delta, x):
@@ -179,7 +231,7 @@ def directed_weight_adjustment(model, params, batch_stats, x, view, labels, bn_p
 
   grad_fn = jax.value_and_grad(ce_and_terms, argnums=(0, 1) if cfg.compat_q1 else 0, has_aux=True)
 
-  def ascent_step(carry, _):
+  def ascent_step(carry, leaked):
     delta, x_grad_sum = carry
     (ce, terms), grads = grad_fn(delta, x)
     if cfg.compat_q1:
@@ -187,15 +239,18 @@ def directed_weight_adjustment(model, params, batch_stats, x, view, labels, bn_p
       x_grad_sum = x_grad_sum + x_grad
     else:
       g = grads
+    if leaked is not None:
+      g = _add(leaked, g)
     scale = (cfg.rho / cfg.adjust_steps) / (optax.tree.norm(g) + 1e-12)
     delta = jax.tree.map(lambda d, gi: d + scale * gi, delta, g)
     return (delta, x_grad_sum), {"ce": ce, "bn_terms": terms}
 
   # Unrolled: XLA's CPU backend runs convolutions inside while loops several times slower.
-  carry = (jax.tree.map(jnp.zeros_like, params), jnp.zeros_like(x))
+  start = jax.tree.map(jnp.zeros_like, params) if chain is None else chain.delta
+  carry = (start, jnp.zeros_like(x))
   per_step = []
-  for _ in range(cfg.adjust_steps):
-    carry, m = ascent_step(carry, None)
+  for k in range(cfg.adjust_steps):
+    carry, m = ascent_step(carry, chain.weight_grad if chain is not None and k == 0 else None)
     per_step.append(m)
   (delta, x_grad_sum) = carry
   return delta, x_grad_sum, _stack(per_step)
@@ -228,42 +283,54 @@ class BatchState(NamedTuple):
   delta: Any                   # Δθ (None for SRe2L)
   first_grad_extra: jax.Array  # quirk Q1's leaked ascent gradient (zeros unless compat_q1)
   t: jax.Array                 # index of the next iteration
+  weight_grad_sum: Any = None  # quirk Q2: Σ ∇θ L_total over the iterations so far (else None)
+
+  def chain(self) -> ChainCarry:
+    """The carry into the next class-chunk of this ipc index (compat_q2)."""
+    return ChainCarry(self.delta, self.weight_grad_sum)
 
 
 def _adam(cfg: SynthesisConfig):
   return optax.scale_by_adam(b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps)
 
 
-def _views(key, offsets, cfg: SynthesisConfig):
-  aug_keys = jax.random.split(key, cfg.iterations + 1)
-  return aug_keys, lambda t: (lambda x: synthesis_view(x, offsets[t], aug_keys[t], cfg.augment))
-
-
-def start_batch(model, variables, x_init, labels, key, offsets, *, bn_paths,
-                cfg: SynthesisConfig):
+def start_batch(model, variables, x_init, labels, key, draws, *, bn_paths,
+                cfg: SynthesisConfig, chain: ChainCarry | None = None):
   """Weight adjustment (DWA: directed, 'random': Gaussian, SRe2L: none) and fresh Adam state.
 
-  Returns the BatchState at t = 0 and metrics: `delta_norm`, and for DWA per ascent pass
-  `adjust_ce` and `adjust_bn_terms`.
+  `draws`: the batch's `AugmentDraws` (or (T, 2) roll offsets); the ascent sees iteration 0's
+  view. `chain` (compat_q2, DWA): the previous chunk's carry (`empty_chain` for the first).
+  Returns the BatchState at t = 0 and metrics: `delta_norm` (of the Δθ in use), for DWA per
+  ascent pass `adjust_ce` and `adjust_bn_terms`, and with a chain `delta_norm_chunk` (the
+  norm of this chunk's own ascent).
   """
   params, batch_stats = variables["params"], variables["batch_stats"]
-  aug_keys, view_at = _views(key, offsets, cfg)
+  draws = as_draws(draws)
   metrics = {}
   extra = jnp.zeros_like(x_init)
   delta = None
+  if cfg.compat_q2 and cfg.method == "dwa" and chain is None:
+    chain = empty_chain(params)
   if cfg.method == "dwa":
-    delta, extra, adjust = directed_weight_adjustment(model, params, batch_stats, x_init,
-                                                      view_at(0), labels, bn_paths, cfg)
+    view0 = lambda x: synthesis_view(x, draws.at(0), cfg.augment)
+    delta, extra, adjust = directed_weight_adjustment(model, params, batch_stats, x_init, view0,
+                                                      labels, bn_paths, cfg, chain)
     metrics = {"adjust_ce": adjust["ce"], "adjust_bn_terms": adjust["bn_terms"]}
+    if cfg.compat_q2:
+      metrics["delta_norm_chunk"] = optax.tree.norm(jax.tree.map(jnp.subtract, delta, chain.delta))
   elif cfg.method == "random":
-    delta = random_weight_adjustment(aug_keys[-1], params, cfg.rho)
+    delta = random_weight_adjustment(jax.random.split(key, cfg.iterations + 1)[-1], params,
+                                     cfg.rho)
   metrics["delta_norm"] = (jnp.zeros((), x_init.dtype) if delta is None
                            else optax.tree.norm(delta))
-  state = BatchState(x_init, _adam(cfg).init(x_init), delta, extra, jnp.zeros((), jnp.int32))
+  weight_grad_sum = (jax.tree.map(jnp.zeros_like, params)
+                     if cfg.compat_q2 and delta is not None and cfg.method == "dwa" else None)
+  state = BatchState(x_init, _adam(cfg).init(x_init), delta, extra, jnp.zeros((), jnp.int32),
+                     weight_grad_sum)
   return state, metrics
 
 
-def run_iterations(model, variables, state: BatchState, labels, key, offsets, num_steps: int, *,
+def run_iterations(model, variables, state: BatchState, labels, key, draws, num_steps: int, *,
                    bn_paths, pixel_mean, pixel_std, cfg: SynthesisConfig, unroll: bool = False):
   """Iterations state.t .. state.t + num_steps − 1 of Adam on the pixels (clamped after each).
 
@@ -271,44 +338,58 @@ def run_iterations(model, variables, state: BatchState, labels, key, offsets, nu
   lets the recover stage checkpoint inside a batch. `unroll=True` traces num_steps copies instead
   of a `lax.scan` (XLA's CPU backend runs convolutions inside loops ~3x slower); use it for short
   blocks, see `make_synthesizer`. Metrics per iteration: `ce`, `bn_terms` (num_steps, L),
-  `grad_norm` (of the gradient Adam received), `lr`.
+  `grad_norm` (of the gradient Adam received), `lr`. Only under compat_q2 are teacher weight
+  gradients computed (and summed into state.weight_grad_sum), as the official loop does.
   """
+  del key  # the draws hold all the randomness of the iterations
   params, batch_stats = variables["params"], variables["batch_stats"]
-  model_params = params if state.delta is None else _add(params, state.delta)
+  draws = as_draws(draws)
   dtype = state.x.dtype
   layer_w = bn_layer_weights(len(bn_paths), cfg.first_bn_weight).astype(dtype)
   lo, hi = pixel_bounds(pixel_mean, pixel_std, dtype)
-  _, view_at = _views(key, offsets, cfg)
   adam = _adam(cfg)
+  track_weights = state.weight_grad_sum is not None
 
-  def loss_fn(x, t):
-    return synthesis_loss(model, model_params, batch_stats, view_at(t)(x), labels, bn_paths,
-                          layer_w, cfg)
+  def loss_fn(x, delta, t):
+    model_params = params if delta is None else _add(params, delta)
+    return synthesis_loss(model, model_params, batch_stats,
+                          synthesis_view(x, draws.at(t), cfg.augment), labels, bn_paths, layer_w,
+                          cfg)
+
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1) if track_weights else 0, has_aux=True)
 
   def step(carry, t):
-    x, adam_state = carry
-    (_, (ce, terms)), grad = jax.value_and_grad(loss_fn, has_aux=True)(x, t)
+    x, adam_state, weight_grad_sum = carry
+    (_, (ce, terms)), grads = grad_fn(x, state.delta, t)
+    if track_weights:
+      grad, weight_grad = grads
+      weight_grad_sum = _add(weight_grad_sum, weight_grad)
+    else:
+      grad = grads
     grad = grad + jnp.where(t == 0, state.first_grad_extra, jnp.zeros_like(grad))
     lr = cosine_lr(t, cfg.iterations, cfg.lr, dtype)
     direction, adam_state = adam.update(grad, adam_state)
     x = jnp.clip(x - lr * direction, lo, hi)
-    return (x, adam_state), {"ce": ce, "bn_terms": terms, "grad_norm": jnp.linalg.norm(grad),
-                             "lr": lr}
+    return (x, adam_state, weight_grad_sum), {"ce": ce, "bn_terms": terms,
+                                              "grad_norm": jnp.linalg.norm(grad), "lr": lr}
 
   steps = state.t + jnp.arange(num_steps, dtype=jnp.int32)
+  carry = (state.x, state.adam, state.weight_grad_sum)
   if unroll:
-    carry, per_step = (state.x, state.adam), []
+    per_step = []
     for i in range(num_steps):
       carry, m = step(carry, steps[i])
       per_step.append(m)
-    (x, adam_state), metrics = carry, _stack(per_step)
+    metrics = _stack(per_step)
   else:
-    (x, adam_state), metrics = jax.lax.scan(step, (state.x, state.adam), steps)
-  return state._replace(x=x, adam=adam_state, t=state.t + num_steps), metrics
+    carry, metrics = jax.lax.scan(step, carry, steps)
+  x, adam_state, weight_grad_sum = carry
+  return state._replace(x=x, adam=adam_state, t=state.t + num_steps,
+                        weight_grad_sum=weight_grad_sum), metrics
 
 
-def synthesize_batch(model, variables, x_init, labels, key, offsets, *, bn_paths, pixel_mean,
-                     pixel_std, cfg: SynthesisConfig):
+def synthesize_batch(model, variables, x_init, labels, key, draws, *, bn_paths, pixel_mean,
+                     pixel_std, cfg: SynthesisConfig, chain: ChainCarry | None = None):
   """Optimises one synthetic batch from start to end. Pure and jit-able (model, bn_paths, cfg
   static).
 
@@ -316,15 +397,16 @@ def synthesize_batch(model, variables, x_init, labels, key, offsets, *, bn_paths
     variables: the frozen teacher's {'params', 'batch_stats'}.
     x_init: (N, H, W, C) normalised initial images (real images for DWA, noise for SRe2L).
     labels: (N,) int labels.
-    key: randomness for crop/flip augmentation and the random-Δθ ablation.
-    offsets: (T, 2) int roll offsets (see `draw_jitter_offsets`).
+    key: randomness of the random-Δθ ablation.
+    draws: the augmentation draws (`draw_augmentation`), or (T, 2) roll offsets.
+    chain: compat_q2 only: the previous class-chunk's carry.
   Returns:
     the final normalised images and a metrics dict: per iteration `ce`, `bn_terms` (T, L),
     `grad_norm`, `lr`; per ascent pass `adjust_ce`, `adjust_bn_terms`; and `delta_norm`.
   """
-  state, start_metrics = start_batch(model, variables, x_init, labels, key, offsets,
-                                     bn_paths=bn_paths, cfg=cfg)
-  state, metrics = run_iterations(model, variables, state, labels, key, offsets, cfg.iterations,
+  state, start_metrics = start_batch(model, variables, x_init, labels, key, draws,
+                                     bn_paths=bn_paths, cfg=cfg, chain=chain)
+  state, metrics = run_iterations(model, variables, state, labels, key, draws, cfg.iterations,
                                   bn_paths=bn_paths, pixel_mean=pixel_mean, pixel_std=pixel_std,
                                   cfg=cfg)
   return state.x, {**metrics, **start_metrics}
@@ -340,10 +422,11 @@ def iteration_blocks(num_steps: int, block: int = ITERATION_BLOCK) -> list[int]:
 
 def make_synthesizer(model, variables, image_shape, pixel_mean, pixel_std, cfg: SynthesisConfig,
                      block: int = ITERATION_BLOCK) -> Callable:
-  """`(variables, x_init, labels, key, offsets) -> (images, metrics)` for this teacher.
+  """`(variables, x_init, labels, key, draws, chain=None) -> (images, metrics)` for this teacher.
 
   The same computation as `synthesize_batch`, run as a jitted weight adjustment followed by
-  jitted blocks of `block` unrolled iterations.
+  jitted blocks of `block` unrolled iterations. Under compat_q2, metrics['chain'] is the
+  `ChainCarry` to pass to the next class-chunk of the same ipc index.
   """
   bn_paths = bn_layer_paths(model, variables, image_shape)
   start = jax.jit(functools.partial(start_batch, model, bn_paths=bn_paths, cfg=cfg))
@@ -351,13 +434,16 @@ def make_synthesizer(model, variables, image_shape, pixel_mean, pixel_std, cfg: 
       functools.partial(run_iterations, model, num_steps=n, bn_paths=bn_paths,
                         pixel_mean=pixel_mean, pixel_std=pixel_std, cfg=cfg, unroll=True)))
 
-  def synthesize(variables, x_init, labels, key, offsets):
-    state, start_metrics = start(variables, x_init, labels, key, offsets)
+  def synthesize(variables, x_init, labels, key, draws, chain=None):
+    draws = as_draws(draws)
+    state, start_metrics = start(variables, x_init, labels, key, draws, chain=chain)
     per_block = []
     for n in iteration_blocks(cfg.iterations, block):
-      state, m = advance(n)(variables, state, labels, key, offsets)
+      state, m = advance(n)(variables, state, labels, key, draws)
       per_block.append(m)
     metrics = jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_block)
+    if cfg.compat_q2 and cfg.method == "dwa":
+      metrics["chain"] = state.chain()
     return state.x, {**metrics, **start_metrics}
 
   return synthesize
@@ -369,7 +455,7 @@ def delta_theta(model, variables, x, labels, offset, *, image_shape, cfg: Synthe
   Returns (Δθ, the ascent's accumulated image gradient (zeros unless cfg.compat_q1), metrics).
   """
   bn_paths = bn_layer_paths(model, variables, image_shape)
-  view = lambda x: synthesis_view(x, offset, None, "roll")
+  view = lambda x: synthesis_view(x, AugmentDraws(offset), "roll")
   return directed_weight_adjustment(
       model, variables["params"], variables["batch_stats"], x, view, labels, bn_paths, cfg)
 
@@ -388,7 +474,14 @@ def synthesis_config(rc, method: str) -> SynthesisConfig:
       method=method, iterations=rc.iterations, lr=rc.lr, r_bn=rc.r_bn,
       r_var=rc.sre2l_r_var if method == "sre2l" else rc.r_var,
       first_bn_weight=rc.first_bn_weight, adjust_steps=rc.adjust_steps, rho=rc.rho,
-      jitter=rc.jitter, augment=rc.augment, compat_q1=rc.compat_q1)
+      jitter=rc.jitter, augment=rc.augment, compat_q1=bool(rc.compat_q1),
+      compat_q2=bool(rc.compat_q2) and method == "dwa")
+
+
+def engine_config(cfg: SynthesisConfig, num_chunks: int) -> SynthesisConfig:
+  """What runs: Q2 acts only between the class-chunks of an ipc index, so with one chunk it
+  changes no value, and tracking the teacher's weight gradients would only cost time."""
+  return dataclasses.replace(cfg, compat_q2=False) if num_chunks == 1 else cfg
 
 
 def init_kind(rc, method: str) -> str:
@@ -398,18 +491,22 @@ def init_kind(rc, method: str) -> str:
   return "noise" if method == "sre2l" else "real"
 
 
-def initial_batches(dataset, ipc: int, seed: int, kind: str, mean, std) -> np.ndarray:
-  """(ipc, num_classes, H, W, C) normalised starting images; row i initialises ipc index i.
+def initial_batches(dataset, ipc: int, seed: int, kind: str, mean, std,
+                    dtype=np.float32) -> np.ndarray:
+  """(ipc, num_classes, H, W, C) normalised starting images in `dtype`; row i initialises ipc
+  index i.
 
   'real': `data.sample_per_class(dataset, ipc, seed)` draws ipc distinct training images per
-  class with numpy's default_rng (deterministic, documented there). 'noise': N(0, 1) in
-  normalised space, as SRe2L, from jax.random.key(seed).
+  class with numpy's default_rng (deterministic, documented there), normalised as torchvision's
+  ToTensor + Normalize do it: (u8 / 255 − mean) / std in `dtype`. 'noise': N(0, 1) in normalised
+  space, as SRe2L, from jax.random.key(seed).
   """
   if kind == "real":
     idx = data.sample_per_class(dataset, ipc, seed)
-    return np.asarray(train_lib.normalize(dataset.images[idx], mean, std))
+    mean, std = np.asarray(mean, dtype), np.asarray(std, dtype)
+    return (np.asarray(dataset.images[idx]).astype(dtype) / 255 - mean) / std
   shape = (ipc, dataset.num_classes, *dataset.images.shape[1:])
-  return np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32))
+  return np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32)).astype(dtype)
 
 
 def class_chunks(num_classes: int, classes_per_batch: int) -> list[np.ndarray]:
@@ -441,6 +538,7 @@ class GroupRunner:
   """
 
   def __init__(self, model, variables, image_shape, mean, std, cfg: SynthesisConfig, devices):
+    self.cfg = cfg
     self.devices = list(devices)
     self.size = len(self.devices)
     bn_paths = bn_layer_paths(model, variables, image_shape)
@@ -453,17 +551,28 @@ class GroupRunner:
   def _on_device(self, k, *arrays):
     return [jax.device_put(a[k], self.devices[k]) for a in arrays]
 
-  def start(self, x, labels, keys, offsets):
-    """Per batch k (leading axis): (BatchState, start metrics), each on devices[k]."""
-    return [self._start(self._variables[k], *self._on_device(k, x, labels, keys, offsets))
+  def _chain(self, k, chains):
+    """compat_q2: batch k's carry on its device (the empty carry for a first chunk)."""
+    if not (self.cfg.compat_q2 and self.cfg.method == "dwa"):
+      return None
+    chain = chains[k] if chains is not None else None
+    if chain is None:
+      return empty_chain(self._variables[k]["params"])
+    return jax.device_put(chain, self.devices[k])
+
+  def start(self, x, labels, keys, draws, chains=None):
+    """Per batch k (index k of each argument; draws: AugmentDraws, chains: ChainCarry or None):
+    (BatchState, start metrics), each on devices[k]."""
+    return [self._start(self._variables[k], *self._on_device(k, x, labels, keys, draws),
+                        chain=self._chain(k, chains))
             for k in range(len(x))]
 
-  def advance(self, states, labels, keys, offsets, num_steps: int):
+  def advance(self, states, labels, keys, draws, num_steps: int):
     """num_steps iterations of every batch, as blocks of unrolled iterations."""
     per_block = []
     for n in iteration_blocks(num_steps):
       out = [self._advance(n)(self._variables[k], states[k],
-                              *self._on_device(k, labels, keys, offsets))
+                              *self._on_device(k, labels, keys, draws))
              for k in range(len(states))]
       states = [state for state, _ in out]
       per_block.append([m for _, m in out])
@@ -506,6 +615,25 @@ class Progress:
     with np.load(self.done_path(i, j)) as f:
       return f["x"], {k: f[k].item() for k in f.files if k != "x"}
 
+  def carry_path(self, i: int, j: int) -> pathlib.Path:
+    return self.root / "carry" / f"batch_{i:05d}_{j:03d}.npz"
+
+  def save_carry(self, i: int, j: int, chain: ChainCarry) -> None:
+    """compat_q2: what batch (i, j) hands batch (i, j + 1); written before its done file."""
+    leaves = jax.tree.leaves(jax.device_get(chain))
+    files.save_npz(self.carry_path(i, j), **{f"leaf_{n:04d}": np.asarray(a)
+                                             for n, a in enumerate(leaves)})
+
+  def load_carry(self, i: int, j: int, params) -> ChainCarry:
+    """The carry batch (i, j) saved, shaped like ChainCarry(params, params)."""
+    template = ChainCarry(params, params)
+    with np.load(self.carry_path(i, j)) as f:
+      leaves = [f[f"leaf_{n:04d}"] for n in range(len(f.files))]
+    return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+  def drop_carry(self, i: int, j: int) -> None:
+    self.carry_path(i, j).unlink(missing_ok=True)
+
   def clear_inflight(self) -> None:
     for step in self.manager.all_steps():
       try:
@@ -538,15 +666,24 @@ class Progress:
     out = []
     for k, state in enumerate(states):
       part = jax.tree.map(lambda a, old: jax.device_put(a[k], old.sharding), restored,
-                          {"x": state.x, "adam": state.adam, "t": state.t})
-      out.append(state._replace(x=part["x"], adam=part["adam"], t=part["t"]))
+                          _resumable(state))
+      out.append(state._replace(**part))
     return out
+
+
+def _resumable(state: BatchState) -> dict:
+  """What an in-flight checkpoint holds: everything the iterations change (start_batch
+  recomputes the rest)."""
+  part = {"x": state.x, "adam": state.adam, "t": state.t}
+  if state.weight_grad_sum is not None:
+    part["weight_grad_sum"] = state.weight_grad_sum
+  return part
 
 
 def _host_tree(states) -> dict:
   """The resumable part of a group's states, stacked on the host."""
   return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                      *[{"x": s.x, "adam": s.adam, "t": s.t} for s in states])
+                      *[_resumable(s) for s in states])
 
 
 def variables_digest(variables) -> str:
@@ -563,21 +700,47 @@ def _summary(metrics, first_bn_weight: float) -> dict:
   return {"final_ce": float(metrics["ce"][-1]), "final_bn_loss": float(bn @ weights)}
 
 
+def batch_draws(seed: int, ipc_index: int, chunk: int, cfg: SynthesisConfig, image_hw):
+  """The augmentation draws of batch (ipc index, chunk): a function of the seed alone."""
+  return draw_augmentation(batch_key(seed, ipc_index, chunk), cfg.iterations, cfg, image_hw)
+
+
+def batch_groups(todo: list, size: int, chained: bool) -> list[list]:
+  """The batches run together, up to `size` at a time (one per device). Chained (compat_q2):
+  chunk j of an ipc index needs chunk j − 1's carry, so a group holds the same step of up to
+  `size` different ipc indices' chains."""
+  if not chained:
+    return [todo[g:g + size] for g in range(0, len(todo), size)]
+  chains = {}
+  for i, j in todo:
+    chains.setdefault(i, []).append((i, j))
+  ipcs, groups = list(chains), []
+  for g in range(0, len(ipcs), size):
+    block = [chains[i] for i in ipcs[g:g + size]]
+    for step in range(max(len(c) for c in block)):
+      groups.append([c[step] for c in block if step < len(c)])
+  return groups
+
+
 def synthesize_owned(config, workdir, method: str, train, model, variables, meta,
                      devices=None, process_index: int = 0, process_count: int = 1) -> Progress:
   """Synthesises this process's batches into <workdir>/progress/<method>/, resuming any
-  earlier progress of the same settings."""
+  earlier progress of the same settings. Runs in the teacher's float dtype."""
+  config = compat.resolve(config)
   rc = config.recover
   cfg = synthesis_config(rc, method)
-  mean, std = tuple(meta["mean"]), tuple(meta["std"])
+  mean, std = compat.pixel_normalisation(config, meta)
   image_shape = tuple(meta["image_shape"])
+  dtype = jax.tree.leaves(variables["params"])[0].dtype
   chunks = class_chunks(train.num_classes, rc.classes_per_batch)
   if len({len(c) for c in chunks}) > 1:
     raise ValueError(f"recover.classes_per_batch={rc.classes_per_batch} must divide the "
                      f"{train.num_classes} classes.")
+  cfg = engine_config(cfg, len(chunks))
   fingerprint = {"synthesis": dataclasses.asdict(cfg), "seed": config.seed, "ipc": config.ipc,
                  "dataset": config.dataset, "init": init_kind(rc, method),
                  "classes_per_batch": rc.classes_per_batch, "teacher": meta,
+                 "normalisation": [list(mean), list(std)], "dtype": str(dtype),
                  "teacher_sha256": variables_digest(variables)}
   progress = Progress(pathlib.Path(workdir) / "progress" / method, fingerprint)
   todo = [b for b in owned_batches(config.ipc, len(chunks), process_index, process_count)
@@ -586,28 +749,31 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
     return progress
   devices = list(devices or jax.local_devices())[:len(todo)]
   runner = GroupRunner(model, variables, image_shape, mean, std, cfg, devices)
-  starts = initial_batches(train, config.ipc, config.seed, init_kind(rc, method), mean, std)
+  starts = initial_batches(train, config.ipc, config.seed, init_kind(rc, method), mean, std,
+                           dtype)
   log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
   every = rc.checkpoint_every or cfg.iterations
+  chained = cfg.compat_q2
   with tqdm.tqdm(total=len(todo) * cfg.iterations, desc=f"recover: {method}",
                   unit="batch-it", mininterval=1.0) as bar:
-    for g in range(0, len(todo), runner.size):
-      group = todo[g:g + runner.size]
-      keys = [jax.random.split(batch_key(config.seed, i, j)) for i, j in group]
-      offsets = jnp.stack([draw_jitter_offsets(k[0], cfg.iterations, cfg.jitter) for k in keys])
-      aug_keys = jnp.stack([k[1] for k in keys])
+    for group in batch_groups(todo, runner.size, chained):
+      # The random-Δθ ablation's key (the draws use the batch key's other half).
+      aug_keys = [jax.random.split(batch_key(config.seed, i, j))[1] for i, j in group]
+      draws = [batch_draws(config.seed, i, j, cfg, image_shape[:2]) for i, j in group]
       labels = jnp.asarray(np.stack([chunks[j] for _, j in group]))
       x_init = jnp.asarray(np.stack([starts[i, chunks[j]] for i, j in group]))
+      chains = ([progress.load_carry(i, j - 1, variables["params"]) if j > 0 else None
+                 for i, j in group] if chained else None)
       group_id = ",".join(f"{i}:{j}" for i, j in group)
       started = time.time()
-      out = runner.start(x_init, labels, aug_keys, offsets)
+      out = runner.start(x_init, labels, aug_keys, draws, chains)
       states, start_metrics = [o[0] for o in out], [o[1] for o in out]
       states = progress.load_inflight(group_id, states) or states
       bar.update(len(group) * int(states[0].t))
       metrics = None
       while int(states[0].t) < cfg.iterations:
         n = min(every, cfg.iterations - int(states[0].t))
-        states, metrics = runner.advance(states, labels, aug_keys, offsets, n)
+        states, metrics = runner.advance(states, labels, aug_keys, draws, n)
         if not all(np.all(np.isfinite(m["ce"])) and np.all(np.isfinite(m["bn_terms"]))
                    for m in metrics):
           raise FloatingPointError(
@@ -621,9 +787,15 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
         raise RuntimeError("in-flight checkpoint at the final iteration; delete progress and rerun")
       for k, (i, j) in enumerate(group):
         summary = {"ipc_index": i, "chunk": j,
-                   "delta_norm": float(start_metrics[k]["delta_norm"]),
+                   **{name: float(start_metrics[k][name]) for name in ("delta_norm",
+                                                                       "delta_norm_chunk")
+                      if name in start_metrics[k]},
                    **_summary(metrics[k], cfg.first_bn_weight)}
+        if chained:
+          progress.save_carry(i, j, states[k].chain())
         progress.save_done(i, j, np.asarray(states[k].x), summary)
+        if chained and j > 0:
+          progress.drop_carry(i, j - 1)
         log.write(f"recover/{method}", i * len(chunks) + j,
                   seconds=(time.time() - started) / len(group), **summary)
       progress.clear_inflight()
@@ -644,9 +816,15 @@ def wait_for_batches(progress: Progress, ipc: int, num_chunks: int, timeout_s: f
 
 def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str, meta,
                   num_classes: int, chunks) -> dict:
-  """Merges the finished batches (in ipc/class order) into the outputs, then the manifest."""
+  """Merges the finished batches (in ipc/class order) into the outputs, then the manifest.
+
+  images.npz always holds the set students train on: the last iterate in [0, 1] (lossless), or
+  with recover.compat_jpeg the decoded JPEGs of the authors' format, saved in their layout
+  jpg/new{c:03d}/class{c:03d}_id{i:03d}.jpg (the lossless set then goes to images_lossless.npz).
+  """
+  config = compat.resolve(config)
   image_shape = tuple(meta["image_shape"])
-  mean, std = np.asarray(meta["mean"]), np.asarray(meta["std"])
+  mean, std = (np.asarray(v) for v in compat.pixel_normalisation(config, meta))
   images = np.zeros((config.ipc, num_classes, *image_shape), np.float32)
   batches = []
   for i in range(config.ipc):
@@ -657,18 +835,38 @@ def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str
   pixels = np.clip(images * std + mean, 0.0, 1.0).astype(np.float32)  # de-normalise
   labels = np.broadcast_to(np.arange(num_classes), (config.ipc, num_classes))
   flat, flat_labels = pixels.reshape(-1, *image_shape), labels.reshape(-1).astype(np.int32)
-  files.save_npz(out_dir / "images.npz", images=flat, labels=flat_labels,
-                 mean=mean.astype(np.float32), std=std.astype(np.float32))
-  written = ["images.npz"] + [f"png/{f}" for f in files.save_image_folder(out_dir / "png", flat,
-                                                                          flat_labels)]
+  norm = {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
+  stats = {"lossless": files.pixel_statistics(flat)}
+  if config.recover.compat_jpeg:
+    files.save_npz(out_dir / "images_lossless.npz", images=flat, labels=flat_labels, **norm)
+    written = ["images_lossless.npz"]
+    decoded = []
+    for n, (image, label) in enumerate(zip(flat, flat_labels)):
+      blob = compat.official_jpeg_bytes(image)
+      name = f"jpg/new{label:03d}/class{label:03d}_id{n // num_classes:03d}.jpg"
+      files.write_bytes(out_dir / name, blob)
+      written.append(name)
+      decoded.append(compat.decode_jpeg(blob, image_shape[-1]))
+    flat = np.stack(decoded).astype(np.float32) / 255.0
+    pixels = flat.reshape(pixels.shape)
+    stats["jpeg"] = files.pixel_statistics(flat)
+    files.save_npz(out_dir / "images.npz", images=flat, labels=flat_labels, **norm)
+    written.insert(0, "images.npz")
+  else:
+    files.save_npz(out_dir / "images.npz", images=flat, labels=flat_labels, **norm)
+    written = ["images.npz"] + [f"png/{f}" for f in files.save_image_folder(
+        out_dir / "png", flat, flat_labels)]
   shown = min(num_classes, 20)
   files.save_png(out_dir / "grid.png",
                  files.image_grid(pixels[:, :shown].reshape(-1, *image_shape), config.ipc, shown))
   written.append("grid.png")
   summary = {"method": method, "ipc": config.ipc, "num_images": len(flat_labels),
-             "synthesis": dataclasses.asdict(synthesis_config(config.recover, method)),
+             "synthesis": dataclasses.asdict(engine_config(synthesis_config(config.recover, method),
+                                                           len(chunks))),
              "init": init_kind(config.recover, method), "seed": config.seed, "teacher": meta,
-             "batches": batches}
+             "normalisation": {"mean": mean.tolist(), "std": std.tolist()},
+             "format": "jpeg_q75" if config.recover.compat_jpeg else "lossless",
+             "compat": compat.settings(config), "pixel_statistics": stats, "batches": batches}
   files.write_json(out_dir / "recover.json", summary)
   written.append("recover.json")
   files.write_json(out_dir / "manifest.json",
@@ -683,6 +881,7 @@ def run(config, workdir, method: str, devices=None) -> dict | None:
   manifest.json (sha256 of every file, written last). Returns the summary on process 0."""
   if config.ipc < 1:
     raise ValueError(f"ipc must be >= 1, got {config.ipc}.")
+  config = compat.resolve(config)
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   model, variables, meta = squeeze.load_teacher(workdir, train)
   chunks = class_chunks(train.num_classes, config.recover.classes_per_batch)

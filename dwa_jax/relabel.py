@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from tqdm import auto as tqdm
 
-from dwa_jax import augment, data, files, squeeze, train_lib
+from dwa_jax import augment, compat, data, files, squeeze, train_lib
 from dwa_jax.models import build_model
 
 RANDOM_REAL = "random_real"
@@ -65,6 +65,14 @@ def _student_step(student, teacher, tx, rc, state, teacher_vars, images, idx, ke
   return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
 
+def eval_epochs(epochs: int, every: int, official: bool) -> set[int]:
+  """The (1-based) epochs after which students are evaluated: every `every` epochs and the last;
+  `official` shifts them to the authors' `epoch % every == 0` on 0-based epochs (1, 1 + every,
+  ..., and the last)."""
+  offset = 1 if official else 0
+  return {e for e in range(1, epochs + 1) if (e - offset) % every == 0 or e == epochs}
+
+
 def train_student(rc: ml_collections.ConfigDict, teacher, teacher_vars, images01: np.ndarray,
                   test: data.Dataset, mean, std, seed: int, desc: str,
                   log: files.MetricsLog) -> dict:
@@ -85,12 +93,13 @@ def train_student(rc: ml_collections.ConfigDict, teacher, teacher_vars, images01
   images = jnp.asarray(images01, jnp.float32)
   rng = np.random.default_rng(seed)
   history = []
+  evaluate_after = eval_epochs(rc.epochs, rc.eval_every, bool(rc.compat_eval_epochs))
   bar = tqdm.trange(rc.epochs, desc=desc, unit="epoch", leave=False)
   for epoch in bar:
     for i, idx in enumerate(train_lib.epoch_batches(rng, n, batch_size)):
       state, loss = step(state, teacher_vars, images, jnp.asarray(idx),
                          jax.random.fold_in(key, epoch * 100_003 + i))
-    if (epoch + 1) % rc.eval_every == 0 or epoch + 1 == rc.epochs:
+    if epoch + 1 in evaluate_after:
       acc = accuracy({"params": state[0], "batch_stats": state[1]}, test.images, test.labels)
       history.append((epoch + 1, acc))
       bar.set_postfix(test_acc=f"{acc:.2f}")
@@ -136,17 +145,19 @@ def results_table(results: dict) -> str:
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
   """Validates every synthetic set of `config.methods` (+ the random real baseline) over seeds;
   writes `<workdir>/results.json` and `results.md` and prints the table."""
+  config = compat.resolve(config)
   rc = config.relabel
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   test = data.load_dataset(config.dataset, "test", config.data_dir)
   teacher, teacher_vars, meta = squeeze.load_teacher(workdir, train)
-  mean, std = tuple(meta["mean"]), tuple(meta["std"])
+  mean, std = compat.pixel_normalisation(config, meta)
   log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
   sets = {m: synthetic_set(workdir, m) for m in config.methods}
   if rc.random_real_baseline:
     sets[RANDOM_REAL] = random_real_set(train, config.ipc, config.seed)
   results = {"dataset": config.dataset, "ipc": config.ipc, "student": rc.student,
-             "teacher_test_accuracy": meta["test_accuracy"], "sets": {}}
+             "teacher_test_accuracy": meta["test_accuracy"], "compat": compat.settings(config),
+             "normalisation": {"mean": list(mean), "std": list(std)}, "sets": {}}
   for name, images in sets.items():
     runs = [train_student(rc, teacher, teacher_vars, images, test, mean, std, seed,
                           f"relabel: {name} seed {seed}", log)

@@ -72,3 +72,37 @@ def test_cutmix_lambda_is_the_unchanged_pixel_fraction():
     for k in np.flatnonzero(moved):
       np.testing.assert_allclose(same[k].mean(), lam, atol=1e-6)
       np.testing.assert_array_equal(np.asarray(mixed)[k][~same[k]], np.asarray(x)[perm[k]][~same[k]])
+
+
+def _torch_bilinear_upsample(x, out):
+  """torch.nn.functional.interpolate(mode='bilinear', align_corners=False) along axis 0 of a
+  numpy array, written from its formula: src = (dst + ½)·in/out − ½, clamped at 0."""
+  n = x.shape[0]
+  rows = []
+  for d in range(out):
+    src = max((d + 0.5) * n / out - 0.5, 0.0)
+    i0 = min(int(np.floor(src)), n - 1)
+    i1 = min(i0 + 1, n - 1)
+    rows.append((1 - (src - i0)) * x[i0] + (src - i0) * x[i1])
+  return np.stack(rows)
+
+
+def test_crop_and_resize_reads_only_the_box_and_matches_torch_formula():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 12, 12, 3))
+  top, left, h, w = 3, 2, 5, 7
+  poisoned = np.full_like(x, np.nan)
+  poisoned[:, top:top + h, left:left + w] = x[:, top:top + h, left:left + w]
+  with jax.enable_x64(True):
+    out = np.asarray(jax.jit(augment.crop_and_resize, static_argnums=2)(
+        jnp.asarray(poisoned), jnp.array([top, left, h, w]), 12))
+  assert np.all(np.isfinite(out))  # nothing outside the box is read
+  box = x[:, top:top + h, left:left + w]
+  expected = np.stack([_torch_bilinear_upsample(_torch_bilinear_upsample(b, 12).swapaxes(0, 1),
+                                                12).swapaxes(0, 1) for b in box])
+  np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
+
+
+def test_crop_and_resize_of_the_whole_image_is_exact_identity():
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+  np.testing.assert_array_equal(augment.crop_and_resize(x, (0, 0, 9, 9), 9), x)

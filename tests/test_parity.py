@@ -1,10 +1,16 @@
 """Float64 parity with a recording of the authors' PyTorch DWA code (../shared/parity).
 
-One CIFAR-10 batch, ResNet-18 (CIFAR stem), T = 20, K = 12, compat_q1 on, recorded jitter offsets.
+One CIFAR-10 batch, ResNet-18 (CIFAR stem), T = 20, K = 12, recorded jitter offsets, driven
+through the config path: configs/cifar10_dwa.py with `compat=official` (what
+`--config.compat=official` sets), resolved as the pipeline resolves it, gives the recording's
+settings (quirk Q1 on, the authors' CIFAR-10 std), and the recover stage's engine driver
+(GroupRunner: the weight adjustment, then blocks of unrolled iterations) runs the batch.
 """
 
+import importlib.util
 import json
 import os
+import pathlib
 
 # Float64 convolutions are ~6x slower with dwa_jax's tuned XLA:CPU options (see xla_cpu.py).
 os.environ.setdefault("DWA_JAX_XLA_DEFAULTS", "0")
@@ -15,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DIR
-from dwa_jax import convert, recover
+from dwa_jax import compat, convert, data, recover
 from dwa_jax.models import build_model
 
 FIXTURE = SHARED_DIR / "parity" / "cifar10_resnet18_fp64"
@@ -26,6 +32,7 @@ pytestmark = pytest.mark.skipif(
 
 # The official CIFAR-10 synthesis normalisation (note its std differs from the true CIFAR-10 std).
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "cifar10_dwa.py"
 IMAGE_SHAPE = (32, 32, 3)
 REL_TOL, ABS_TOL = 1e-9, 1e-8
 
@@ -39,10 +46,29 @@ def run():
   return compute()
 
 
+def official_config(iterations: int):
+  """configs/cifar10_dwa.py with --config.compat=official --config.recover.iterations=T,
+  resolved as `python -m dwa_jax.main` resolves it."""
+  spec = importlib.util.spec_from_file_location("cifar10_dwa", CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.compat = "official"
+  config.recover.iterations = iterations
+  return compat.resolve(config)
+
+
 def compute():
   """Runs the recorded batch once in float64; returns numpy results and the recording."""
   record = json.loads((FIXTURE / "record.json").read_text())
   expected = dict(np.load(FIXTURE / "expected.npz"))
+  config = official_config(len(record["jitter_offsets"]))
+  # What the recover stage runs for one class-chunk (CIFAR-10: all 10 classes in one batch).
+  cfg = recover.engine_config(recover.synthesis_config(config.recover, "dwa"),
+                              len(recover.class_chunks(10, config.recover.classes_per_batch)))
+  # The teacher was trained with the true CIFAR-10 normalisation, as the authors' was.
+  mean, std = compat.pixel_normalisation(config, dict(zip(("mean", "std"),
+                                                          data.NORMALISATION["cifar10"])))
   with jax.enable_x64(True):
     model = build_model("resnet18_cifar", 10)
     state_dict = convert.load_npz_state_dict(str(FIXTURE / "teacher.npz"))
@@ -51,26 +77,36 @@ def compute():
     x0 = jnp.asarray(np.load(FIXTURE / "init_ipc0.npy").astype(np.float64).transpose(0, 2, 3, 1))
     labels = jnp.arange(10)
     offsets = jnp.asarray(record["jitter_offsets"])
-    cfg = recover.SynthesisConfig(iterations=len(offsets), lr=0.25, r_bn=0.01, r_var=11.0,
-                                  first_bn_weight=10.0, adjust_steps=12, rho=0.015, jitter=4,
-                                  compat_q1=True)
-    synthesize = recover.make_synthesizer(model, variables, IMAGE_SHAPE, MEAN, STD, cfg)
-    images, metrics = synthesize(variables, x0, labels, jax.random.key(0), offsets)
+    runner = recover.GroupRunner(model, variables, IMAGE_SHAPE, mean, std, cfg, jax.devices()[:1])
+    key, draws = jax.random.key(0), recover.AugmentDraws(offsets)
+    [(state, start_metrics)] = runner.start([x0], [labels], [key], [draws])
+    # Δθ and Q1's ascent gradient, copied before the iterations consume (donate) the state.
+    delta = jax.tree.map(np.asarray, state.delta)
+    ascent_grad = np.asarray(state.first_grad_extra)
+    [state], [metrics] = runner.advance([state], [labels], [key], [draws], cfg.iterations)
+    images, metrics = state.x, {**metrics, **start_metrics}
 
     # The first Adam step's gradient, assembled from the public pieces.
-    delta, ascent_grad, _ = recover.delta_theta(model, variables, x0, labels, offsets[0],
-                                                image_shape=IMAGE_SHAPE, cfg=cfg)
     bn_paths = recover.bn_layer_paths(model, variables, IMAGE_SHAPE)
     params = jax.tree.map(jnp.add, variables["params"], delta)
     layer_w = recover.bn_layer_weights(len(bn_paths), cfg.first_bn_weight)
     loss = lambda x: recover.synthesis_loss(
-        model, params, variables["batch_stats"], recover.synthesis_view(x, offsets[0], None, "roll"),
+        model, params, variables["batch_stats"], recover.synthesis_view(x, offsets[0], "roll"),
         labels, bn_paths, layer_w, cfg)[0]
     first_grad = jax.grad(loss)(x0) + ascent_grad
     assert images.dtype == jnp.float64
-    return dict(record=record, expected=expected, images=nchw(images),
+    return dict(cfg=cfg, normalisation=(mean, std), record=record, expected=expected,
+                images=nchw(images),
                 metrics=jax.tree.map(np.asarray, metrics), first_grad=nchw(first_grad),
                 delta=convert.variables_to_state_dict({"params": delta}))
+
+
+def test_official_preset_has_the_recorded_settings(run):
+  """compat=official turns on Q1 and the authors' std; everything else is the CIFAR default."""
+  assert run["cfg"] == recover.SynthesisConfig(
+      iterations=20, lr=0.25, r_bn=0.01, r_var=11.0, first_bn_weight=10.0, adjust_steps=12,
+      rho=0.015, jitter=4, augment="roll", compat_q1=True)
+  assert run["normalisation"] == (MEAN, STD)
 
 
 def max_rel(actual, expected):

@@ -164,7 +164,7 @@ def test_cosine_lr_and_jitter_offsets():
 
 def test_roll_view_is_circular_shift(batch):
   x, _ = batch
-  v = recover.synthesis_view(x, jnp.array([3, 1]), None, "roll")
+  v = recover.synthesis_view(x, jnp.array([3, 1]), "roll")
   np.testing.assert_array_equal(v, np.roll(np.asarray(x), (3, 1), axis=(1, 2)))
 
 
@@ -286,3 +286,27 @@ def test_unreadable_inflight_checkpoint_restarts_the_group(tmp_path):
       f.write_bytes(b"")  # truncated, as a kill mid-write leaves it
   assert progress.load_inflight("0:0", [state]) is None
   assert not list(progress.manager.all_steps())
+
+
+def test_crop_flip_roll_draws_and_view():
+  cfg = recover.SynthesisConfig(iterations=200, augment="crop_flip_roll", jitter=3)
+  draws = recover.draw_augmentation(jax.random.key(0), 200, cfg, (14, 14))
+  crop, flip, roll = (np.asarray(a) for a in (draws.crop, draws.flip, draws.roll))
+  assert crop.shape == (200, 4) and flip.shape == (200,) and roll.shape == (200, 2)
+  top, left, h, w = crop.T
+  assert np.all((top >= 0) & (left >= 0) & (h >= 1) & (w >= 1))
+  assert np.all((top + h <= 14) & (left + w <= 14)) and np.any(h != w)
+  assert 0.3 < flip.mean() < 0.7 and set(np.unique(roll)) == {0, 1, 2, 3}
+  # Roll-only draws are the CIFAR stream, unchanged by the crop draws.
+  plain = recover.draw_augmentation(jax.random.key(0), 200, recover.SynthesisConfig(
+      iterations=200, jitter=3), (14, 14))
+  assert plain.crop is None
+  np.testing.assert_array_equal(plain.roll, roll)
+  # The view: crop + resize, flip after the resize, then roll; one transform for the batch.
+  from dwa_jax import augment  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(1), (3, 14, 14, 2))
+  t = int(np.flatnonzero(flip)[0])
+  view = recover.synthesis_view(x, draws.at(t), "crop_flip_roll")
+  resized = np.asarray(augment.crop_and_resize(x, crop[t], 14))
+  expected = np.roll(resized[:, :, ::-1], tuple(roll[t]), axis=(1, 2))
+  np.testing.assert_allclose(view, expected, rtol=1e-6)

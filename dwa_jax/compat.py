@@ -1,0 +1,114 @@
+"""Compatibility with the authors' pipeline: one switch, and each of their quirks alone.
+
+`--config.compat=official` turns on every behaviour of the authors' scripts that differs from
+our clean defaults (../shared/SPEC.md, "Quirks of the official code"); `clean` (the default)
+turns them off. Each item is also a config field of its own; left unset (None), it follows
+`compat`, and a value given on the command line wins:
+
+  compat_cifar10_std          CIFAR-10 only: synthesis and validation normalise with the std
+                              (0.2023, 0.1994, 0.2010) of the authors' scripts, while their
+                              teacher was trained with the true std (0.2470, 0.2435, 0.2616).
+  recover.compat_q1           Q1: the K ascent passes' ∂CE/∂x leak into the first Adam step.
+  recover.compat_q2           Q2 (class-chunked runs, ImageNet): Δθ accumulates over the chunks
+                              of an ipc index and the previous chunk's weight gradients leak
+                              into the next chunk's first ascent step.
+  recover.compat_jpeg         outputs as the authors save them: pixels truncated to uint8 and
+                              saved as JPEG quality 75; students train on the decoded JPEGs.
+  relabel.teacher_train_mode  CIFAR scripts only: the relabel teacher labels in train mode (BN on
+                              batch statistics). Their Tiny-ImageNet/ImageNet scripts use eval
+                              mode, so `official` leaves it off there.
+  relabel.compat_eval_epochs  evaluate after epochs 1, 1 + eval_every, ... and the last (the
+                              authors' `epoch % 10 == 0` on 0-based epochs) instead of after
+                              epochs eval_every, 2·eval_every, ...; the best is reported either way.
+"""
+
+import io
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+import numpy as np
+from PIL import Image
+
+MODES = ("clean", "official")
+# The CIFAR-10 std of the authors' synthesis and validation scripts (their teacher's is the
+# true one, data.NORMALISATION['cifar10']).
+OFFICIAL_CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+OFFICIAL_JPEG_QUALITY = 75  # PIL's default, which their save_images uses
+
+# (section or None for the top level, field): the quirk switches `compat` sets.
+SWITCHES = ((None, "compat_cifar10_std"), ("recover", "compat_q1"), ("recover", "compat_q2"),
+            ("recover", "compat_jpeg"), ("relabel", "teacher_train_mode"),
+            ("relabel", "compat_eval_epochs"))
+
+
+def add_fields(c: ml_collections.ConfigDict) -> None:
+  """Adds `compat` and the per-quirk switches (unset: follow `compat`) to a base config."""
+  c.compat = "clean"
+  for section, name in SWITCHES:
+    (c if section is None else c[section])[name] = placeholder(bool)
+
+
+def dataset_family(dataset: str) -> str:
+  """'cifar10', 'cifar100', 'tiny_imagenet', 'imagenet2012' or 'other' for a config.dataset."""
+  kind = dataset.partition(":")[0]
+  return {"cifar10_jpeg": "cifar10"}.get(kind, kind if kind in (
+      "cifar10", "cifar100", "tiny_imagenet", "imagenet2012") else "other")
+
+
+def official_value(section, name: str, dataset: str) -> bool:
+  """What the authors' script for `dataset` does for one switch."""
+  if (section, name) == ("relabel", "teacher_train_mode"):
+    return dataset_family(dataset) not in ("tiny_imagenet", "imagenet2012")
+  return True
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with every unset switch set from `config.compat`. Idempotent."""
+  if config.get("compat", "clean") not in MODES:
+    raise ValueError(f"compat must be one of {MODES}, got {config.compat!r}")
+  out = config.copy_and_resolve_references()
+  with out.unlocked():
+    if "compat" not in out:
+      out.compat = "clean"
+    for section, name in SWITCHES:
+      node = out if section is None else out[section]
+      if node.get(name) is None:
+        node[name] = out.compat == "official" and official_value(section, name, out.dataset)
+  return out
+
+
+def settings(config: ml_collections.ConfigDict) -> dict:
+  """The resolved switches, for results and manifests: {'compat': ..., 'recover.compat_q1': ...}."""
+  config = resolve(config)
+  out = {"compat": config.compat}
+  for section, name in SWITCHES:
+    out[name if section is None else f"{section}.{name}"] = bool(
+        (config if section is None else config[section])[name])
+  return out
+
+
+def pixel_normalisation(config: ml_collections.ConfigDict, teacher_meta: dict):
+  """(mean, std) that synthesis and validation normalise pixels with: the teacher's own, except
+  on CIFAR-10 with compat_cifar10_std (the authors' scripts' std; the teacher keeps its own)."""
+  config = resolve(config)
+  mean, std = tuple(teacher_meta["mean"]), tuple(teacher_meta["std"])
+  if config.compat_cifar10_std and dataset_family(config.dataset) == "cifar10":
+    std = OFFICIAL_CIFAR10_STD
+  return mean, std
+
+
+def official_jpeg_bytes(pixels01: np.ndarray) -> bytes:
+  """One HWC image in [0, 1] saved as the authors' save_images does: (x·255).astype(uint8)
+  (truncation, not rounding), then a JPEG of PIL's default quality 75."""
+  array = (np.asarray(pixels01, np.float32) * 255).astype(np.uint8)
+  image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+  buffer = io.BytesIO()
+  image.save(buffer, format="JPEG", quality=OFFICIAL_JPEG_QUALITY)
+  return buffer.getvalue()
+
+
+def decode_jpeg(blob: bytes, channels: int) -> np.ndarray:
+  """uint8 HWC pixels of a JPEG, as the authors' ImageFolder loader reads them."""
+  with Image.open(io.BytesIO(blob)) as image:
+    array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+  return array[..., None] if array.ndim == 2 else array

@@ -1,0 +1,267 @@
+"""Float64 parity with recordings of the authors' ImageNet recover code (../shared/parity).
+
+torchvision ResNet-18 (ImageNet stem, 1,000 classes, random weights), 224 × 224, classes 0..7 of
+ipc index 0 as two class-chunks of 4, T = 6, K = 15, RandomResizedCrop + flip + roll 0..32 on the
+whole batch, every draw replayed from the recording. Two recordings: the authors' loop as it is
+('official': quirks Q1 and Q2) and 'clean' (Q2 patched out, Q1 kept). Chunk 0 is the same in
+both; chunk 1 runs once per recording, with and without compat_q2.
+"""
+
+import functools
+import json
+import os
+
+# Float64 convolutions are ~6x slower with dwa_jax's tuned XLA:CPU options (see xla_cpu.py).
+os.environ.setdefault("DWA_JAX_XLA_DEFAULTS", "0")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import SHARED_DIR
+from dwa_jax import convert, data, recover
+from dwa_jax.models import build_model
+
+FIXTURE = SHARED_DIR / "parity" / "imagenet_resnet18_fp64"
+pytestmark = pytest.mark.skipif(
+    not (FIXTURE / "record.json").exists(),
+    reason=f"ImageNet parity fixture not found at {FIXTURE} (needs ../shared beside the "
+           "repository, or DWA_SHARED_DIR)")
+
+MEAN, STD = data.NORMALISATION["imagenet2012"]
+IMAGE_SHAPE = (224, 224, 3)
+CHUNK = 4
+# The recording README's tolerances. ‖Δθ‖ (cumulative and per chunk) is checked to 1e-12
+# relative; per tensor to 1e-12 × ‖Δθ‖: a BN weight's gradient is a long sum of terms that
+# largely cancel, and XLA sums in another order than torch (measured: up to 4.4e-12 relative
+# on BN weights whose Δθ norm is 7.8e-5; at most 4.2e-14 × ‖Δθ‖ over all tensors).
+REL_TOL, DELTA_REL_TOL, IMAGE_ABS_TOL, GRAD_REL_TO_MAX = 1e-10, 1e-12, 1e-8, 1e-6
+
+
+def nchw(x):
+  return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def recorded_draws(record, chunk: int) -> recover.AugmentDraws:
+  steps = record["augment"][chunk]
+  return recover.AugmentDraws(roll=jnp.asarray([a["roll"] for a in steps], jnp.int32),
+                              crop=jnp.asarray([a["crop"] for a in steps], jnp.int32),
+                              flip=jnp.asarray([a["flip"] for a in steps]))
+
+
+def synthesis_config(record, compat_q2: bool) -> recover.SynthesisConfig:
+  s = record["settings"]
+  assert s["q1_included"]
+  return recover.SynthesisConfig(
+      iterations=s["iterations_T"], lr=s["lr"], r_bn=s["r_bn"], r_var=s["r_var"],
+      first_bn_weight=s["first_bn_multiplier"], adjust_steps=s["K"], rho=s["rho"],
+      jitter=s["jitter"], augment="crop_flip_roll", compat_q1=True, compat_q2=compat_q2)
+
+
+@functools.lru_cache(maxsize=None)
+def engine(model, variables_id, cfg):
+  """The recover stage's engine driver for `cfg` (GroupRunner: the weight adjustment, then
+  blocks of unrolled iterations) and a jitted first-step image gradient; built once per config
+  so that chunks with the same settings share compiled programs."""
+  variables = VARIABLES[variables_id]
+  runner = recover.GroupRunner(model, variables, IMAGE_SHAPE, MEAN, STD, cfg, jax.devices()[:1])
+  bn_paths = recover.bn_layer_paths(model, variables, IMAGE_SHAPE)
+  layer_w = recover.bn_layer_weights(len(bn_paths), cfg.first_bn_weight)
+
+  @jax.jit
+  def loss_grad(params, x, labels, draw):
+    loss = lambda x: recover.synthesis_loss(
+        model, params, variables["batch_stats"], recover.synthesis_view(x, draw, cfg.augment),
+        labels, bn_paths, layer_w, cfg)[0]
+    return jax.grad(loss)(x)
+
+  return runner, loss_grad
+
+
+VARIABLES = {}
+
+
+def run_chunk(model, variables, x0, labels, draws, cfg, chain):
+  """One class-chunk as the recover stage runs it; also the first Adam step's gradient,
+  assembled from the public pieces (∇ₓL at θ + Δθ, plus Q1's ascent gradient)."""
+  VARIABLES[id(variables)] = variables
+  runner, loss_grad = engine(model, id(variables), cfg)
+  key = jax.random.key(0)
+  [(state, start_metrics)] = runner.start([x0], [labels], [key], [draws],
+                                          None if chain is None else [chain])
+  # Δθ and Q1's ascent gradient, copied before the iterations consume (donate) the state.
+  delta = jax.tree.map(np.asarray, state.delta)
+  ascent_grad = np.asarray(state.first_grad_extra)
+  params = jax.tree.map(jnp.add, variables["params"], delta)
+  first_grad = loss_grad(params, x0, labels, draws.at(0)) + ascent_grad
+  [end], [metrics] = runner.advance([state], [labels], [key], [draws], cfg.iterations)
+  start_delta = (jax.tree.map(np.zeros_like, delta) if chain is None
+                 else jax.tree.map(np.asarray, chain.delta))
+  return dict(
+      images=nchw(end.x), first_grad=nchw(first_grad),
+      metrics=jax.tree.map(np.asarray, {**metrics, **start_metrics}),
+      delta=convert.variables_to_state_dict({"params": delta}),
+      delta_chunk=convert.variables_to_state_dict(
+          {"params": jax.tree.map(np.subtract, delta, start_delta)}),
+      chain=end.chain() if cfg.compat_q2 else None)
+
+
+@pytest.fixture(scope="module")
+def runs():
+  return compute()
+
+
+def compute():
+  """Chunk 0 once (it is the same in both recordings), then chunk 1 with and without Q2."""
+  records = {v: json.loads((FIXTURE / f).read_text())
+             for v, f in (("official", "record.json"), ("clean", "record_clean.json"))}
+  expected = dict(np.load(FIXTURE / "expected.npz"))
+  clean = dict(np.load(FIXTURE / "expected_clean.npz"))
+  expected_clean = {k: np.concatenate([expected[k][:CHUNK], clean[f"{k}_chunk1"]])
+                    for k in ("final_images", "first_step_image_grad")}
+  expected_clean.update({k: np.stack([expected[k][0], clean[f"{k}_chunk1"]])
+                         for k in ("fc_bias_delta", "bn1_weight_delta")})
+  with jax.enable_x64(True):
+    model = build_model("resnet18", 1000)
+    variables = convert.state_dict_to_variables(
+        convert.load_npz_state_dict(str(FIXTURE / "teacher.npz")),
+        convert.model_template(model, IMAGE_SHAPE), dtype=jnp.float64)
+    u8 = np.load(FIXTURE / "init_uint8.npy")
+    # As the recover stage normalises real images (torchvision ToTensor + Normalize).
+    fake = data.Dataset(u8, np.arange(len(u8), dtype=np.int32), len(u8),
+                        tuple(map(str, range(len(u8)))), MEAN, STD, "fixture")
+    x0 = recover.initial_batches(fake, 1, 0, "real", MEAN, STD, np.float64)[0]
+    official = records["official"]
+    chunk0 = run_chunk(model, variables, jnp.asarray(x0[:CHUNK]), jnp.arange(CHUNK),
+                       recorded_draws(official, 0), synthesis_config(official, True), None)
+    out = {}
+    for variant, q2 in (("official", True), ("clean", False)):
+      record = records[variant]
+      chunk1 = run_chunk(model, variables, jnp.asarray(x0[CHUNK:]), jnp.arange(CHUNK, 2 * CHUNK),
+                         recorded_draws(record, 1), synthesis_config(record, q2),
+                         chunk0["chain"] if q2 else None)
+      out[variant] = dict(record=record, chunks=(chunk0, chunk1),
+                          expected=expected if variant == "official" else expected_clean)
+  out["init_lut_x0"] = x0
+  out["lut"] = expected["init_normalised_lut"]
+  return out
+
+
+VARIANTS = ("official", "clean")
+
+
+def max_rel(actual, expected):
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape
+  return float(np.max(np.abs(actual - expected) / np.abs(expected)))
+
+
+def per_forward(run, name_adjust, name_iter):
+  return [np.concatenate([c["metrics"][name_adjust], c["metrics"][name_iter]])
+          for c in run["chunks"]]
+
+
+def test_initial_images_are_the_recorded_tensor(runs):
+  """The stage's normalisation of the uint8 init gives the authors' float64 tensor bit for bit."""
+  u8 = np.load(FIXTURE / "init_uint8.npy")
+  lut = runs["lut"]
+  x0 = lut[np.arange(3)[None, :, None, None], u8.transpose(0, 3, 1, 2)]
+  np.testing.assert_array_equal(nchw(runs["init_lut_x0"]), x0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cross_entropy_every_forward(runs, variant):
+  run = runs[variant]
+  for ce, recorded in zip(per_forward(run, "adjust_ce", "ce"), run["record"]["ce"]):
+    assert len(recorded) == 15 + 6
+    assert max_rel(ce, recorded) <= REL_TOL
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bn_terms_every_forward(runs, variant):
+  run = runs[variant]
+  for terms, recorded in zip(per_forward(run, "adjust_bn_terms", "bn_terms"),
+                             run["record"]["bn_terms_per_forward"]):
+    assert terms.shape == (21, 20)
+    assert max_rel(terms, recorded) <= REL_TOL
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradient_norms_and_learning_rates(runs, variant):
+  run = runs[variant]
+  for chunk, norms, lrs in zip(run["chunks"], run["record"]["image_grad_norm_per_step"],
+                               run["record"]["lr_per_step"]):
+    assert max_rel(chunk["metrics"]["grad_norm"], norms) <= REL_TOL
+    np.testing.assert_allclose(chunk["metrics"]["lr"], lrs, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_delta_theta_cumulative_and_per_chunk(runs, variant):
+  run = runs[variant]
+  for ch, (chunk, recorded) in enumerate(zip(run["chunks"], run["record"]["delta_theta"])):
+    for ours, kind in ((chunk["delta"], "cumulative"), (chunk["delta_chunk"], "this_chunk")):
+      per_tensor = recorded[f"norm_per_tensor_{kind}"]  # in param_names order
+      assert set(ours) == set(run["record"]["param_names"])
+      norms = [np.linalg.norm(ours[k]) for k in run["record"]["param_names"]]
+      total = recorded[f"norm_total_{kind}"]
+      assert max_rel(np.sqrt(np.sum(np.square(norms))), total) <= DELTA_REL_TOL, (ch, kind)
+      assert np.max(np.abs(np.subtract(norms, per_tensor))) <= DELTA_REL_TOL * total, (ch, kind)
+    np.testing.assert_allclose(chunk["delta"]["fc.bias"], run["expected"]["fc_bias_delta"][ch],
+                               rtol=0, atol=1e-15)
+    np.testing.assert_allclose(chunk["delta"]["bn1.weight"],
+                               run["expected"]["bn1_weight_delta"][ch], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_first_step_gradient(runs, variant):
+  run = runs[variant]
+  ours = np.concatenate([c["first_grad"] for c in run["chunks"]])
+  expected = run["expected"]["first_step_image_grad"].astype(np.float64)
+  for rows in (slice(0, CHUNK), slice(CHUNK, 2 * CHUNK)):
+    scale = np.max(np.abs(expected[rows]))
+    assert np.max(np.abs(ours[rows] - expected[rows])) <= GRAD_REL_TO_MAX * scale
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_final_images(runs, variant):
+  run = runs[variant]
+  ours = np.concatenate([c["images"] for c in run["chunks"]])
+  np.testing.assert_allclose(ours, run["expected"]["final_images"], rtol=0, atol=IMAGE_ABS_TOL)
+
+
+def report(r) -> dict:
+  """Max differences per recording (`python tests/test_parity_imagenet.py` prints them)."""
+  out = {}
+  for variant in VARIANTS:
+    run, names = r[variant], r[variant]["record"]["param_names"]
+    rec, exp = run["record"], run["expected"]
+    ours_grad = np.concatenate([c["first_grad"] for c in run["chunks"]])
+    exp_grad = exp["first_step_image_grad"].astype(np.float64)
+    out[variant] = {
+        "ce_max_rel": max(max_rel(a, b) for a, b in zip(per_forward(run, "adjust_ce", "ce"),
+                                                        rec["ce"])),
+        "bn_terms_max_rel": max(max_rel(a, b) for a, b in zip(
+            per_forward(run, "adjust_bn_terms", "bn_terms"), rec["bn_terms_per_forward"])),
+        "grad_norm_max_rel": max(max_rel(c["metrics"]["grad_norm"], n) for c, n in zip(
+            run["chunks"], rec["image_grad_norm_per_step"])),
+        "delta_norm_total_max_rel": max(
+            max_rel(np.linalg.norm([np.linalg.norm(c[key][k]) for k in names]),
+                    d[f"norm_total_{kind}"])
+            for c, d in zip(run["chunks"], rec["delta_theta"])
+            for key, kind in (("delta", "cumulative"), ("delta_chunk", "this_chunk"))),
+        "delta_norm_per_tensor_max_abs_over_total": max(
+            np.max(np.abs(np.subtract([np.linalg.norm(c[key][k]) for k in names],
+                                      d[f"norm_per_tensor_{kind}"]))) / d[f"norm_total_{kind}"]
+            for c, d in zip(run["chunks"], rec["delta_theta"])
+            for key, kind in (("delta", "cumulative"), ("delta_chunk", "this_chunk"))),
+        "first_step_grad_max_abs_over_max": float(np.max(np.abs(ours_grad - exp_grad))
+                                                  / np.max(np.abs(exp_grad))),
+        "final_images_max_abs": float(np.max(np.abs(
+            np.concatenate([c["images"] for c in run["chunks"]]) - exp["final_images"]))),
+    }
+  return out
+
+
+if __name__ == "__main__":
+  print(json.dumps(report(compute()), indent=1))
