@@ -15,7 +15,6 @@ done are reused on a rerun. Writes `<results_dir>/compat_ablation_cifar10.json` 
 table.
 """
 
-import json
 import pathlib
 import shutil
 import sys
@@ -163,14 +162,6 @@ def table(report: dict) -> str:
   return "\n".join(lines)
 
 
-def portable(obj):
-  """Paths under the repository or ../shared written relative to the repository."""
-  text = json.dumps(obj)
-  for root in (REPO.parent, REPO):
-    text = text.replace(str(root) + "/", "../" if root == REPO.parent else "")
-  return json.loads(text)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -192,7 +183,8 @@ def main(argv):
     run = run_variant(base, name, root, teacher_dir)
     report["variants"][name] = summarise(name, run)
     report["total_seconds"] = time.time() - started
-    files.write_json(out, portable(report))  # after every variant: a long run keeps its rows
+    # After every variant, so that a long run keeps the rows it has.
+    files.write_json(out, reproduce_cifar10.portable(report))
     print(f"{name}: done ({time.time() - started:.0f} s)", flush=True)
   print("\n" + table(report))
   print(f"wrote {out}")

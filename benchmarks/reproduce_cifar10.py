@@ -152,6 +152,14 @@ def scatter_png(panels: list, path: pathlib.Path, size: int = 420) -> None:
 
 # ----------------------------------------------------------------------------- report
 
+def portable(obj):
+  """`obj` with paths inside the repository, or beside it (../shared), written relative to the
+  repository: results JSON is committed and must not name this machine's folders."""
+  text = json.dumps(obj)
+  text = text.replace(str(REPO) + "/", "").replace(str(REPO.parent) + "/", "../")
+  return json.loads(text)
+
+
 def fmt(mean: float, std: float) -> str:
   return f"{mean:.2f} ± {std:.2f}"
 
@@ -255,7 +263,7 @@ def main(argv):
             "results": results, "diversity": diversity, "targets": targets(paper, results),
             "config": config.to_dict()}
   out = results_dir / f"reproduce_cifar10_{model_name}.json"
-  files.write_json(out, report)
+  files.write_json(out, portable(report))
   print(f"\nTeacher {model_name} ({config.teacher.epochs} epochs): "
         f"{results['teacher_test_accuracy']:.2f}% test top-1\n\n{table}\n")
   print("targets:", json.dumps(report["targets"]))
