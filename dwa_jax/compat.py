@@ -107,6 +107,14 @@ def official_jpeg_bytes(pixels01: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
+def jpeg_roundtrip(images01: np.ndarray) -> np.ndarray:
+  """NHWC images in [0, 1] as the authors' students see them: saved with
+  `official_jpeg_bytes`, decoded, back in [0, 1] (float32)."""
+  channels = images01.shape[-1]
+  return np.stack([decode_jpeg(official_jpeg_bytes(x), channels)
+                   for x in images01]).astype(np.float32) / 255.0
+
+
 def decode_jpeg(blob: bytes, channels: int) -> np.ndarray:
   """uint8 HWC pixels of a JPEG, as the authors' ImageFolder loader reads them."""
   with Image.open(io.BytesIO(blob)) as image:

@@ -120,6 +120,7 @@ def test_official_pipeline_from_the_command_line(tmp_path):
   with np.load(out / "images_lossless.npz") as f:
     lossless = f["images"]
   assert not np.array_equal(lossless, images) and np.abs(lossless - images).max() < 0.5
+  np.testing.assert_allclose(images, compat.jpeg_roundtrip(lossless), rtol=0, atol=1e-7)
   summary = json.loads((out / "recover.json").read_text())
   assert summary["format"] == "jpeg_q75" and summary["synthesis"]["compat_q1"] is True
   assert set(summary["pixel_statistics"]) == {"lossless", "jpeg"}
