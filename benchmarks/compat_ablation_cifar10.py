@@ -7,7 +7,7 @@ Variants (dwa_jax/compat.py), DWA: `clean` (our defaults); each quirk alone (`ci
 `q1`, `jpeg`, `teacher_train_mode`, `eval_epochs`); `official` (`--config.compat=official`: all
 of them). Every variant synthesises (or, where only relabel changes, reuses the clean synthetic
 set), then trains students over the config's seeds with online soft labels. The variants
-`baselines_clean` and `baselines_official` run SRe2L and the random real subset under both
+`random_real_*` and `sre2l_*` train on the random real subset and on SRe2L images under both
 protocols, so the whole reproduction is on record under both. Per variant: top-1 (final and best, mean ± std over seeds), the pixel
 statistics of the images students train on (std, fraction at 0 or 255) and of the lossless last
 iterate, and the paper's diversity D_fea relative to the random real subset. Stages already
@@ -36,7 +36,7 @@ import reproduce_cifar10  # pylint: disable=g-import-not-at-top,wrong-import-pos
 FLAGS = flags.FLAGS
 
 # name -> (switches set on top of the clean default, variant whose synthetic set it reuses or
-# None to synthesise its own, methods; the baselines also train on the random real subset).
+# None to synthesise its own, methods; random_real_* train on the random real subset only).
 # `jpeg` changes only the outputs, so it re-encodes the clean last iterate (what the recover
 # stage's write_outputs does with recover.compat_jpeg) instead of synthesising it again.
 VARIANTS = {
@@ -47,8 +47,10 @@ VARIANTS = {
     "teacher_train_mode": ({"relabel.teacher_train_mode": True}, "clean", ("dwa",)),
     "eval_epochs": ({"relabel.compat_eval_epochs": True}, "clean", ("dwa",)),
     "official": ({"compat": "official"}, None, ("dwa",)),
-    "baselines_clean": ({}, None, ("sre2l",)),
-    "baselines_official": ({"compat": "official"}, None, ("sre2l",)),
+    "random_real_clean": ({}, None, ()),
+    "random_real_official": ({"compat": "official"}, None, ()),
+    "sre2l_clean": ({}, None, ("sre2l",)),
+    "sre2l_official": ({"compat": "official"}, None, ("sre2l",)),
 }
 
 
@@ -57,7 +59,7 @@ def variant_config(base, name: str):
   c = base.copy_and_resolve_references()
   with c.unlocked():
     c.methods = methods
-    c.relabel.random_real_baseline = name.startswith("baselines")
+    c.relabel.random_real_baseline = name.startswith("random_real")
     for field, value in switches.items():
       section, _, key = field.rpartition(".")
       (c[section] if section else c)[key] = value
