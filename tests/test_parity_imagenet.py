@@ -24,10 +24,11 @@ from dwa_jax import convert, data, recover
 from dwa_jax.models import build_model
 
 FIXTURE = SHARED_DIR / "parity" / "imagenet_resnet18_fp64"
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     not (FIXTURE / "record.json").exists(),
     reason=f"ImageNet parity fixture not found at {FIXTURE} (needs ../shared beside the "
-           "repository, or DWA_SHARED_DIR)")
+           "repository, or DWA_SHARED_DIR)"),
+              pytest.mark.slow]  # about 5 minutes: three ResNet-18 chunks at 224² in float64
 
 MEAN, STD = data.NORMALISATION["imagenet2012"]
 IMAGE_SHAPE = (224, 224, 3)
