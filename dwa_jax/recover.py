@@ -27,6 +27,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import auto as tqdm
 
+from dwa_jax import augment as augment_lib
 from dwa_jax import compat, data, files, squeeze
 from dwa_jax.models.layers import BN_STATS, BatchNorm
 
@@ -155,13 +156,12 @@ def as_draws(draws) -> AugmentDraws:
 def draw_augmentation(key, iterations: int, cfg: "SynthesisConfig", image_hw) -> AugmentDraws:
   """The draws of one batch: roll offsets, and for 'crop_flip_roll' one RandomResizedCrop box
   (torchvision's rule, `augment.sample_crop_box`) and one flip decision per iteration."""
-  from dwa_jax import augment as aug  # pylint: disable=g-import-not-at-top
   roll_key, crop_key = jax.random.split(key)
   roll = draw_jitter_offsets(roll_key, iterations, cfg.jitter)
   if cfg.augment == "roll":
     return AugmentDraws(roll)
   box_keys, flip_keys = jax.random.split(crop_key, (2, iterations))
-  boxes = jax.vmap(lambda k: jnp.stack(aug.sample_crop_box(k, *image_hw)))(box_keys)
+  boxes = jax.vmap(lambda k: jnp.stack(augment_lib.sample_crop_box(k, *image_hw)))(box_keys)
   flips = jax.vmap(lambda k: jax.random.bernoulli(k, 0.5))(flip_keys)
   return AugmentDraws(roll, boxes.astype(jnp.int32), flips)
 
@@ -172,10 +172,9 @@ def synthesis_view(x, draw: AugmentDraws, augment: str):
   resize it back to full size (bilinear), flip, then roll; for 'roll', roll only."""
   draw = as_draws(draw)
   if augment == "crop_flip_roll":
-    from dwa_jax import augment as aug  # pylint: disable=g-import-not-at-top
     if draw.crop is None or draw.flip is None:
       raise ValueError("augment='crop_flip_roll' needs crop boxes and flips in the draws.")
-    x = aug.crop_and_resize(x, draw.crop, x.shape[1])
+    x = augment_lib.crop_and_resize(x, draw.crop, x.shape[1])
     x = jnp.where(draw.flip, x[:, :, ::-1, :], x)
   return jnp.roll(x, (draw.roll[0], draw.roll[1]), axis=(1, 2))
 
