@@ -57,6 +57,11 @@ class SynthesisConfig:
   # ascent step (see `ChainCarry`). DWA only.
   compat_q2: bool = False
 
+  @property
+  def chained(self) -> bool:
+    """Whether quirk Q2 acts: it chains DWA's weight adjustment, which the others do not have."""
+    return self.compat_q2 and self.method == "dwa"
+
   def __post_init__(self):
     errors = []
     if self.method not in METHODS:
@@ -308,22 +313,21 @@ def start_batch(model, variables, x_init, labels, key, draws, *, bn_paths,
   metrics = {}
   extra = jnp.zeros_like(x_init)
   delta = None
-  if cfg.compat_q2 and cfg.method == "dwa" and chain is None:
+  if cfg.chained and chain is None:
     chain = empty_chain(params)
   if cfg.method == "dwa":
     view0 = lambda x: synthesis_view(x, draws.at(0), cfg.augment)
     delta, extra, adjust = directed_weight_adjustment(model, params, batch_stats, x_init, view0,
                                                       labels, bn_paths, cfg, chain)
     metrics = {"adjust_ce": adjust["ce"], "adjust_bn_terms": adjust["bn_terms"]}
-    if cfg.compat_q2:
+    if cfg.chained:
       metrics["delta_norm_chunk"] = optax.tree.norm(jax.tree.map(jnp.subtract, delta, chain.delta))
   elif cfg.method == "random":
     delta = random_weight_adjustment(jax.random.split(key, cfg.iterations + 1)[-1], params,
                                      cfg.rho)
   metrics["delta_norm"] = (jnp.zeros((), x_init.dtype) if delta is None
                            else optax.tree.norm(delta))
-  weight_grad_sum = (jax.tree.map(jnp.zeros_like, params)
-                     if cfg.compat_q2 and delta is not None and cfg.method == "dwa" else None)
+  weight_grad_sum = jax.tree.map(jnp.zeros_like, params) if cfg.chained else None
   state = BatchState(x_init, _adam(cfg).init(x_init), delta, extra, jnp.zeros((), jnp.int32),
                      weight_grad_sum)
   return state, metrics
@@ -441,7 +445,7 @@ def make_synthesizer(model, variables, image_shape, pixel_mean, pixel_std, cfg: 
       state, m = advance(n)(variables, state, labels, key, draws)
       per_block.append(m)
     metrics = jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_block)
-    if cfg.compat_q2 and cfg.method == "dwa":
+    if cfg.chained:
       metrics["chain"] = state.chain()
     return state.x, {**metrics, **start_metrics}
 
@@ -552,7 +556,7 @@ class GroupRunner:
 
   def _chain(self, k, chains):
     """compat_q2: batch k's carry on its device (the empty carry for a first chunk)."""
-    if not (self.cfg.compat_q2 and self.cfg.method == "dwa"):
+    if not self.cfg.chained:
       return None
     chain = chains[k] if chains is not None else None
     if chain is None:
@@ -752,7 +756,7 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
                            dtype)
   log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
   every = rc.checkpoint_every or cfg.iterations
-  chained = cfg.compat_q2
+  chained = cfg.chained
   with tqdm.tqdm(total=len(todo) * cfg.iterations, desc=f"recover: {method}",
                   unit="batch-it", mininterval=1.0) as bar:
     for group in batch_groups(todo, runner.size, chained):

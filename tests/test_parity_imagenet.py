@@ -105,7 +105,7 @@ def run_chunk(model, variables, x0, labels, draws, cfg, chain):
       delta=convert.variables_to_state_dict({"params": delta}),
       delta_chunk=convert.variables_to_state_dict(
           {"params": jax.tree.map(np.subtract, delta, start_delta)}),
-      chain=end.chain() if cfg.compat_q2 else None)
+      chain=end.chain() if cfg.chained else None)
 
 
 @pytest.fixture(scope="module")
