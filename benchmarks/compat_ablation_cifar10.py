@@ -143,6 +143,27 @@ def diversity(config, workdir: pathlib.Path, methods) -> dict:
   return out
 
 
+def teacher_accuracy(config, teacher_dir: pathlib.Path, batch_size: int = 128) -> dict:
+  """The teacher's test top-1 (%) under our and the authors' CIFAR-10 std, in eval mode
+  (running BN statistics) and in train mode (statistics of each batch of `batch_size` test
+  images in a fixed shuffled order, as the relabel teacher sees mixed batches)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from dwa_jax import train_lib  # pylint: disable=g-import-not-at-top
+  test = data.load_dataset(config.dataset, "test", config.data_dir)
+  model, variables, meta = squeeze.load_teacher(teacher_dir, test)
+  order = np.random.default_rng(0).permutation(len(test.labels))
+  order = order[:len(order) // batch_size * batch_size].reshape(-1, batch_size)
+  out = {}
+  for std_name, std in (("teacher_std", meta["std"]), ("official_std", compat.OFFICIAL_CIFAR10_STD)):
+    for mode in ("eval", "train"):
+      predict = jax.jit(lambda x, std=std, mode=mode: jnp.argmax(model.apply(
+          variables, train_lib.normalize(x, meta["mean"], std), train=mode == "train",
+          mutable=["batch_stats"])[0], -1))
+      hits = sum(int(np.sum(np.asarray(predict(test.images[b])) == test.labels[b])) for b in order)
+      out[f"{std_name}_{mode}_mode"] = 100.0 * hits / order.size
+  return out
+
+
 def summarise(name: str, run: dict) -> dict:
   config, workdir = run["config"], run["workdir"]
   results = files.read_json(workdir / "results.json")
@@ -198,6 +219,8 @@ def main(argv):
   report = {"command": " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
             "jax": jax.__version__, "backend": jax.default_backend(), "variants": {}}
   report["config"] = base.to_dict()
+  report["teacher_test_accuracy"] = teacher_accuracy(base, teacher_dir)
+  print("teacher:", report["teacher_test_accuracy"], flush=True)
   out = pathlib.Path(FLAGS.results_dir) / "compat_ablation_cifar10.json"
   for name in names:  # reused sets come first in VARIANTS order
     run = run_variant(base, name, root, teacher_dir)
