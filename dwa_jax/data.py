@@ -1,20 +1,28 @@
-"""Data sources. Each returns an in-memory `Dataset` of uint8 NHWC images and int32 labels.
+"""Data sources: a `Dataset` is random-access uint8 NHWC images plus int32 labels, the labels
+always read without decoding an image. Small sets are decoded into memory (a numpy array); large
+ones stay on disk as an `ImageSource` that decodes one image per read, so the input pipeline
+(`dwa_jax.input_pipeline`, grain) can decode them in worker processes.
 
 `load_dataset(name, split, data_dir)` understands:
-  digits                 scikit-learn's embedded 8x8 digits (the default; no download)
-  cifar10, cifar100      tensorflow-datasets via `tfds.data_source` (no TensorFlow needed)
-  imagenet2012           tfds data_source, decoded lazily (resize 256, centre crop 224)
-  tiny_imagenet          the Tiny-ImageNet-200 folder in `data_dir`
-  npz:PATH               a .npz with `images` (uint8 NHWC) and `labels`
-  folder:PATH            an ImageFolder: PATH/<class name>/*.png|jpg
-  cifar10_jpeg:PATH      the JPEG-bytes CIFAR-10 file of ../shared/data (decoded once, cached)
+  digits                 scikit-learn's embedded 8x8 digits (the default; no download)     memory
+  cifar10, cifar100      tensorflow-datasets via `tfds.data_source` (ArrayRecord; no TensorFlow
+                         needed to read)                                                   memory
+  imagenet2012           tfds data_source, JPEGs decoded on read (resize 256, centre 224)  disk
+  tiny_imagenet          the Tiny-ImageNet-200 folder in `data_dir` (classes = sorted wnids) disk
+  npz:PATH               a .npz with `images` (uint8 NHWC) and `labels`; read row by row when
+                         stored uncompressed (np.savez), else loaded                       disk
+  folder:PATH            an ImageFolder: PATH/<class name>/*.png|jpg (PATH/<split> if present) disk
+  cifar10_jpeg:PATH      the JPEG-bytes CIFAR-10 file of ../shared/data (decoded once, cached) memory
+The switch between memory and disk is `IN_MEMORY_MAX_BYTES` (tfds sets) and the source kind.
 """
 
 import dataclasses
 import functools
+import hashlib
 import io
 import os
 import pathlib
+import zipfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,15 +36,160 @@ NORMALISATION = {
     "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# tfds sets whose decoded images fit in this many bytes are decoded once into memory (CIFAR:
+# 150 MB); larger ones (ImageNet) are decoded on every read, in the input pipeline's workers.
+IN_MEMORY_MAX_BYTES = 2 << 30
+# Mean/std of a set without published statistics are measured on at most this many images
+# (evenly spaced), so opening a large folder does not decode all of it.
+STATS_SAMPLE = 10_000
 
 
 class DataError(ValueError):
   """A data set cannot be found or read."""
 
 
+# ----------------------------------------------------------------------------- random access
+
+class ImageSource:
+  """Random-access images that are read (decoded) one at a time, so a set never has to fit in
+  memory: `len`, `shape` (N, H, W, C), `dtype`, `[i]` -> one (H, W, C) array and `[indices]` ->
+  a stacked array. Numpy arrays satisfy the same protocol (the in-memory sets). Instances are
+  pickled into grain's worker processes: file handles are opened lazily, once per process."""
+
+  shape: tuple
+  dtype: Any
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def read(self, i: int) -> np.ndarray:
+    raise NotImplementedError
+
+  def __getitem__(self, index):
+    idx = np.arange(len(self))[index]
+    if np.ndim(idx) == 0:
+      return self.read(int(idx))
+    flat = [self.read(int(i)) for i in np.ravel(idx)]
+    out = np.stack(flat) if flat else np.zeros((0, *self.shape[1:]), self.dtype)
+    return out.reshape(*np.shape(idx), *self.shape[1:])
+
+  def __array__(self, dtype=None, copy=None):
+    raise TypeError(f"{type(self).__name__} is read lazily; index it instead of converting the "
+                    "whole set to an array.")
+
+
+def _fit(image: Image.Image, size: int | None, resize: int | None) -> Image.Image:
+  """`resize` set: shorter side to `resize`, then the centre `size` crop (the ImageNet
+  evaluation transform); else a plain resize to size x size when the image differs."""
+  if resize:
+    scale = resize / min(image.size)
+    image = image.resize((max(resize, round(image.width * scale)),
+                          max(resize, round(image.height * scale))), Image.BILINEAR)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+  if size and image.size != (size, size):
+    return image.resize((size, size), Image.BILINEAR)
+  return image
+
+
+def decode_image(blob_or_path, size: int | None = None, mode: str = "RGB",
+                 resize: int | None = None) -> np.ndarray:
+  """Encoded bytes or a file path -> uint8 (H, W, C), fitted as in `_fit`."""
+  try:
+    with Image.open(io.BytesIO(blob_or_path) if isinstance(blob_or_path, bytes)
+                    else blob_or_path) as image:
+      array = np.asarray(_fit(image.convert(mode), size, resize))
+  except OSError as e:
+    where = "" if isinstance(blob_or_path, bytes) else f" {blob_or_path}"
+    raise DataError(f"Cannot decode image{where}: {e}") from None
+  return array[..., None] if array.ndim == 2 else array
+
+
+class FileImages(ImageSource):
+  """Image files (PNG/JPEG), decoded on read; `size` resizes them square."""
+
+  def __init__(self, paths: Sequence, size: int | None = None, mode: str = "RGB"):
+    self.paths = [str(p) for p in paths]
+    self.size, self.mode, self.dtype = size, mode, np.uint8
+    first = decode_image(self.paths[0], size, mode)
+    self.shape = (len(self.paths), *first.shape)
+
+  def read(self, i: int) -> np.ndarray:
+    image = decode_image(self.paths[i], self.size, self.mode)
+    if image.shape != self.shape[1:]:
+      raise DataError(f"{self.paths[i]} has shape {image.shape}, the set {self.shape[1:]}; pass "
+                      "an image size or resize the files.")
+    return image
+
+
+class SubsetImages(ImageSource):
+  """Rows `indices` of another source, read through it."""
+
+  def __init__(self, base, indices):
+    self.base, self.indices = base, np.asarray(indices, np.int64)
+    self.shape, self.dtype = (len(self.indices), *base.shape[1:]), base.dtype
+
+  def read(self, i: int) -> np.ndarray:
+    return np.asarray(self.base[int(self.indices[i])])
+
+
+def _read_npy_header(f):
+  """(shape, fortran_order, dtype) of the .npy stream `f`, positioned at its data after."""
+  version = np.lib.format.read_magic(f)
+  read = {(1, 0): np.lib.format.read_array_header_1_0}.get(version,
+                                                          np.lib.format.read_array_header_2_0)
+  return read(f)
+
+
+def _npy_layout(path: pathlib.Path, key: str | None):
+  """(data offset in the file, dtype, shape) of a .npy file or of an uncompressed (stored)
+  .npz member; None for a compressed member, which cannot be read row by row."""
+  if key is None:
+    with open(path, "rb") as f:
+      shape, fortran, dtype = _read_npy_header(f)
+      return (None if fortran else f.tell()), dtype, shape
+  with zipfile.ZipFile(path) as archive:
+    info = archive.getinfo(f"{key}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+      return None, None, None
+    with archive.open(info) as member:
+      shape, fortran, dtype = _read_npy_header(member)
+      header = member.tell()
+  with open(path, "rb") as f:  # the member's local header: 30 bytes + name + extra field
+    f.seek(info.header_offset)
+    local = f.read(30)
+    name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+  return (None if fortran else info.header_offset + 30 + name_len + extra_len + header), dtype, shape
+
+
+class NpyRows(ImageSource):
+  """Rows of a .npy file or of an uncompressed .npz member, read with pread: nothing is
+  mapped, so reading a set does not grow the process's resident memory."""
+
+  def __init__(self, path, key: str | None = None):
+    self.path, self.key = pathlib.Path(path), key
+    offset, dtype, shape = _npy_layout(self.path, key)
+    if offset is None:
+      raise DataError(f"{path}{':' + key if key else ''} is compressed or Fortran-ordered and "
+                      "cannot be read row by row.")
+    self.offset, self.dtype, self.shape = offset, dtype, tuple(shape)
+    self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    self._fd, self._pid = None, None
+
+  def __getstate__(self):
+    return {**self.__dict__, "_fd": None, "_pid": None}
+
+  def read(self, i: int) -> np.ndarray:
+    if self._pid != os.getpid():  # a fresh process (grain worker): its own descriptor
+      self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+    blob = os.pread(self._fd, self.row_bytes, self.offset + i * self.row_bytes)
+    return np.frombuffer(blob, self.dtype).reshape(self.shape[1:])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  images: Any              # uint8 (N, H, W, C): a numpy array or a lazily decoding equivalent
+  images: Any              # (N, H, W, C) uint8 (float32 in [0, 1] for synthetic sets): a numpy
+                           # array or an ImageSource
   labels: np.ndarray       # int32 (N,)
   num_classes: int
   class_names: tuple
@@ -45,8 +198,13 @@ class Dataset:
   name: str
 
 
-def _stats(images: np.ndarray) -> tuple[tuple, tuple]:
-  x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+def _stats(images) -> tuple[tuple, tuple]:
+  """Per-channel mean and std in [0, 1] units, over at most STATS_SAMPLE evenly spaced images."""
+  n = len(images)
+  idx = np.unique(np.linspace(0, n - 1, min(n, STATS_SAMPLE)).round().astype(np.int64))
+  sample = np.asarray(images[idx] if len(idx) < n else images[:])
+  x = sample.reshape(-1, sample.shape[-1]).astype(np.float64)
+  x = x / 255.0 if sample.dtype == np.uint8 else x
   return tuple(float(v) for v in x.mean(0)), tuple(float(v) for v in x.std(0))
 
 
@@ -56,7 +214,7 @@ def _make(images, labels, class_names, name, mean_std=None) -> Dataset:
     raise DataError(f"{name}: {len(images)} images but {len(labels)} labels.")
   if len(labels) == 0:
     raise DataError(f"{name}: no images found.")
-  mean, std = mean_std or _stats(np.asarray(images))
+  mean, std = mean_std or _stats(images)
   return Dataset(images, labels, len(class_names), tuple(class_names), tuple(mean), tuple(std),
                  name)
 
@@ -95,85 +253,168 @@ def _check_split(split: str) -> str:
 
 # ----------------------------------------------------------------------------- tfds
 
-def _tfds_source(name: str, split: str, data_dir: str | None):
+TFDS_PREPARE_HINT = ("prepare it on a machine with internet: pip install 'dwa_jax[prepare]' (adds "
+                     "TensorFlow, which tfds needs to prepare data) and `tfds build {name} "
+                     "--data_dir=DIR --file_format=array_record`, then copy DIR here and pass "
+                     "--config.data_dir=DIR")
+TFDS_CONVERT_HINT = ("tfds.data_source reads ArrayRecord only; convert it once with `pip install "
+                     "tensorflow && tfds convert_format --dataset_dir={path} "
+                     "--out_file_format=array_record` (or rebuild it with `tfds build {name} "
+                     "--data_dir=DIR --file_format=array_record`)")
+
+
+def default_cache_dir() -> pathlib.Path:
+  """Where decoded CIFAR-10 JPEGs and tfds label lists are cached: $DWA_CACHE_DIR, else
+  ~/.cache/dwa_jax."""
+  return pathlib.Path(os.environ.get("DWA_CACHE_DIR", "~/.cache/dwa_jax")).expanduser()
+
+
+def _tfds_split(name: str, split: str) -> str:
+  return {"test": "validation" if name == "imagenet2012" else "test"}.get(_check_split(split), split)
+
+
+def _is_download_failure(error: BaseException) -> bool:
+  """requests/urllib connection errors and tfds's DownloadError, anywhere in the cause chain."""
+  while error is not None:
+    names = {c.__name__ for c in type(error).__mro__}
+    if names & {"ConnectionError", "DownloadError", "URLError", "Timeout", "SSLError"}:
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def tfds_builder(name: str, data_dir: str | None):
+  """The tfds builder of `name` with its data prepared in ArrayRecord, downloading and preparing
+  it first when tfds can (CIFAR; ImageNet needs the manual files). Every failure is a DataError
+  that says what to do."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tfds_split = {"test": "validation" if name == "imagenet2012" else "test"}.get(split, split)
+  where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
   try:
-    source = tfds.data_source(name, split=tfds_split, data_dir=data_dir or None)
-    info = tfds.builder(name, data_dir=data_dir or None).info
-  except Exception as e:  # tfds raises assorted types for data that is not prepared
-    raise DataError(f"tfds data set {name!r} ({tfds_split}) is not available in "
-                    f"{data_dir or 'the default tfds data_dir'}: {type(e).__name__}: {e}. Prepare "
-                    "it with `tfds build` on a machine with internet, or pass --config.data_dir.")
-  return source, info.features["label"].names
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"tfds does not know data set {name!r}: {type(e).__name__}: {e}") from None
+  if builder.is_prepared():
+    if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+      raise DataError(f"tfds data set {name!r} in {builder.data_dir} is in "
+                      f"{builder.info.file_format.value} format; " + TFDS_CONVERT_HINT.format(
+                          path=builder.data_dir, name=name))
+    return builder
+  if name == "imagenet2012":
+    raise DataError(f"tfds data set imagenet2012 is not prepared in {where}: put the ILSVRC2012 "
+                    "train/val tars in DIR/downloads/manual and run `tfds build imagenet2012 "
+                    "--data_dir=DIR --file_format=array_record` (pip install 'dwa_jax[prepare]' "
+                    "first), then pass --config.data_dir=DIR.")
+  try:  # what tfds.data_source does on a first run: download, then prepare as ArrayRecord
+    builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except
+    if _is_download_failure(e):
+      raise DataError(f"tfds could not download {name!r} into {where} (no network?); "
+                      + TFDS_PREPARE_HINT.format(name=name)) from None
+    if isinstance(e, ModuleNotFoundError) and e.name == "tensorflow":
+      raise DataError(f"tfds needs TensorFlow to prepare {name!r}: pip install "
+                      "'dwa_jax[prepare]' and run again, or " + TFDS_PREPARE_HINT.format(name=name)
+                      ) from None
+    raise DataError(f"tfds could not prepare {name!r} in {where}: {type(e).__name__}: {e}; "
+                    + TFDS_PREPARE_HINT.format(name=name)) from None
+  return builder
+
+
+class TfdsImages(ImageSource):
+  """A tfds ArrayRecord split whose images are decoded here, on read (in the input pipeline's
+  workers), from the undecoded bytes tfds returns with SkipDecoding."""
+
+  def __init__(self, builder_dir: str, split: str, size: int | None = None,
+               resize: int | None = None, image_shape=None):
+    self.builder_dir, self.split, self.size, self.resize = str(builder_dir), split, size, resize
+    self.dtype, self._source, self._pid = np.uint8, None, None
+    n = len(self.source())
+    self.shape = (n, *(image_shape or self.read(0).shape))
+
+  def __getstate__(self):
+    return {**self.__dict__, "_source": None, "_pid": None}
+
+  def source(self, decode_image_field: bool = False):
+    """tfds's random-access source of this split (one per process)."""
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    if self._pid != os.getpid():
+      builder = tfds.builder_from_directory(self.builder_dir)
+      self._source = builder.as_data_source(
+          split=self.split, decoders={"image": tfds.decode.SkipDecoding()})
+      self._pid = os.getpid()
+    return self._source
+
+  def read(self, i: int) -> np.ndarray:
+    return decode_image(self.source()[i]["image"], self.size, resize=self.resize)
+
+  def labels(self, chunk: int = 4096, cache: bool = True) -> np.ndarray:
+    """Every label, without decoding an image: records are read in chunks with the image left
+    as bytes (ArrayRecord reads a chunk in parallel); about 90 s per million records on one
+    core. Kept in the cache directory (`default_cache_dir()`) keyed by the split's files, so
+    later runs and other processes of the same machine read them in milliseconds."""
+    cached = self._label_cache() if cache else None
+    if cached is not None and cached.exists():
+      try:
+        labels = np.load(cached)
+        if labels.shape == (len(self),):
+          return labels
+      except (OSError, ValueError):
+        pass  # unreadable: read the labels again
+    labels = self._read_labels(chunk)
+    if cached is not None:
+      try:
+        from dwa_jax import files  # pylint: disable=g-import-not-at-top
+        with files.atomic_path(cached) as tmp, tmp.open("wb") as f:
+          np.save(f, labels)
+      except OSError:
+        pass  # an unwritable cache only costs the next run the read
+    return labels
+
+  def _label_cache(self) -> pathlib.Path | None:
+    """The labels' cache file: a digest of this split's files (paths, sizes, mtimes)."""
+    split_files = sorted(pathlib.Path(self.builder_dir).glob(f"*-{self.split}.*"))
+    if not split_files:
+      return None
+    digest = hashlib.sha256(self.split.encode())
+    for path in split_files:
+      stat = path.stat()
+      digest.update(f"{path.absolute()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return default_cache_dir() / "labels" / f"{digest.hexdigest()[:32]}.npy"
+
+  def _read_labels(self, chunk: int) -> np.ndarray:
+    source, n = self.source(), len(self)
+    out = np.empty((n,), np.int32)
+    for start in tqdm.trange(0, n, chunk, desc=f"reading {self.split} labels",
+                             unit="chunk", mininterval=2, leave=False):
+      records = source.__getitems__(list(range(start, min(start + chunk, n))))
+      out[start:start + len(records)] = [r["label"] for r in records]
+    return out
 
 
 def load_tfds(name: str, split: str, data_dir: str | None = None) -> Dataset:
-  """CIFAR-10/100 read fully into memory through `tfds.data_source` (random access)."""
-  source, class_names = _tfds_source(name, _check_split(split), data_dir)
-  n = len(source)
-  first = np.asarray(source[0]["image"])
-  images = np.empty((n, *first.shape), np.uint8)
-  labels = np.empty((n,), np.int32)
-  for i in tqdm.trange(n, desc=f"reading {name} {split}", unit="img", mininterval=2):
-    record = source[i]
-    images[i], labels[i] = record["image"], record["label"]
-  return _make(images, labels, class_names, name, NORMALISATION.get(name))
-
-
-class LazyImages:
-  """Decodes a tfds data source on demand (resize shorter side to 256, centre crop 224), so
-  ImageNet never has to fit in memory. Indexable with ints, slices and integer arrays."""
-
-  def __init__(self, source, size: int = 224, resize: int = 256):
-    self.source, self.size, self.resize = source, size, resize
-    self.shape = (len(source), size, size, 3)
-    self.dtype = np.uint8
-
-  def __len__(self):
-    return self.shape[0]
-
-  def _decode(self, i: int) -> np.ndarray:
-    image = Image.fromarray(np.asarray(self.source[int(i)]["image"])).convert("RGB")
-    scale = self.resize / min(image.size)
-    image = image.resize((max(self.resize, round(image.width * scale)),
-                          max(self.resize, round(image.height * scale))), Image.BILINEAR)
-    left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
-    return np.asarray(image.crop((left, top, left + self.size, top + self.size)))
-
-  def __getitem__(self, index):
-    idx = np.arange(len(self))[index]
-    if np.ndim(idx) == 0:
-      return self._decode(idx)
-    return np.stack([self._decode(i) for i in np.ravel(idx)]).reshape(*np.shape(idx), *self.shape[1:])
-
-
-def load_tfds_lazy(name: str, split: str, data_dir: str | None = None) -> Dataset:
-  source, class_names = _tfds_source(name, _check_split(split), data_dir)
-  labels = np.fromiter((source[i]["label"] for i in tqdm.trange(
-      len(source), desc=f"reading {name} {split} labels", unit="img", mininterval=2)),
-      np.int32, len(source))
-  return _make(LazyImages(source), labels, class_names, name, NORMALISATION[name])
+  """A tfds image-classification split: in memory when its decoded images fit in
+  IN_MEMORY_MAX_BYTES (CIFAR), else decoded on read (ImageNet: resize 256, centre crop 224)."""
+  builder = tfds_builder(name, data_dir)
+  tfds_split = _tfds_split(name, split)
+  if tfds_split not in builder.info.splits:
+    raise DataError(f"tfds data set {name!r} in {builder.data_dir} has no split {tfds_split!r} "
+                    f"(has {sorted(builder.info.splits)}).")
+  shape = builder.info.features["image"].shape
+  crop = {"size": 224, "resize": 256} if name == "imagenet2012" else {}
+  images = TfdsImages(builder.data_dir, tfds_split, image_shape=(224, 224, 3) if crop else None,
+                      **crop)
+  labels = images.labels()
+  if None not in shape and len(images) * int(np.prod(shape)) <= IN_MEMORY_MAX_BYTES:
+    images = np.stack([images.read(i) for i in tqdm.trange(
+        len(images), desc=f"decoding {name} {split}", unit="img", mininterval=2)])
+  return _make(images, labels, builder.info.features["label"].names, name, NORMALISATION.get(name))
 
 
 # ----------------------------------------------------------------------------- files
 
-def _read_image(path: pathlib.Path, size: int | None, mode: str) -> np.ndarray:
-  try:
-    with Image.open(path) as image:
-      image = image.convert(mode)
-      if size and image.size != (size, size):
-        image = image.resize((size, size), Image.BILINEAR)
-      array = np.asarray(image)
-  except OSError as e:
-    raise DataError(f"Cannot decode image {path}: {e}") from None
-  return array[..., None] if array.ndim == 2 else array
-
-
-def load_image_folder(root, image_size: int | None = None, mode: str = "RGB",
-                      class_names: Sequence[str] | None = None, name: str | None = None,
-                      mean_std=None) -> Dataset:
-  """ImageFolder layout `root/<class>/*.png|jpg`, classes sorted by folder name."""
+def image_folder_files(root, class_names: Sequence[str] | None = None):
+  """(paths, labels, class names) of `root/<class>/**/*.png|jpg`: classes sorted by folder name
+  unless given, files sorted within a class. Labels come from the folders: nothing is decoded."""
   root = pathlib.Path(root)
   if not root.is_dir():
     raise DataError(f"Image folder not found: {root}")
@@ -187,44 +428,68 @@ def load_image_folder(root, image_size: int | None = None, mode: str = "RGB",
     labels += [label] * len(found)
   if not paths:
     raise DataError(f"No .png/.jpg images under {root}.")
-  images = np.stack([_read_image(p, image_size, mode) for p in tqdm.tqdm(
-      paths, desc=f"reading {root.name}", unit="img", mininterval=2)])
-  return _make(images, labels, class_names, name or f"folder:{root}", mean_std)
+  return paths, labels, class_names
+
+
+def load_image_folder(root, image_size: int | None = None, mode: str = "RGB",
+                      class_names: Sequence[str] | None = None, name: str | None = None,
+                      mean_std=None) -> Dataset:
+  """ImageFolder layout `root/<class>/*.png|jpg` (see `image_folder_files`), decoded on read.
+  The authors' released synthetic sets (`new{c:03d}/class{c:03d}_id{i:03d}.jpg`) are this
+  layout, their zero-padded folder names sorting into their class order."""
+  paths, labels, class_names = image_folder_files(root, class_names)
+  return _make(FileImages(paths, image_size, mode), labels, class_names,
+               name or f"folder:{root}", mean_std)
 
 
 def load_tiny_imagenet(root, split: str) -> Dataset:
-  """Tiny-ImageNet-200: wnids.txt, train/<wnid>/images/*.JPEG, val/images + val_annotations.txt."""
+  """Tiny-ImageNet-200: train/<wnid>/images/*.JPEG, val/images + val_annotations.txt. Classes
+  are the sorted wnids (torchvision ImageFolder's order, the authors' code), not wnids.txt's."""
   root = pathlib.Path(root or "")
   if not (root / "wnids.txt").exists():
     raise DataError(f"Tiny-ImageNet not found: {root / 'wnids.txt'} is missing; set "
                     "--config.data_dir to the tiny-imagenet-200 folder.")
-  wnids = (root / "wnids.txt").read_text().split()
+  wnids = sorted((root / "wnids.txt").read_text().split())
+  norm = NORMALISATION["tiny_imagenet"]
   if _check_split(split) == "train":
     return load_image_folder(root / "train", 64, class_names=wnids, name="tiny_imagenet",
-                             mean_std=NORMALISATION["tiny_imagenet"])
+                             mean_std=norm)
   annotations = (root / "val" / "val_annotations.txt").read_text().splitlines()
   index = {w: i for i, w in enumerate(wnids)}
   rows = [line.split("\t")[:2] for line in annotations if line.strip()]
-  images = np.stack([_read_image(root / "val" / "images" / f, 64, "RGB") for f, _ in rows])
-  return _make(images, [index[w] for _, w in rows], wnids, "tiny_imagenet",
-               NORMALISATION["tiny_imagenet"])
+  images = FileImages([root / "val" / "images" / f for f, _ in rows], 64)
+  return _make(images, [index[w] for _, w in rows], wnids, "tiny_imagenet", norm)
 
 
-def load_npz(path, split: str | None = None) -> Dataset:
-  """A .npz with `images` (uint8 NHWC) and `labels`; optional `class_names`, `mean`, `std`.
-  `{split}_images`/`{split}_labels` are used instead when present."""
+def load_npz(path, split: str | None = None, allow_float: bool = False) -> Dataset:
+  """A .npz with `images` (uint8 NHWC; float in [0, 1] too with `allow_float`, for synthetic
+  sets) and `labels`; optional
+  `class_names`, `mean`, `std`. `{split}_images`/`{split}_labels` are used instead when present.
+  Images stored uncompressed (np.savez) are read row by row; compressed ones are loaded."""
   path = pathlib.Path(path)
   if not path.exists():
     raise DataError(f"npz data file not found: {path}")
-  with np.load(path, allow_pickle=False) as f:
-    prefix = f"{split}_" if split and f"{split}_images" in f.files else ""
-    if f"{prefix}images" not in f.files or f"{prefix}labels" not in f.files:
-      raise DataError(f"{path} needs arrays 'images' and 'labels' (found {sorted(f.files)}).")
-    images, labels = f[f"{prefix}images"], f[f"{prefix}labels"]
-    names = [str(s) for s in f["class_names"]] if "class_names" in f.files else None
-    mean_std = (tuple(f["mean"]), tuple(f["std"])) if "mean" in f.files else None
-  if images.dtype != np.uint8 or images.ndim != 4:
-    raise DataError(f"{path}: images must be uint8 (N, H, W, C), got {images.dtype} "
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      prefix = f"{split}_" if split and f"{split}_images" in f.files else ""
+      if f"{prefix}images" not in f.files or f"{prefix}labels" not in f.files:
+        raise DataError(f"{path} needs arrays 'images' and 'labels' (found {sorted(f.files)}).")
+      labels = f[f"{prefix}labels"]
+      names = [str(s) for s in f["class_names"]] if "class_names" in f.files else None
+      mean_std = (tuple(f["mean"]), tuple(f["std"])) if "mean" in f.files else None
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    if isinstance(e, DataError):
+      raise
+    raise DataError(f"Cannot read {path} as .npz: {e}") from None
+  try:
+    images = NpyRows(path, f"{prefix}images")
+  except DataError:
+    with np.load(path, allow_pickle=False) as f:
+      images = f[f"{prefix}images"]
+  floating = allow_float and np.issubdtype(images.dtype, np.floating)
+  if len(images.shape) != 4 or not (images.dtype == np.uint8 or floating):
+    kinds = "uint8 or float" if allow_float else "uint8"
+    raise DataError(f"{path}: images must be {kinds} (N, H, W, C), got {images.dtype} "
                     f"{images.shape}.")
   names = names or [str(c) for c in range(int(labels.max()) + 1)]
   return _make(images, labels, names, f"npz:{path}", mean_std)
@@ -236,7 +501,7 @@ def load_cifar10_jpeg(path, split: str, cache_dir=None) -> Dataset:
   path = pathlib.Path(path)
   if not path.exists():
     raise DataError(f"CIFAR-10 JPEG file not found: {path}")
-  cache = pathlib.Path(cache_dir or os.environ.get("DWA_CACHE_DIR", "~/.cache/dwa_jax")).expanduser()
+  cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
   stat = path.stat()
   cached = cache / f"{path.stem}_{stat.st_size}_{_check_split(split)}.npz"
   with np.load(path, allow_pickle=False) as f:
@@ -264,10 +529,8 @@ def load_dataset(name: str, split: str, data_dir: str | None = None) -> Dataset:
   kind, _, arg = name.partition(":")
   if kind == "digits":
     return load_digits(split)
-  if kind in ("cifar10", "cifar100") and not arg:
+  if kind in ("cifar10", "cifar100", "imagenet2012") and not arg:
     return load_tfds(kind, split, data_dir)
-  if kind == "imagenet2012":
-    return load_tfds_lazy(kind, split, data_dir)
   if kind == "tiny_imagenet":
     return load_tiny_imagenet(data_dir, split)
   if kind == "npz":

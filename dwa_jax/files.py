@@ -8,6 +8,7 @@ import os
 import pathlib
 import tempfile
 import time
+import zipfile
 from typing import Any, Iterator
 
 import numpy as np
@@ -43,13 +44,66 @@ def read_json(path) -> Any:
 
 
 def save_npz(path, **arrays) -> None:
-  buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  write_bytes(path, buf.getvalue())
+  """np.savez (uncompressed) written straight to a temporary file and renamed: no in-memory
+  copy of the arrays, and the rows stay readable one by one (data.NpyRows)."""
+  with atomic_path(path) as tmp, tmp.open("wb") as f:
+    np.savez(f, **arrays)
 
 
-def sha256(path) -> str:
-  return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+class NpzWriter:
+  """Writes an uncompressed .npz whose arrays may be streamed in rows, so a set larger than
+  memory can be saved batch by batch; atomic: the file appears only on a clean close.
+
+    with NpzWriter(path) as npz:
+      with npz.rows("images", (n, h, w, c), np.float32) as write:
+        for batch in ...: write(batch)
+      npz.add("labels", labels)
+  """
+
+  def __init__(self, path):
+    self._atomic = atomic_path(path)
+
+  def __enter__(self) -> "NpzWriter":
+    tmp = self._atomic.__enter__()
+    self._zip = zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+    return self
+
+  def __exit__(self, *exc) -> bool:
+    self._zip.close()
+    return bool(self._atomic.__exit__(*exc))
+
+  def add(self, name: str, array) -> None:
+    with self._zip.open(f"{name}.npy", "w", force_zip64=True) as f:
+      np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
+
+  @contextlib.contextmanager
+  def rows(self, name: str, shape: tuple, dtype) -> Iterator:
+    """Yields `write(rows)`; exactly shape[0] rows must be written, in order."""
+    dtype, count = np.dtype(dtype), [0]
+    with self._zip.open(f"{name}.npy", "w", force_zip64=True) as f:
+      np.lib.format.write_array_header_2_0(
+          f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": tuple(shape)})
+
+      def write(rows) -> None:
+        rows = np.ascontiguousarray(rows, dtype)
+        if rows.shape[1:] != tuple(shape[1:]) or count[0] + len(rows) > shape[0]:
+          raise ValueError(f"{name}: rows of shape {rows.shape} do not fit {shape} after "
+                           f"{count[0]} rows.")
+        f.write(rows.tobytes())
+        count[0] += len(rows)
+
+      yield write
+      if count[0] != shape[0]:
+        raise ValueError(f"{name}: {count[0]} rows written, {shape[0]} declared.")
+
+
+def sha256(path, chunk: int = 1 << 24) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(chunk), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def _to_builtin(x):
@@ -84,14 +138,15 @@ def _png_bytes(image_uint8: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def save_image_folder(root, images01: np.ndarray, labels: np.ndarray) -> list[str]:
-  """Writes `root/class{c:03d}/class{c:03d}_id{i:03d}.png` (lossless PNG); returns the files."""
+def save_image_folder(root, images01: np.ndarray, labels: np.ndarray, ids=None) -> list[str]:
+  """Writes `root/class{c:03d}/class{c:03d}_id{i:03d}.png` (8-bit PNG); returns the files. `ids`
+  gives each image's i; by default images are numbered per class in order."""
   root = pathlib.Path(root)
   counts: dict[int, int] = {}
   files = []
-  for image, label in zip(to_uint8(images01), np.asarray(labels)):
+  for k, (image, label) in enumerate(zip(to_uint8(images01), np.asarray(labels))):
     c = int(label)
-    i = counts.get(c, 0)
+    i = counts.get(c, 0) if ids is None else int(ids[k])
     counts[c] = i + 1
     rel = f"class{c:03d}/class{c:03d}_id{i:03d}.png"
     write_bytes(root / rel, _png_bytes(image))
@@ -101,9 +156,28 @@ def save_image_folder(root, images01: np.ndarray, labels: np.ndarray) -> list[st
 
 def pixel_statistics(images01: np.ndarray) -> dict:
   """Pixel std of a set in [0, 1], and the fraction of pixels at 0 or 255 in 8 bits."""
-  levels = np.rint(np.asarray(images01, np.float64) * 255)
-  return {"std": float(np.std(images01, dtype=np.float64)),
-          "clipped_fraction": float(np.mean((levels <= 0) | (levels >= 255)))}
+  return PixelStatistics().update(images01).result()
+
+
+class PixelStatistics:
+  """`pixel_statistics` accumulated over batches (float64 sums), for sets streamed to disk."""
+
+  def __init__(self):
+    self.count, self.total, self.squares, self.clipped = 0, 0.0, 0.0, 0
+
+  def update(self, images01) -> "PixelStatistics":
+    x = np.asarray(images01, np.float64)
+    levels = np.rint(x * 255)
+    self.count += x.size
+    self.total += float(x.sum())
+    self.squares += float(np.square(x).sum())
+    self.clipped += int(np.count_nonzero((levels <= 0) | (levels >= 255)))
+    return self
+
+  def result(self) -> dict:
+    mean = self.total / self.count
+    return {"std": float(np.sqrt(max(self.squares / self.count - mean * mean, 0.0))),
+            "clipped_fraction": self.clipped / self.count}
 
 
 def image_grid(images01: np.ndarray, rows: int, cols: int, min_cell: int = 32) -> np.ndarray:

@@ -20,6 +20,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.ipc = 10                 # synthetic images per class
   c.methods = ("dwa",)       # recovered and validated in turn: dwa | sre2l | random
 
+  # The input pipeline (dwa_jax/input_pipeline.py, grain): how images are read and decoded.
+  c.pipeline = p = ml_collections.ConfigDict()
+  p.workers = 0              # decoding worker processes (0: in the main process); ImageNet: 8+
+  p.threads = 4              # reader threads per process
+  p.prefetch = 2             # batches read ahead (per worker)
+
   # Squeeze: the teacher (official CIFAR recipe).
   c.teacher = t = ml_collections.ConfigDict()
   t.model = "resnet18_cifar"
@@ -70,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   v.eval_every = 10
   v.seeds = (0, 1, 2)
   v.random_real_baseline = True
+  v.synthetic_set = ""       # '' (the recovered sets of `methods`) | folder:PATH | npz:PATH
 
   # The authors' quirks: `compat` ('clean' | 'official') and one switch per quirk, unset (None)
   # switches following `compat` (dwa_jax/compat.py): compat_cifar10_std, recover.compat_q1,
@@ -126,7 +133,8 @@ CHOICES = {
 POSITIVE_INTS = {"teacher": ("epochs", "batch_size", "eval_every"),
                  "recover": ("iterations",),
                  "relabel": ("epochs", "batch_size", "eval_every")}
-NON_NEGATIVE = {"teacher": ("lr", "weight_decay", "momentum", "warmup_epochs"),
+NON_NEGATIVE = {"pipeline": ("workers", "threads", "prefetch"),
+                "teacher": ("lr", "weight_decay", "momentum", "warmup_epochs"),
                 "recover": ("lr", "r_bn", "r_var", "sre2l_r_var", "first_bn_weight", "rho", "jitter",
                             "adjust_steps", "classes_per_batch", "checkpoint_every",
                             "wait_timeout_s"),
@@ -167,6 +175,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     errors.append("relabel.temperature must be > 0")
   if "dwa" in c.methods and c.recover.adjust_steps < 1:
     errors.append("recover.adjust_steps (K) must be >= 1 for DWA")
+  spec = c.relabel.synthetic_set
+  if spec and not (spec.partition(":")[0] in ("folder", "npz") and spec.partition(":")[2]):
+    errors.append(f"relabel.synthetic_set must be '', 'folder:PATH' or 'npz:PATH', got {spec!r}")
   if not c.relabel.seeds:
     errors.append("relabel.seeds is empty")
   if errors:

@@ -11,6 +11,7 @@ Everything here is a pure function of (teacher variables, initial images, jitter
 gradients are taken w.r.t. the pixels only, so XLA never computes teacher weight gradients.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -28,7 +29,7 @@ import orbax.checkpoint as ocp
 from tqdm import auto as tqdm
 
 from dwa_jax import augment as augment_lib
-from dwa_jax import compat, data, files, squeeze
+from dwa_jax import compat, data, files, input_pipeline, squeeze
 from dwa_jax.models.layers import BN_STATS, BatchNorm
 
 METHODS = ("dwa", "sre2l", "random")
@@ -494,22 +495,41 @@ def init_kind(rc, method: str) -> str:
   return "noise" if method == "sre2l" else "real"
 
 
+def initial_rows(dataset, ipc: int, seed: int, kind: str) -> np.ndarray | None:
+  """'real': the (ipc, num_classes) training-image indices the batches start from,
+  `data.sample_per_class(dataset, ipc, seed)` (labels only: nothing is decoded); 'noise': None."""
+  return data.sample_per_class(dataset, ipc, seed) if kind == "real" else None
+
+
+def initial_batch(dataset, rows, ipc_index: int, classes, seed: int, mean, std,
+                  dtype=np.float32) -> np.ndarray:
+  """(len(classes), H, W, C) normalised starting images of batch (ipc_index, classes) in
+  `dtype`, read when the batch starts so no stage holds the whole starting set.
+
+  Real (`rows` from `initial_rows`): those training images, read through the data set and
+  normalised as torchvision's ToTensor + Normalize do it: (u8 / 255 − mean) / std in `dtype`.
+  Noise (`rows` None, SRe2L): N(0, 1) in normalised space, one draw per (ipc index, class) from
+  jax.random.key(seed), so a batch's noise does not depend on which others exist.
+  """
+  classes = np.asarray(classes)
+  if rows is not None:
+    mean, std = np.asarray(mean, dtype), np.asarray(std, dtype)
+    pixels = input_pipeline.read(dataset.images, rows[ipc_index, classes])
+    return (np.asarray(pixels).astype(dtype) / 255 - mean) / std
+  key = jax.random.fold_in(jax.random.key(seed), ipc_index)
+  draw = jax.vmap(lambda c: jax.random.normal(jax.random.fold_in(key, c),
+                                              dataset.images.shape[1:], jnp.float32))
+  return np.asarray(draw(jnp.asarray(classes))).astype(dtype)
+
+
 def initial_batches(dataset, ipc: int, seed: int, kind: str, mean, std,
                     dtype=np.float32) -> np.ndarray:
-  """(ipc, num_classes, H, W, C) normalised starting images in `dtype`; row i initialises ipc
-  index i.
-
-  'real': `data.sample_per_class(dataset, ipc, seed)` draws ipc distinct training images per
-  class with numpy's default_rng (deterministic, documented there), normalised as torchvision's
-  ToTensor + Normalize do it: (u8 / 255 − mean) / std in `dtype`. 'noise': N(0, 1) in normalised
-  space, as SRe2L, from jax.random.key(seed).
-  """
-  if kind == "real":
-    idx = data.sample_per_class(dataset, ipc, seed)
-    mean, std = np.asarray(mean, dtype), np.asarray(std, dtype)
-    return (np.asarray(dataset.images[idx]).astype(dtype) / 255 - mean) / std
-  shape = (ipc, dataset.num_classes, *dataset.images.shape[1:])
-  return np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32)).astype(dtype)
+  """Every batch's starting images, (ipc, num_classes, H, W, C): for tests and small sets only
+  (the stage reads them per batch with `initial_batch`)."""
+  rows = initial_rows(dataset, ipc, seed, kind)
+  every = np.arange(dataset.num_classes)
+  return np.stack([initial_batch(dataset, rows, i, every, seed, mean, std, dtype)
+                   for i in range(ipc)])
 
 
 def class_chunks(num_classes: int, classes_per_batch: int) -> list[np.ndarray]:
@@ -752,8 +772,7 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
     return progress
   devices = list(devices or jax.local_devices())[:len(todo)]
   runner = GroupRunner(model, variables, image_shape, mean, std, cfg, devices)
-  starts = initial_batches(train, config.ipc, config.seed, init_kind(rc, method), mean, std,
-                           dtype)
+  rows = initial_rows(train, config.ipc, config.seed, init_kind(rc, method))
   log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
   every = rc.checkpoint_every or cfg.iterations
   chained = cfg.chained
@@ -764,7 +783,8 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
       aug_keys = [jax.random.split(batch_key(config.seed, i, j))[1] for i, j in group]
       draws = [batch_draws(config.seed, i, j, cfg, image_shape[:2]) for i, j in group]
       labels = jnp.asarray(np.stack([chunks[j] for _, j in group]))
-      x_init = jnp.asarray(np.stack([starts[i, chunks[j]] for i, j in group]))
+      x_init = jnp.asarray(np.stack([initial_batch(train, rows, i, chunks[j], config.seed, mean,
+                                                   std, dtype) for i, j in group]))
       chains = ([progress.load_carry(i, j - 1, variables["params"]) if j > 0 else None
                  for i, j in group] if chained else None)
       group_id = ",".join(f"{i}:{j}" for i, j in group)
@@ -817,59 +837,84 @@ def wait_for_batches(progress: Progress, ipc: int, num_chunks: int, timeout_s: f
     missing = [b for b in missing if not progress.is_done(*b)]
 
 
+GRID_MAX_ROWS, GRID_MAX_CLASSES = 10, 20
+
+
 def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str, meta,
                   num_classes: int, chunks) -> dict:
-  """Merges the finished batches (in ipc/class order) into the outputs, then the manifest.
+  """Streams the finished batches (in ipc/class order, one batch in memory at a time) into the
+  outputs, then the manifest.
 
-  images.npz always holds the set students train on: the last iterate in [0, 1] (lossless), or
-  with recover.compat_jpeg the decoded JPEGs of the authors' format, saved in their layout
-  jpg/new{c:03d}/class{c:03d}_id{i:03d}.jpg (the lossless set then goes to images_lossless.npz).
+  images.npz (uncompressed, row n = ipc index n // C, class n % C) always holds the set students
+  train on: the last iterate in [0, 1] (lossless), or with recover.compat_jpeg the decoded JPEGs
+  of the authors' format, saved in their layout jpg/new{c:03d}/class{c:03d}_id{i:03d}.jpg (the
+  lossless set then goes to images_lossless.npz; else 8-bit PNGs go to png/).
   """
   config = compat.resolve(config)
   image_shape = tuple(meta["image_shape"])
   mean, std = (np.asarray(v) for v in compat.pixel_normalisation(config, meta))
-  images = np.zeros((config.ipc, num_classes, *image_shape), np.float32)
-  batches = []
-  for i in range(config.ipc):
-    for j, classes in enumerate(chunks):
-      x, summary = progress.load_done(i, j)
-      images[i, classes] = x
-      batches.append(summary)
-  pixels = np.clip(images * std + mean, 0.0, 1.0).astype(np.float32)  # de-normalise
-  labels = np.broadcast_to(np.arange(num_classes), (config.ipc, num_classes))
-  flat, flat_labels = pixels.reshape(-1, *image_shape), labels.reshape(-1).astype(np.int32)
+  jpeg = bool(config.recover.compat_jpeg)
+  n_images = config.ipc * num_classes
+  labels = np.tile(np.arange(num_classes, dtype=np.int32), config.ipc)
   norm = {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
-  stats = {"lossless": files.pixel_statistics(flat)}
-  if config.recover.compat_jpeg:
-    files.save_npz(out_dir / "images_lossless.npz", images=flat, labels=flat_labels, **norm)
-    written = ["images_lossless.npz"]
-    decoded = []
-    for n, (image, label) in enumerate(zip(flat, flat_labels)):
-      blob = compat.official_jpeg_bytes(image)
-      name = f"jpg/new{label:03d}/class{label:03d}_id{n // num_classes:03d}.jpg"
-      files.write_bytes(out_dir / name, blob)
-      written.append(name)
-      decoded.append(compat.decode_jpeg(blob, image_shape[-1]))
-    flat = np.stack(decoded).astype(np.float32) / 255.0
-    pixels = flat.reshape(pixels.shape)
-    stats["jpeg"] = files.pixel_statistics(flat)
-    files.save_npz(out_dir / "images.npz", images=flat, labels=flat_labels, **norm)
-    written.insert(0, "images.npz")
-  else:
-    files.save_npz(out_dir / "images.npz", images=flat, labels=flat_labels, **norm)
-    written = ["images.npz"] + [f"png/{f}" for f in files.save_image_folder(
-        out_dir / "png", flat, flat_labels)]
-  shown = min(num_classes, 20)
+  shown = min(num_classes, GRID_MAX_CLASSES)
+  grid = np.zeros((min(config.ipc, GRID_MAX_ROWS), shown, *image_shape), np.float32)
+  stats = {"lossless": files.PixelStatistics(), **({"jpeg": files.PixelStatistics()} if jpeg else {})}
+  written, batches = ["images.npz"] + (["images_lossless.npz"] if jpeg else []), []
+  with files.NpzWriter(out_dir / "images.npz") as main, (
+      files.NpzWriter(out_dir / "images_lossless.npz") if jpeg else contextlib.nullcontext()
+  ) as lossless:
+    with contextlib.ExitStack() as streams:
+      write_main = streams.enter_context(main.rows("images", (n_images, *image_shape),
+                                                   np.float32))
+      if jpeg:
+        write_lossless = streams.enter_context(lossless.rows("images", (n_images, *image_shape),
+                                                             np.float32))
+      for i in range(config.ipc):
+        for j, classes in enumerate(chunks):
+          x, summary = progress.load_done(i, j)
+          batches.append(summary)
+          pixels = np.clip(x * std + mean, 0.0, 1.0).astype(np.float32)  # de-normalise
+          stats["lossless"].update(pixels)
+          if jpeg:
+            write_lossless(pixels)
+            blobs = [compat.official_jpeg_bytes(image) for image in pixels]
+            for c, blob in zip(classes, blobs):
+              name = f"jpg/new{c:03d}/class{c:03d}_id{i:03d}.jpg"
+              files.write_bytes(out_dir / name, blob)
+              written.append(name)
+            pixels = np.stack([compat.decode_jpeg(b, image_shape[-1]) for b in blobs]
+                              ).astype(np.float32) / 255.0
+            stats["jpeg"].update(pixels)
+          else:
+            written += [f"png/{f}" for f in files.save_image_folder(
+                out_dir / "png", pixels, classes, ids=np.full(len(classes), i))]
+          write_main(pixels)
+          if i < len(grid):
+            keep = classes < shown
+            grid[i, classes[keep]] = pixels[keep]
+    for writer in (main, lossless) if jpeg else (main,):
+      writer.add("labels", labels)
+      for key, value in norm.items():
+        writer.add(key, value)
+  return _finish_outputs(out_dir, config, method, meta, chunks, grid, stats, batches, written,
+                         mean, std, n_images)
+
+
+def _finish_outputs(out_dir, config, method, meta, chunks, grid, stats, batches, written, mean,
+                    std, n_images) -> dict:
+  image_shape = grid.shape[2:]
   files.save_png(out_dir / "grid.png",
-                 files.image_grid(pixels[:, :shown].reshape(-1, *image_shape), config.ipc, shown))
+                 files.image_grid(grid.reshape(-1, *image_shape), grid.shape[0], grid.shape[1]))
   written.append("grid.png")
-  summary = {"method": method, "ipc": config.ipc, "num_images": len(flat_labels),
+  summary = {"method": method, "ipc": config.ipc, "num_images": n_images,
              "synthesis": dataclasses.asdict(engine_config(synthesis_config(config.recover, method),
                                                            len(chunks))),
              "init": init_kind(config.recover, method), "seed": config.seed, "teacher": meta,
              "normalisation": {"mean": mean.tolist(), "std": std.tolist()},
              "format": "jpeg_q75" if config.recover.compat_jpeg else "lossless",
-             "compat": compat.settings(config), "pixel_statistics": stats, "batches": batches}
+             "compat": compat.settings(config),
+             "pixel_statistics": {k: s.result() for k, s in stats.items()}, "batches": batches}
   files.write_json(out_dir / "recover.json", summary)
   written.append("recover.json")
   files.write_json(out_dir / "manifest.json",

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from tqdm import auto as tqdm
 
-from dwa_jax import augment, compat, data, files, squeeze, train_lib
+from dwa_jax import augment, compat, data, files, input_pipeline, squeeze, train_lib
 from dwa_jax.models import build_model
 
 RANDOM_REAL = "random_real"
@@ -42,11 +42,11 @@ def mix(key, x, kind: str, alpha: float):
   raise ValueError(f"Unknown mixing {kind!r}; use 'mixup', 'cutmix' or 'none'.")
 
 
-def _student_step(student, teacher, tx, rc, state, teacher_vars, images, idx, key, mean, std):
+def _student_step(student, teacher, tx, rc, state, teacher_vars, images, key, mean, std):
   params, batch_stats, opt_state = state
   aug_key, mix_key = jax.random.split(key)
   dropout_key = jax.random.fold_in(key, 1)  # leaves the augmentation stream as it was
-  x = train_lib.augment_views(aug_key, train_lib.normalize(images[idx], mean, std), rc.augment)
+  x = train_lib.augment_views(aug_key, train_lib.normalize(images, mean, std), rc.augment)
   x = mix(mix_key, x, rc.mixing, rc.mix_alpha)
   if rc.teacher_train_mode:  # official CIFAR quirk: teacher BN on batch statistics
     t_logits, _ = teacher.apply(teacher_vars, x, train=True, mutable=["batch_stats"])
@@ -73,15 +73,17 @@ def eval_epochs(epochs: int, every: int, official: bool) -> set[int]:
   return {e for e in range(1, epochs + 1) if (e - offset) % every == 0 or e == epochs}
 
 
-def train_student(rc: ml_collections.ConfigDict, teacher, teacher_vars, images01: np.ndarray,
-                  test: data.Dataset, mean, std, seed: int, desc: str,
-                  log: files.MetricsLog) -> dict:
-  """Trains one student on `images01` (N, H, W, C in [0, 1]); returns final/best top-1 (%)."""
+def train_student(rc: ml_collections.ConfigDict, teacher, teacher_vars, images,
+                  test: data.Dataset, mean, std, seed: int, desc: str, log: files.MetricsLog,
+                  pipeline: input_pipeline.PipelineConfig = input_pipeline.PipelineConfig()
+                  ) -> dict:
+  """Trains one student on `images` (N, H, W, C: uint8, or float in [0, 1]; an array or an
+  ImageSource, read through the input pipeline); returns final/best top-1 (%)."""
   student = build_model(rc.student, test.num_classes)
-  n = len(images01)
+  n = len(images)
   batch_size = min(rc.batch_size, n)
   key = jax.random.key(seed)
-  variables = student.init(key, jnp.zeros((1, *images01.shape[1:]), jnp.float32))
+  variables = student.init(key, jnp.zeros((1, *images.shape[1:]), jnp.float32))
   schedule = train_lib.epoch_schedule(rc.lr, rc.epochs, train_lib.steps_per_epoch(n, batch_size),
                                       rc.warmup_epochs)
   tx = train_lib.make_optimizer(rc.optimizer, schedule, rc.weight_decay, rc.momentum,
@@ -89,16 +91,20 @@ def train_student(rc: ml_collections.ConfigDict, teacher, teacher_vars, images01
   state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
   step = jax.jit(functools.partial(_student_step, student, teacher, tx, rc, mean=mean, std=std),
                  donate_argnums=0)
-  accuracy = train_lib.make_accuracy_fn(student, mean, std)
-  images = jnp.asarray(images01, jnp.float32)
-  rng = np.random.default_rng(seed)
+  accuracy = train_lib.make_accuracy_fn(student, mean, std, pipeline=pipeline)
+  # The teacher labels every batch, so the set's own labels are never read.
+  batches = input_pipeline.train_batches(images, np.zeros((n,), np.int32), batch_size=batch_size,
+                                         seed=seed, epochs=rc.epochs, pipeline=pipeline,
+                                         process_index=0, process_count=1)
   history = []
   evaluate_after = eval_epochs(rc.epochs, rc.eval_every, bool(rc.compat_eval_epochs))
   bar = tqdm.trange(rc.epochs, desc=desc, unit="epoch", leave=False)
+  limit = train_lib.DispatchLimit()
   for epoch in bar:
-    for i, idx in enumerate(train_lib.epoch_batches(rng, n, batch_size)):
-      state, loss = step(state, teacher_vars, images, jnp.asarray(idx),
+    for i in range(train_lib.steps_per_epoch(n, batch_size)):
+      state, loss = step(state, teacher_vars, next(batches)["image"],
                          jax.random.fold_in(key, epoch * 100_003 + i))
+      limit(loss)
     if epoch + 1 in evaluate_after:
       acc = accuracy({"params": state[0], "batch_stats": state[1]}, test.images, test.labels)
       history.append((epoch + 1, acc))
@@ -107,13 +113,36 @@ def train_student(rc: ml_collections.ConfigDict, teacher, teacher_vars, images01
   return {"final": history[-1][1], "best": max(a for _, a in history), "history": history}
 
 
-def synthetic_set(workdir, method: str) -> np.ndarray:
+def open_synthetic_set(spec: str, image_shape, num_classes: int) -> data.Dataset:
+  """A synthetic set made elsewhere: `folder:PATH` (an ImageFolder of PNG/JPEG, e.g. the authors'
+  released `new{c:03d}/class{c:03d}_id{i:03d}.jpg`) or `npz:PATH` (`images` uint8 or float in
+  [0, 1], `labels`). Checked against the teacher's image shape and classes."""
+  kind, _, path = spec.partition(":")
+  if kind == "folder" and path:
+    mode = "L" if image_shape[-1] == 1 else "RGB"  # files are read at their own size
+    paths, labels, names = data.image_folder_files(path)
+    dataset = data.Dataset(data.FileImages(paths, None, mode), np.asarray(labels, np.int32),
+                           len(names), tuple(names), (), (), spec)
+  elif kind == "npz" and path:
+    dataset = data.load_npz(path, allow_float=True)
+  else:
+    raise ValueError(f"relabel.synthetic_set must be 'folder:PATH' or 'npz:PATH', got {spec!r}.")
+  if tuple(dataset.images.shape[1:]) != tuple(image_shape):
+    raise data.DataError(f"{spec}: images of shape {tuple(dataset.images.shape[1:])}, but the "
+                         f"teacher takes {tuple(image_shape)}.")
+  if dataset.num_classes != num_classes:
+    raise data.DataError(f"{spec}: {dataset.num_classes} classes, but the teacher has "
+                         f"{num_classes}.")
+  return dataset
+
+
+def synthetic_set(workdir, method: str):
+  """The set `recover` wrote for `method`, read row by row from its images.npz."""
   path = pathlib.Path(workdir) / "synthetic" / method / "images.npz"
   if not path.exists():
     raise FileNotFoundError(f"No synthetic set at {path}: run the recover stage for {method!r} "
                             "first (--config.stage=recover).")
-  with np.load(path) as f:
-    return f["images"]
+  return data.load_npz(path, allow_float=True).images
 
 
 def random_real_indices(train: data.Dataset, ipc: int, seed: int) -> np.ndarray:
@@ -122,8 +151,9 @@ def random_real_indices(train: data.Dataset, ipc: int, seed: int) -> np.ndarray:
   return data.sample_per_class(train, ipc, seed + 1).reshape(-1)
 
 
-def random_real_set(train: data.Dataset, ipc: int, seed: int) -> np.ndarray:
-  return train.images[random_real_indices(train, ipc, seed)].astype(np.float32) / 255.0
+def random_real_set(train: data.Dataset, ipc: int, seed: int):
+  """The random real baseline's images (uint8), read through the training set."""
+  return data.SubsetImages(train.images, random_real_indices(train, ipc, seed))
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -143,8 +173,9 @@ def results_table(results: dict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
-  """Validates every synthetic set of `config.methods` (+ the random real baseline) over seeds;
-  writes `<workdir>/results.json` and `results.md` and prints the table."""
+  """Validates every synthetic set of `config.methods`, or the set `relabel.synthetic_set` names
+  instead, (+ the random real baseline) over seeds; writes `<workdir>/results.json` and
+  `results.md` and prints the table."""
   config = compat.resolve(config)
   rc = config.relabel
   train = data.load_dataset(config.dataset, "train", config.data_dir)
@@ -152,7 +183,12 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   teacher, teacher_vars, meta = squeeze.load_teacher(workdir, train)
   mean, std = compat.pixel_normalisation(config, meta)
   log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
-  sets = {m: synthetic_set(workdir, m) for m in config.methods}
+  pipeline = input_pipeline.PipelineConfig.from_config(config)
+  if rc.synthetic_set:
+    sets = {rc.synthetic_set: open_synthetic_set(rc.synthetic_set, meta["image_shape"],
+                                                 meta["num_classes"]).images}
+  else:
+    sets = {m: synthetic_set(workdir, m) for m in config.methods}
   if rc.random_real_baseline:
     sets[RANDOM_REAL] = random_real_set(train, config.ipc, config.seed)
   results = {"dataset": config.dataset, "ipc": config.ipc, "student": rc.student,
@@ -160,7 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
              "normalisation": {"mean": list(mean), "std": list(std)}, "sets": {}}
   for name, images in sets.items():
     runs = [train_student(rc, teacher, teacher_vars, images, test, mean, std, seed,
-                          f"relabel: {name} seed {seed}", log)
+                          f"relabel: {name} seed {seed}", log, pipeline)
             for seed in tqdm.tqdm(rc.seeds, desc=f"relabel: {name}", unit="seed")]
     final_mean, final_std = mean_std([r["final"] for r in runs])
     best_mean, best_std = mean_std([r["best"] for r in runs])

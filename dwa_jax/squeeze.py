@@ -15,7 +15,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import auto as tqdm
 
-from dwa_jax import convert, data, files, train_lib
+from dwa_jax import convert, data, files, input_pipeline, train_lib
 from dwa_jax.models import build_model
 
 TEACHER_DIR = "teacher"
@@ -65,11 +65,10 @@ def load_teacher(workdir, dataset: data.Dataset | None = None):
   return model, variables, meta
 
 
-def _train_step(model, tx, augment_kind, state, images, labels, idx, key, mean, std):
+def _train_step(model, tx, augment_kind, state, images, y, key, mean, std):
   params, batch_stats, opt_state = state
   dropout_key = jax.random.fold_in(key, 1)
-  x = train_lib.augment_views(key, train_lib.normalize(images[idx], mean, std), augment_kind)
-  y = labels[idx]
+  x = train_lib.augment_views(key, train_lib.normalize(images, mean, std), augment_kind)
 
   def loss_fn(params):
     logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
@@ -83,7 +82,8 @@ def _train_step(model, tx, augment_kind, state, images, labels, idx, key, mean, 
 
 
 def train_teacher(cfg: ml_collections.ConfigDict, train: data.Dataset, test: data.Dataset,
-                  seed: int, log: files.MetricsLog):
+                  seed: int, log: files.MetricsLog,
+                  pipeline: input_pipeline.PipelineConfig = input_pipeline.PipelineConfig()):
   """The official teacher recipe: SGD + per-epoch cosine, crop+flip, CE; returns variables."""
   model = build_model(cfg.model, train.num_classes)
   n = len(train.labels)
@@ -96,17 +96,21 @@ def train_teacher(cfg: ml_collections.ConfigDict, train: data.Dataset, test: dat
   state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
   step = jax.jit(functools.partial(_train_step, model, tx, cfg.augment, mean=train.mean,
                                    std=train.std), donate_argnums=0)
-  accuracy = train_lib.make_accuracy_fn(model, train.mean, train.std)
-  images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
-  rng = np.random.default_rng(seed)
+  accuracy = train_lib.make_accuracy_fn(model, train.mean, train.std, pipeline=pipeline)
+  batches = input_pipeline.train_batches(train.images, train.labels, batch_size=batch_size,
+                                         seed=seed, epochs=cfg.epochs, pipeline=pipeline,
+                                         process_index=0, process_count=1)
   test_acc = float("nan")
   bar = tqdm.trange(cfg.epochs, desc="squeeze: teacher", unit="epoch")
+  limit = train_lib.DispatchLimit()
   for epoch in bar:
     losses = []
-    for i, idx in enumerate(train_lib.epoch_batches(rng, n, batch_size)):
-      state, loss, _ = step(state, images, labels, jnp.asarray(idx),
+    for i in range(train_lib.steps_per_epoch(n, batch_size)):
+      batch = next(batches)
+      state, loss, _ = step(state, batch["image"], batch["label"],
                             jax.random.fold_in(key, epoch * 100_003 + i))
       losses.append(loss)
+      limit(loss)
     train_loss = float(np.mean(jax.device_get(losses)))
     if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
       test_acc = accuracy({"params": state[0], "batch_stats": state[1]}, test.images, test.labels)
@@ -127,15 +131,16 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   test = data.load_dataset(config.dataset, "test", config.data_dir)
   log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
+  pipeline = input_pipeline.PipelineConfig.from_config(config)
   image_shape = train.images.shape[1:]
   if config.teacher.checkpoint:
     model, variables = import_teacher(config.teacher, train.num_classes, image_shape)
     source = f"imported from {config.teacher.checkpoint}"
   else:
-    model, variables = train_teacher(config.teacher, train, test, config.seed, log)
+    model, variables = train_teacher(config.teacher, train, test, config.seed, log, pipeline)
     source = f"trained for {config.teacher.epochs} epochs"
-  acc = train_lib.make_accuracy_fn(model, train.mean, train.std)(variables, test.images,
-                                                                 test.labels)
+  acc = train_lib.make_accuracy_fn(model, train.mean, train.std, pipeline=pipeline)(
+      variables, test.images, test.labels)
   meta = {"model": config.teacher.model, "num_classes": train.num_classes,
           "image_shape": list(image_shape), "mean": list(train.mean), "std": list(train.std),
           "dataset": config.dataset, "test_accuracy": acc, "source": source}

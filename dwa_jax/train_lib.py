@@ -8,20 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dwa_jax import augment
+from dwa_jax import augment, input_pipeline
 
 
 def epoch_schedule(base_lr: float, epochs: int, steps_per_epoch: int,
                    warmup_epochs: int = 0) -> Callable:
-  """Cosine annealing stepped once per epoch (torch CosineAnnealingLR(T_max=epochs) called per
-  epoch), after `warmup_epochs` of linear warm-up lr·(e+1)/warmup."""
+  """Stepped once per epoch (torch schedulers called per epoch): `warmup_cosine`."""
   def schedule(step):
-    epoch = (step // steps_per_epoch).astype(jnp.float32)
-    decay_epochs = max(epochs - warmup_epochs, 1)
-    cosine = 0.5 * base_lr * (1 + jnp.cos(jnp.pi * (epoch - warmup_epochs) / decay_epochs))
-    if warmup_epochs == 0:
-      return cosine
-    return jnp.where(epoch < warmup_epochs, base_lr * (epoch + 1) / warmup_epochs, cosine)
+    return warmup_cosine(base_lr, epochs, warmup_epochs, step // steps_per_epoch)
   return schedule
 
 
@@ -42,12 +36,6 @@ def make_optimizer(name: str, schedule: Callable, weight_decay: float, momentum:
   if name == "adamw":
     return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=mask)
   raise ValueError(f"Unknown optimizer {name!r}; use 'sgd' or 'adamw'.")
-
-
-def epoch_batches(rng: np.random.Generator, n: int, batch_size: int) -> list[np.ndarray]:
-  """A shuffled epoch in batches, the last one partial (torch DataLoader, drop_last=False)."""
-  order = rng.permutation(n)
-  return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
 def normalize(images, mean, std):
@@ -71,17 +59,24 @@ def augment_views(key, x, kind: str):
   return augment.random_flip(flip_key, x, per_example=True)
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray,
-                 batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-  """Fixed-size batches (the last padded by repetition) so evaluation compiles once."""
-  n = len(labels)
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size) % n
-    yield images[idx], labels[idx], min(batch_size, n - start)
+class DispatchLimit:
+  """Lets at most `depth` jitted steps be queued: JAX dispatches asynchronously, and every queued
+  step holds its input batch, so an unbounded loop over a large set holds many batches at once."""
+
+  def __init__(self, depth: int = 2):
+    self.depth, self.queued = depth, []
+
+  def __call__(self, output) -> None:
+    self.queued.append(output)
+    if len(self.queued) >= self.depth:
+      jax.block_until_ready(self.queued.pop(0))
 
 
-def make_accuracy_fn(model, mean, std, batch_size: int = 500) -> Callable:
-  """`(variables, images, labels) -> top-1 %` in eval mode; compiled once per model."""
+def make_accuracy_fn(model, mean, std, batch_size: int = 500,
+                     pipeline: input_pipeline.PipelineConfig = input_pipeline.PipelineConfig()
+                     ) -> Callable:
+  """`(variables, images, labels) -> top-1 %` in eval mode over the whole set, read through the
+  input pipeline in fixed-size batches; compiled once per model."""
 
   @jax.jit
   def correct(variables, x, y, valid):
@@ -89,10 +84,11 @@ def make_accuracy_fn(model, mean, std, batch_size: int = 500) -> Callable:
     hits = jnp.argmax(logits, -1) == y
     return jnp.sum(hits * (jnp.arange(y.shape[0]) < valid))
 
-  def accuracy(variables, images: np.ndarray, labels: np.ndarray) -> float:
-    size = min(batch_size, len(labels))
-    total = sum(int(correct(variables, x, y, valid))
-                for x, y, valid in eval_batches(images, labels, size))
+  def accuracy(variables, images, labels) -> float:
+    # The stages that evaluate run on process 0 alone, so it reads the whole set.
+    batches = input_pipeline.eval_batches(images, labels, batch_size=batch_size,
+                                          pipeline=pipeline, process_index=0, process_count=1)
+    total = sum(int(correct(variables, b["image"], b["label"], b["valid"])) for b in batches)
     return 100.0 * total / len(labels)
 
   return accuracy
@@ -100,3 +96,15 @@ def make_accuracy_fn(model, mean, std, batch_size: int = 500) -> Callable:
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
   return math.ceil(n / batch_size)
+
+
+def warmup_cosine(base_lr: float, epochs: int, warmup_epochs: int, epoch):
+  """The per-epoch learning rate: linear from 0.01·lr over `warmup_epochs` (torch LinearLR with
+  start_factor 0.01, the authors' Tiny-ImageNet recipe), then cosine over the remaining epochs."""
+  epoch = jnp.asarray(epoch, jnp.float32)
+  decay_epochs = max(epochs - warmup_epochs, 1)
+  cosine = 0.5 * base_lr * (1 + jnp.cos(jnp.pi * (epoch - warmup_epochs) / decay_epochs))
+  if warmup_epochs == 0:
+    return cosine
+  warm = base_lr * (0.01 + 0.99 * epoch / warmup_epochs)
+  return jnp.where(epoch < warmup_epochs, warm, cosine)

@@ -9,6 +9,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 # convolutions ~6x slower, and the float64 parity test would take 14 min instead of 1.5.
 # tests/test_xla_cpu.py checks the tuned configuration computes the same synthesis.
 os.environ.setdefault("DWA_JAX_XLA_DEFAULTS", "0")
+# Caches (decoded CIFAR-10 JPEGs, tfds label lists) in a folder of this test session, not ~/.cache.
+import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
+os.environ["DWA_CACHE_DIR"] = tempfile.mkdtemp(prefix="dwa_jax_test_cache_")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 

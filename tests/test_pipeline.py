@@ -156,9 +156,36 @@ def test_student_step_trains_with_dropout_like_torch():
   tx = optax.sgd(0.0)
   state = (variables["params"], {}, tx.init(variables["params"]))
   step = lambda key: relabel._student_step(student, teacher, tx, rc, state, teacher_vars,
-                                           x, jnp.arange(4), key, (0.0,), (1.0,))[1]
+                                           x, key, (0.0,), (1.0,))[1]
   t_logits = teacher.apply(teacher_vars, x)
   no_dropout = relabel.kd_loss(student.apply(variables, x, train=False), t_logits,
                                rc.temperature, rc.t2_factor)
   losses = [float(step(jax.random.key(k))) for k in range(3)]
   assert len(set(losses)) == 3 and all(abs(l - float(no_dropout)) > 1e-9 for l in losses)
+
+
+def test_relabel_validates_a_set_in_the_authors_released_layout(workdir, tmp_path):
+  """relabel.synthetic_set=folder:PATH with new{c:03d}/class{c:03d}_id{i:03d}.jpg (their class
+  order), trained with the same recipe; the images are the decoded JPEG files."""
+  with np.load(workdir / "synthetic" / "dwa" / "images.npz") as f:
+    images, labels = f["images"], f["labels"]
+  released = tmp_path / "released"
+  for n, (image, c) in enumerate(zip(images, labels)):
+    path = released / f"new{c:03d}" / f"class{c:03d}_id{n // 10:03d}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.rint(image[..., 0] * 255).astype(np.uint8)).save(path, quality=75)
+  config = tiny_config()
+  config.relabel.synthetic_set = f"folder:{released}"
+  config.relabel.random_real_baseline = False
+  config.relabel.seeds = (0,)
+  found = relabel.open_synthetic_set(config.relabel.synthetic_set, (8, 8, 1), 10)
+  assert found.class_names[:3] == ("new000", "new001", "new002")
+  np.testing.assert_array_equal(found.labels, np.repeat(np.arange(10), 2))
+  np.testing.assert_array_equal(found.images[3][..., 0],
+                                np.asarray(Image.open(released / "new001" / "class001_id001.jpg")))
+  results = relabel.run(config, workdir)
+  assert list(results["sets"]) == [f"folder:{released}"]
+  assert results["sets"][f"folder:{released}"]["num_images"] == 20
+  with pytest.raises(ValueError, match=r"images of shape \(8, 8, 3\), but the teacher takes "
+                     r"\(32, 32, 3\)"):
+    relabel.open_synthetic_set(f"folder:{released}", (32, 32, 3), 10)

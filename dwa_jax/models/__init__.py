@@ -17,6 +17,9 @@ from dwa_jax.models.vgg import VGG
 # name -> constructor(num_classes, dtype). "_cifar" variants use the 3x3 stride-1 stem, no max-pool.
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "convnet": lambda num_classes, dtype=None: ConvNet(num_classes, dtype=dtype),
+    # A small BN teacher for 224 px runs on a CPU (benchmarks/imagenet_scale.py).
+    "convnet_w16_d5": lambda num_classes, dtype=None: ConvNet(num_classes, width=16, depth=5,
+                                                              dtype=dtype),
     **{f"resnet{d}": (lambda num_classes, dtype=None, d=d: resnet(d, num_classes, False, dtype))
        for d in (18, 34, 50, 101)},
     **{f"resnet{d}_cifar": (lambda num_classes, dtype=None, d=d: resnet(d, num_classes, True, dtype))

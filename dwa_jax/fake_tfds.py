@@ -1,0 +1,96 @@
+"""Small tfds data sets built locally, no download: the same directory layout, features and file
+format as tfds's `imagenet2012` or `cifar10`, filled with random images. The tests and
+benchmarks/imagenet_scale.py read them through the real loading code (`tfds.builder`,
+`as_data_source`).
+
+    python -m dwa_jax.fake_tfds --data_dir=DIR --name=imagenet2012 --per_class=4
+"""
+
+import argparse
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def _jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
+  # Smooth random images (upsampled noise) so JPEG sizes are like photographs', not like noise.
+  small = rng.integers(0, 256, (max(height // 16, 2), max(width // 16, 2), 3), dtype=np.uint8)
+  image = Image.fromarray(small).resize((width, height), Image.BILINEAR)
+  buf = io.BytesIO()
+  image.save(buf, format="JPEG", quality=90)
+  return buf.getvalue()
+
+
+def _png(rng: np.random.Generator, height: int, width: int) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def build(data_dir, name: str = "imagenet2012", num_classes: int | None = None,
+          per_class: int = 2, test_per_class: int = 1, file_format: str = "array_record",
+          image_size: int | None = None, vary_size: bool = True, seed: int = 0) -> str:
+  """Writes a fake `name` ('imagenet2012' or 'cifar10') into `data_dir` in `file_format`;
+  returns the dataset's directory. ImageNet: 1,000 classes of JPEGs, `image_size` (default 256)
+  square, or of varied sizes around it with `vary_size`; CIFAR-10: 10 classes of 32x32 PNGs."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  imagenet = name == "imagenet2012"
+  if name not in ("imagenet2012", "cifar10"):
+    raise ValueError(f"name must be 'imagenet2012' or 'cifar10', got {name!r}")
+  num_classes = num_classes or (1000 if imagenet else 10)
+  size = image_size or (256 if imagenet else 32)
+  version = tfds.builder_cls(name).VERSION
+  eval_split = "validation" if imagenet else "test"
+
+  def examples(split: str, count: int):
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    for k in range(count * num_classes):
+      label = k % num_classes
+      if imagenet:  # photographs vary in size and aspect ratio
+        h, w = (int(size * f) for f in rng.uniform(0.9, 1.4, 2)) if vary_size else (size, size)
+        image = _jpeg(rng, h, w)
+      else:
+        image = _png(rng, size, size)
+      yield f"{split}_{k:08d}", {"image": image, "label": label,
+                                  ("file_name" if imagenet else "id"): f"{split}_{k:08d}"}
+
+  with tfds.core.registered.skip_registration():
+
+    class Fake(tfds.core.GeneratorBasedBuilder):  # pylint: disable=unused-variable
+      VERSION = version
+
+      def _info(self):
+        image = (tfds.features.Image(encoding_format="jpeg") if imagenet
+                 else tfds.features.Image(shape=(size, size, 3)))
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": image,
+            "label": tfds.features.ClassLabel(names=[f"n{c:08d}" for c in range(num_classes)]),
+            ("file_name" if imagenet else "id"): tfds.features.Text()}))
+
+      def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples("train", per_class),
+                eval_split: self._generate_examples(eval_split, test_per_class)}
+
+      def _generate_examples(self, split, count):
+        yield from examples(split, count)
+
+    Fake.name = name
+    builder = Fake(data_dir=os.fspath(data_dir), file_format=file_format)
+    builder.download_and_prepare()
+  return os.fspath(builder.data_dir)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data_dir", required=True)
+  parser.add_argument("--name", default="imagenet2012", choices=("imagenet2012", "cifar10"))
+  parser.add_argument("--per_class", type=int, default=2)
+  parser.add_argument("--file_format", default="array_record")
+  args = parser.parse_args()
+  print(build(args.data_dir, args.name, per_class=args.per_class, file_format=args.file_format))
+
+
+if __name__ == "__main__":
+  main()

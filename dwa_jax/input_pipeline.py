@@ -1,0 +1,148 @@
+"""The input pipeline: batches of a `data.Dataset` read through grain.
+
+Every stage reads images through here: squeeze (teacher batches, evaluation), recover (the
+starting real images of each synthetic batch, `read`), relabel (student batches over a synthetic
+or random real set, evaluation).
+
+- The order is a pure function of the seed: epoch e visits `epoch_order(seed, e, n)`, cut into
+  batches of `batch_size` (the last one partial unless `drop_remainder`), so a run can be
+  repeated, and resumed from grain's iterator state (`iterator.get_state()`).
+- Each process reads only its part of every global batch (`process_slice`): with P processes,
+  process p reads the p-th of P near-equal slices, so the processes read disjoint shards that
+  together cover the set.
+- Decoding (and the fit to the model's image size) happens in `Dataset.images[i]`, that is in
+  grain's worker processes when `workers > 0`, or in `threads` reader threads of this process
+  when 0; `prefetch` batches are read ahead either way.
+Augmentation stays on the device, inside the jitted steps (augment.py): it is a function of the
+step's key, so it does not depend on which process or worker read the images.
+"""
+
+import dataclasses
+import functools
+from typing import Iterator
+
+from absl import flags
+import grain
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """How batches are read: `workers` decoding processes (0: in this process), `threads` reader
+  threads per process, `prefetch` batches read ahead (per worker)."""
+  workers: int = 0
+  threads: int = 4
+  prefetch: int = 2
+
+  @classmethod
+  def from_config(cls, config) -> "PipelineConfig":
+    p = config.get("pipeline") if hasattr(config, "get") else None
+    if p is None:
+      return cls()
+    return cls(workers=int(p.workers), threads=int(p.threads), prefetch=int(p.prefetch))
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The order of epoch `epoch`: default_rng([seed, epoch]).permutation(n)."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def process_slice(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+  """Process p's part of a global batch: the p-th of `process_count` near-equal slices."""
+  return np.array_split(indices, process_count)[process_index]
+
+
+def read(images, indices) -> np.ndarray:
+  """The images at `indices`, stacked (one read per image of an ImageSource)."""
+  if isinstance(images, np.ndarray):
+    return images[np.asarray(indices)]
+  return np.stack([np.asarray(images[int(i)]) for i in np.ravel(indices)]).reshape(
+      *np.shape(indices), *images.shape[1:])
+
+
+class _ReadTrainBatch:
+  """step -> this process's part of global batch `step` (picklable, for grain's workers)."""
+
+  def __init__(self, images, labels, batch_size, seed, drop_remainder, process_index,
+               process_count):
+    self.images, self.labels = images, np.asarray(labels)
+    self.n, self.batch_size, self.seed = len(self.labels), batch_size, seed
+    self.process = (process_index, process_count)
+    self.steps_per_epoch = steps_per_epoch(self.n, batch_size, drop_remainder)
+
+  @functools.lru_cache(maxsize=2)
+  def order(self, epoch: int) -> np.ndarray:
+    return epoch_order(self.seed, epoch, self.n)
+
+  def __call__(self, step: int) -> dict:
+    epoch, b = divmod(int(step), self.steps_per_epoch)
+    idx = process_slice(self.order(epoch)[b * self.batch_size:(b + 1) * self.batch_size],
+                        *self.process)
+    return {"image": read(self.images, idx), "label": self.labels[idx], "index": idx,
+            "epoch": np.int32(epoch)}
+
+
+def steps_per_epoch(n: int, batch_size: int, drop_remainder: bool = False) -> int:
+  return n // batch_size if drop_remainder else -(-n // batch_size)
+
+
+def _iterate(dataset: grain.MapDataset, pipeline: PipelineConfig) -> grain.DatasetIterator:
+  # Bounded read-ahead: grain's default buffers 500 elements, here whole batches (each thread
+  # needs a slot of its own).
+  threads = max(pipeline.threads, 1)
+  it = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=threads, prefetch_buffer_size=max(pipeline.prefetch, threads)))
+  if pipeline.workers > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library call or a
+      flags.FLAGS.mark_as_parsed()   # notebook has not parsed them: use their defaults
+
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=pipeline.workers, per_worker_buffer_size=max(pipeline.prefetch, 1)))
+  return iter(it)
+
+
+def train_batches(images, labels, *, batch_size: int, seed: int, epochs: int,
+                  pipeline: PipelineConfig = PipelineConfig(), drop_remainder: bool = False,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> grain.DatasetIterator:
+  """`epochs` shuffled epochs of (this process's part of) global batches of `batch_size`:
+  dicts of `image` (uint8 or float, B x H x W x C), `label`, `index` (rows of the set) and
+  `epoch`. Checkpointable with `get_state()` / `set_state()`."""
+  n = len(labels)
+  if n == 0:
+    raise ValueError("cannot batch an empty set")
+  p = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  reader = _ReadTrainBatch(images, labels, min(batch_size, n), seed, drop_remainder, p, count)
+  steps = reader.steps_per_epoch * epochs
+  return _iterate(grain.MapDataset.range(steps).map(reader), pipeline)
+
+
+class _ReadEvalBatch:
+  """k -> batch k of this process's contiguous shard, padded to full size by repetition."""
+
+  def __init__(self, images, labels, shard: np.ndarray, batch_size: int):
+    self.images, self.labels, self.shard, self.batch_size = images, np.asarray(labels), shard, batch_size
+
+  def __call__(self, k: int) -> dict:
+    start = int(k) * self.batch_size
+    valid = min(self.batch_size, len(self.shard) - start)
+    idx = self.shard[np.arange(start, start + self.batch_size) % len(self.shard)]
+    return {"image": read(self.images, idx), "label": self.labels[idx],
+            "valid": np.int32(valid)}
+
+
+def eval_batches(images, labels, *, batch_size: int, pipeline: PipelineConfig = PipelineConfig(),
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict]:
+  """This process's contiguous shard of the set in order, in fixed-size batches (the last one
+  padded by repetition, `valid` its real size) so evaluation compiles once."""
+  p = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  shard = process_slice(np.arange(len(labels)), p, count)
+  if len(shard) == 0:
+    return iter(())
+  size = min(batch_size, len(shard))
+  reader = _ReadEvalBatch(images, labels, shard, size)
+  return _iterate(grain.MapDataset.range(-(-len(shard) // size)).map(reader), pipeline)
