@@ -766,14 +766,17 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
                  "normalisation": [list(mean), list(std)], "dtype": str(dtype),
                  "teacher_sha256": variables_digest(variables)}
   progress = Progress(pathlib.Path(workdir) / "progress" / method, fingerprint)
-  todo = [b for b in owned_batches(config.ipc, len(chunks), process_index, process_count)
-          if not progress.is_done(*b)]
+  owned = owned_batches(config.ipc, len(chunks), process_index, process_count)
+  todo = [b for b in owned if not progress.is_done(*b)]
+  log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
+  if len(todo) < len(owned):
+    print(f"recover: {method}: resuming, {len(owned) - len(todo)} of {len(owned)} batches done")
+    log.write(f"recover/{method}/resume", 0, finished_batches=len(owned) - len(todo))
   if not todo:
     return progress
   devices = list(devices or jax.local_devices())[:len(todo)]
   runner = GroupRunner(model, variables, image_shape, mean, std, cfg, devices)
   rows = initial_rows(train, config.ipc, config.seed, init_kind(rc, method))
-  log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
   every = rc.checkpoint_every or cfg.iterations
   chained = cfg.chained
   with tqdm.tqdm(total=len(todo) * cfg.iterations, desc=f"recover: {method}",
@@ -791,7 +794,12 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
       started = time.time()
       out = runner.start(x_init, labels, aug_keys, draws, chains)
       states, start_metrics = [o[0] for o in out], [o[1] for o in out]
-      states = progress.load_inflight(group_id, states) or states
+      restored = progress.load_inflight(group_id, states)
+      if restored:
+        states = restored
+        print(f"recover: {method}: batches {group_id} resume at iteration {int(states[0].t)}")
+        log.write(f"recover/{method}/resume", int(states[0].t), group=group_id,
+                  inflight_iteration=int(states[0].t))
       bar.update(len(group) * int(states[0].t))
       metrics = None
       while int(states[0].t) < cfg.iterations:
@@ -841,7 +849,7 @@ GRID_MAX_ROWS, GRID_MAX_CLASSES = 10, 20
 
 
 def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str, meta,
-                  num_classes: int, chunks) -> dict:
+                  num_classes: int, chunks, stage: dict | None = None) -> dict:
   """Streams the finished batches (in ipc/class order, one batch in memory at a time) into the
   outputs, then the manifest.
 
@@ -898,11 +906,11 @@ def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str
       for key, value in norm.items():
         writer.add(key, value)
   return _finish_outputs(out_dir, config, method, meta, chunks, grid, stats, batches, written,
-                         mean, std, n_images)
+                         mean, std, n_images, stage)
 
 
 def _finish_outputs(out_dir, config, method, meta, chunks, grid, stats, batches, written, mean,
-                    std, n_images) -> dict:
+                    std, n_images, stage) -> dict:
   image_shape = grid.shape[2:]
   files.save_png(out_dir / "grid.png",
                  files.image_grid(grid.reshape(-1, *image_shape), grid.shape[0], grid.shape[1]))
@@ -914,7 +922,8 @@ def _finish_outputs(out_dir, config, method, meta, chunks, grid, stats, batches,
              "normalisation": {"mean": mean.tolist(), "std": std.tolist()},
              "format": "jpeg_q75" if config.recover.compat_jpeg else "lossless",
              "compat": compat.settings(config),
-             "pixel_statistics": {k: s.result() for k, s in stats.items()}, "batches": batches}
+             "pixel_statistics": {k: s.result() for k, s in stats.items()},
+             "stage": stage, "batches": batches}
   files.write_json(out_dir / "recover.json", summary)
   written.append("recover.json")
   files.write_json(out_dir / "manifest.json",
@@ -942,7 +951,10 @@ def run(config, workdir, method: str, devices=None) -> dict | None:
     return None
   wait_for_batches(progress, config.ipc, len(chunks), config.recover.wait_timeout_s)
   out_dir = pathlib.Path(workdir) / "synthetic" / method
-  summary = write_outputs(out_dir, progress, config, method, meta, train.num_classes, chunks)
+  # Every process runs on `devices` (default: all its local devices).
+  stage = {"devices": len(devices or jax.local_devices()) * n, "processes": n}
+  summary = write_outputs(out_dir, progress, config, method, meta, train.num_classes, chunks,
+                          stage)
   shutil.rmtree(progress.root)  # everything is in the outputs now
   print(f"recover: {method} wrote {summary['num_images']} images to {out_dir}")
   return summary

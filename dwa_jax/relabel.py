@@ -14,10 +14,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from tqdm import auto as tqdm
 
-from dwa_jax import augment, compat, data, files, input_pipeline, squeeze, train_lib
+from dwa_jax import augment, compat, data, files, input_pipeline, squeeze, train_lib, train_loop
 from dwa_jax.models import build_model
 
 RANDOM_REAL = "random_real"
@@ -42,35 +41,22 @@ def mix(key, x, kind: str, alpha: float):
   raise ValueError(f"Unknown mixing {kind!r}; use 'mixup', 'cutmix' or 'none'.")
 
 
-def _student_step(student, teacher, tx, rc, state, teacher_vars, images, key, mean, std):
-  params, batch_stats, opt_state = state
-  aug_key, mix_key = jax.random.split(key)
-  dropout_key = jax.random.fold_in(key, 1)  # leaves the augmentation stream as it was
-  x = train_lib.augment_views(aug_key, train_lib.normalize(images, mean, std), rc.augment)
-  x = mix(mix_key, x, rc.mixing, rc.mix_alpha)
-  if rc.teacher_train_mode:  # official CIFAR quirk: teacher BN on batch statistics
-    t_logits, _ = teacher.apply(teacher_vars, x, train=True, mutable=["batch_stats"])
-  else:
-    t_logits = teacher.apply(teacher_vars, x, train=False)
-  t_logits = jax.lax.stop_gradient(t_logits)
+def student_input(rc, teacher, mean, std) -> train_loop.Prepare:
+  """A student batch: augmented (and mixed) images, and the frozen teacher's logits on exactly
+  those images as the target (`aux` = the teacher's variables)."""
 
-  def loss_fn(params):
-    # Students with dropout / stochastic depth (MobileNetV2, EfficientNet, VGG) use it, as in torch.
-    logits, updates = student.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                    mutable=["batch_stats"], rngs={"dropout": dropout_key})
-    return kd_loss(logits, t_logits, rc.temperature, rc.t2_factor), updates["batch_stats"]
+  def prepare(key, images, labels, teacher_vars):
+    del labels  # the teacher labels every batch
+    aug_key, mix_key = jax.random.split(key)
+    x = train_lib.augment_views(aug_key, train_lib.normalize(images, mean, std), rc.augment)
+    x = mix(mix_key, x, rc.mixing, rc.mix_alpha)
+    if rc.teacher_train_mode:  # official CIFAR quirk: teacher BN on batch statistics
+      t_logits, _ = teacher.apply(teacher_vars, x, train=True, mutable=["batch_stats"])
+    else:
+      t_logits = teacher.apply(teacher_vars, x, train=False)
+    return x, jax.lax.stop_gradient(t_logits)
 
-  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
-
-
-def eval_epochs(epochs: int, every: int, official: bool) -> set[int]:
-  """The (1-based) epochs after which students are evaluated: every `every` epochs and the last;
-  `official` shifts them to the authors' `epoch % every == 0` on 0-based epochs (1, 1 + every,
-  ..., and the last)."""
-  offset = 1 if official else 0
-  return {e for e in range(1, epochs + 1) if (e - offset) % every == 0 or e == epochs}
+  return prepare
 
 
 def train_student(rc: ml_collections.ConfigDict, teacher, teacher_vars, images,
@@ -83,33 +69,25 @@ def train_student(rc: ml_collections.ConfigDict, teacher, teacher_vars, images,
   n = len(images)
   batch_size = min(rc.batch_size, n)
   key = jax.random.key(seed)
-  variables = student.init(key, jnp.zeros((1, *images.shape[1:]), jnp.float32))
-  schedule = train_lib.epoch_schedule(rc.lr, rc.epochs, train_lib.steps_per_epoch(n, batch_size),
-                                      rc.warmup_epochs)
-  tx = train_lib.make_optimizer(rc.optimizer, schedule, rc.weight_decay, rc.momentum,
-                                decay_bn_and_bias=rc.decay_bn_and_bias)
-  state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
-  step = jax.jit(functools.partial(_student_step, student, teacher, tx, rc, mean=mean, std=std),
-                 donate_argnums=0)
+  steps = train_lib.steps_per_epoch(n, batch_size)
+  tx = train_lib.make_optimizer(
+      rc.optimizer, train_lib.epoch_schedule(rc.lr, rc.epochs, steps, rc.warmup_epochs),
+      rc.weight_decay, rc.momentum, decay_bn_and_bias=rc.decay_bn_and_bias)
+  state = train_loop.create_state(student, key, images.shape[1:], tx)
+  step = train_loop.make_train_step(
+      student_input(rc, teacher, mean, std),
+      functools.partial(kd_loss, temperature=rc.temperature, t2_factor=rc.t2_factor))
   accuracy = train_lib.make_accuracy_fn(student, mean, std, pipeline=pipeline)
   # The teacher labels every batch, so the set's own labels are never read.
   batches = input_pipeline.train_batches(images, np.zeros((n,), np.int32), batch_size=batch_size,
                                          seed=seed, epochs=rc.epochs, pipeline=pipeline,
                                          process_index=0, process_count=1)
-  history = []
-  evaluate_after = eval_epochs(rc.epochs, rc.eval_every, bool(rc.compat_eval_epochs))
-  bar = tqdm.trange(rc.epochs, desc=desc, unit="epoch", leave=False)
-  limit = train_lib.DispatchLimit()
-  for epoch in bar:
-    for i in range(train_lib.steps_per_epoch(n, batch_size)):
-      state, loss = step(state, teacher_vars, next(batches)["image"],
-                         jax.random.fold_in(key, epoch * 100_003 + i))
-      limit(loss)
-    if epoch + 1 in evaluate_after:
-      acc = accuracy({"params": state[0], "batch_stats": state[1]}, test.images, test.labels)
-      history.append((epoch + 1, acc))
-      bar.set_postfix(test_acc=f"{acc:.2f}")
-      log.write(f"relabel/{desc}", epoch + 1, test_accuracy=acc)
+  _, history = train_loop.fit(
+      state, step, batches, key=key, aux=teacher_vars, epochs=rc.epochs, steps_per_epoch=steps,
+      evaluate=lambda v: accuracy(v, test.images, test.labels),
+      evaluate_after=train_loop.eval_epochs(rc.epochs, rc.eval_every,
+                                            bool(rc.compat_eval_epochs)),
+      log=log, log_name=f"relabel/{desc}", desc=desc, leave_bar=False)
   return {"final": history[-1][1], "best": max(a for _, a in history), "history": history}
 
 
@@ -156,6 +134,22 @@ def random_real_set(train: data.Dataset, ipc: int, seed: int):
   return data.SubsetImages(train.images, random_real_indices(train, ipc, seed))
 
 
+def stage_devices(workdir, teacher_meta: dict, methods) -> dict:
+  """How many devices and processes ran each stage behind these results: squeeze (from
+  teacher.json), recover (recover.json of each method; the largest) and relabel (one device of
+  process 0)."""
+  stages = {}
+  if "stage" in teacher_meta:
+    stages["squeeze"] = teacher_meta["stage"]
+  recovered = [files.read_json(p).get("stage") for p in (
+      pathlib.Path(workdir) / "synthetic" / m / "recover.json" for m in methods) if p.exists()]
+  recovered = [s for s in recovered if s]
+  if recovered:
+    stages["recover"] = max(recovered, key=lambda s: (s["devices"], s["processes"]))
+  stages["relabel"] = {"devices": 1, "processes": 1}
+  return stages
+
+
 def mean_std(values) -> tuple[float, float]:
   values = np.asarray(values, np.float64)
   return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
@@ -193,7 +187,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     sets[RANDOM_REAL] = random_real_set(train, config.ipc, config.seed)
   results = {"dataset": config.dataset, "ipc": config.ipc, "student": rc.student,
              "teacher_test_accuracy": meta["test_accuracy"], "compat": compat.settings(config),
-             "normalisation": {"mean": list(mean), "std": list(std)}, "sets": {}}
+             "normalisation": {"mean": list(mean), "std": list(std)},
+             "stages": stage_devices(workdir, meta, [] if rc.synthetic_set else config.methods),
+             "sets": {}}
   for name, images in sets.items():
     runs = [train_student(rc, teacher, teacher_vars, images, test, mean, std, seed,
                           f"relabel: {name} seed {seed}", log, pipeline)

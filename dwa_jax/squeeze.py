@@ -4,18 +4,14 @@ The teacher is saved as an Orbax checkpoint `<workdir>/teacher/variables` plus `
 (model, classes, image shape, normalisation, accuracy), which later stages read.
 """
 
-import functools
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from tqdm import auto as tqdm
 
-from dwa_jax import convert, data, files, input_pipeline, train_lib
+from dwa_jax import convert, data, files, input_pipeline, train_lib, train_loop
 from dwa_jax.models import build_model
 
 TEACHER_DIR = "teacher"
@@ -65,20 +61,18 @@ def load_teacher(workdir, dataset: data.Dataset | None = None):
   return model, variables, meta
 
 
-def _train_step(model, tx, augment_kind, state, images, y, key, mean, std):
-  params, batch_stats, opt_state = state
-  dropout_key = jax.random.fold_in(key, 1)
-  x = train_lib.augment_views(key, train_lib.normalize(images, mean, std), augment_kind)
+def teacher_input(augment_kind: str, mean, std) -> train_loop.Prepare:
+  """A teacher batch: augmented images, and their labels as the target."""
 
-  def loss_fn(params):
-    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                  mutable=["batch_stats"], rngs={"dropout": dropout_key})
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, (updates["batch_stats"], jnp.mean(jnp.argmax(logits, -1) == y))
+  def prepare(key, images, labels, aux):
+    del aux
+    return train_lib.augment_views(key, train_lib.normalize(images, mean, std), augment_kind), labels
 
-  (loss, (batch_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return (optax.apply_updates(params, updates), batch_stats, opt_state), loss, acc
+  return prepare
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def train_teacher(cfg: ml_collections.ConfigDict, train: data.Dataset, test: data.Dataset,
@@ -89,34 +83,23 @@ def train_teacher(cfg: ml_collections.ConfigDict, train: data.Dataset, test: dat
   n = len(train.labels)
   batch_size = min(cfg.batch_size, n)
   key = jax.random.key(seed)
-  variables = model.init(key, jnp.zeros((1, *train.images.shape[1:]), jnp.float32))
-  schedule = train_lib.epoch_schedule(cfg.lr, cfg.epochs, train_lib.steps_per_epoch(n, batch_size),
-                                      cfg.warmup_epochs)
-  tx = train_lib.make_optimizer(cfg.optimizer, schedule, cfg.weight_decay, cfg.momentum)
-  state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
-  step = jax.jit(functools.partial(_train_step, model, tx, cfg.augment, mean=train.mean,
-                                   std=train.std), donate_argnums=0)
+  steps = train_lib.steps_per_epoch(n, batch_size)
+  tx = train_lib.make_optimizer(
+      cfg.optimizer, train_lib.epoch_schedule(cfg.lr, cfg.epochs, steps, cfg.warmup_epochs),
+      cfg.weight_decay, cfg.momentum)
+  state = train_loop.create_state(model, key, train.images.shape[1:], tx)
+  step = train_loop.make_train_step(teacher_input(cfg.augment, train.mean, train.std),
+                                    cross_entropy)
   accuracy = train_lib.make_accuracy_fn(model, train.mean, train.std, pipeline=pipeline)
   batches = input_pipeline.train_batches(train.images, train.labels, batch_size=batch_size,
                                          seed=seed, epochs=cfg.epochs, pipeline=pipeline,
                                          process_index=0, process_count=1)
-  test_acc = float("nan")
-  bar = tqdm.trange(cfg.epochs, desc="squeeze: teacher", unit="epoch")
-  limit = train_lib.DispatchLimit()
-  for epoch in bar:
-    losses = []
-    for i in range(train_lib.steps_per_epoch(n, batch_size)):
-      batch = next(batches)
-      state, loss, _ = step(state, batch["image"], batch["label"],
-                            jax.random.fold_in(key, epoch * 100_003 + i))
-      losses.append(loss)
-      limit(loss)
-    train_loss = float(np.mean(jax.device_get(losses)))
-    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-      test_acc = accuracy({"params": state[0], "batch_stats": state[1]}, test.images, test.labels)
-    bar.set_postfix(loss=f"{train_loss:.3f}", test_acc=f"{test_acc:.2f}")
-    log.write("squeeze", epoch + 1, train_loss=train_loss, test_accuracy=test_acc)
-  return model, {"params": state[0], "batch_stats": state[1]}
+  state, _ = train_loop.fit(
+      state, step, batches, key=key, aux=None, epochs=cfg.epochs, steps_per_epoch=steps,
+      evaluate=lambda v: accuracy(v, test.images, test.labels),
+      evaluate_after=train_loop.eval_epochs(cfg.epochs, cfg.eval_every),
+      log=log, log_name="squeeze", desc="squeeze: teacher")
+  return model, state.variables
 
 
 def import_teacher(cfg: ml_collections.ConfigDict, num_classes: int, image_shape):
@@ -143,7 +126,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
       variables, test.images, test.labels)
   meta = {"model": config.teacher.model, "num_classes": train.num_classes,
           "image_shape": list(image_shape), "mean": list(train.mean), "std": list(train.std),
-          "dataset": config.dataset, "test_accuracy": acc, "source": source}
+          "dataset": config.dataset, "test_accuracy": acc, "source": source,
+          # Squeeze trains on one device of process 0 (data-parallel training is issue 13's).
+          "stage": {"devices": 1, "processes": 1}}
   save_teacher(workdir, variables, meta)
   log.write("squeeze", config.teacher.epochs, final_test_accuracy=acc)
   print(f"squeeze: teacher {config.teacher.model} ({source}) test top-1 {acc:.2f}%")

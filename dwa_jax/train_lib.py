@@ -1,11 +1,10 @@
 """Pieces shared by the squeeze (teacher) and relabel (student) training loops."""
 
 import math
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from dwa_jax import augment, input_pipeline

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dwa_jax import compat, data, presets, recover, relabel
+from dwa_jax import compat, data, presets, recover, relabel, train_loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SWITCH_NAMES = ["compat_cifar10_std", "recover.compat_q1", "recover.compat_q2",
@@ -75,10 +75,10 @@ def test_official_std_applies_to_cifar10_only():
 
 
 def test_eval_epochs_clean_and_official():
-  assert sorted(relabel.eval_epochs(40, 10, False)) == [10, 20, 30, 40]
+  assert sorted(train_loop.eval_epochs(40, 10, False)) == [10, 20, 30, 40]
   # The authors test when the 0-based epoch % 10 == 0, and after the last epoch.
-  assert sorted(relabel.eval_epochs(40, 10, True)) == [1, 11, 21, 31, 40]
-  assert len(relabel.eval_epochs(400, 10, True)) == 41
+  assert sorted(train_loop.eval_epochs(40, 10, True)) == [1, 11, 21, 31, 40]
+  assert len(train_loop.eval_epochs(400, 10, True)) == 41
 
 
 def test_official_jpeg_truncates_then_saves_quality_75():

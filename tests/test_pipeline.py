@@ -5,12 +5,13 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from dwa_jax import main as main_lib
-from dwa_jax import presets, recover, relabel, squeeze
+from dwa_jax import presets, recover, relabel, squeeze, train_loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -79,6 +80,9 @@ def test_relabel_reports_final_best_and_spread(workdir):
     assert len(r["runs"]) == 2 and r["num_images"] == 20
     assert r["best_mean"] >= r["final_mean"] - 1e-9
     assert all(len(run["history"]) == 3 for run in r["runs"])
+  assert results["stages"] == {"squeeze": {"devices": 1, "processes": 1},
+                               "recover": {"devices": len(jax.devices()), "processes": 1},
+                               "relabel": {"devices": 1, "processes": 1}}
   table = (workdir / "results.md").read_text()
   assert "| dwa | 2 | 2 |" in table and "±" in table
 
@@ -153,10 +157,12 @@ def test_student_step_trains_with_dropout_like_torch():
   teacher_vars = student.init(jax.random.key(1), x)
   rc = presets.demo_digits().relabel
   rc.augment, rc.mixing = "none", "none"
-  tx = optax.sgd(0.0)
-  state = (variables["params"], {}, tx.init(variables["params"]))
-  step = lambda key: relabel._student_step(student, teacher, tx, rc, state, teacher_vars,
-                                           x, key, (0.0,), (1.0,))[1]
+  state = train_loop.TrainState.create(apply_fn=student.apply, params=variables["params"],
+                                       tx=optax.sgd(0.0), batch_stats={})
+  prepare = relabel.student_input(rc, teacher, (0.0,), (1.0,))
+  loss = lambda s, t: relabel.kd_loss(s, t, rc.temperature, rc.t2_factor)
+  step = lambda key: train_loop.train_step(state, x, None, key, teacher_vars, prepare=prepare,
+                                           loss=loss)[1]
   t_logits = teacher.apply(teacher_vars, x)
   no_dropout = relabel.kd_loss(student.apply(variables, x, train=False), t_logits,
                                rc.temperature, rc.t2_factor)

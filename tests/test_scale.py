@@ -1,5 +1,6 @@
 """Scale-out and preemption safety of the recover stage: devices, processes, SIGKILL, resume."""
 
+import json
 import os
 import pathlib
 import random
@@ -116,6 +117,12 @@ def test_sigkill_at_random_points_resumes_bit_identically(teacher_dir, tmp_path,
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
   assert images_bytes(workdir) == reference
+  # The reruns resumed saved work (an in-flight checkpoint or finished batches): a run whose
+  # kills all came before the first checkpoint would not test resuming.
+  resumes = [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+             if r["stage"] == "recover/dwa/resume"]
+  assert any(r.get("inflight_iteration", 0) > 0 or r.get("finished_batches", 0) > 0
+             for r in resumes), resumes
 
 
 def free_port() -> int:
@@ -133,6 +140,8 @@ def test_two_processes_on_localhost_match_one_process(teacher_dir, tmp_path, ref
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, f"process {k}: {err[-2000:]}"
   assert images_bytes(workdir) == reference
+  summary = json.loads((workdir / "synthetic" / "dwa" / "recover.json").read_text())
+  assert summary["stage"] == {"devices": 4, "processes": 2}  # 2 forced devices per process
 
 
 def test_owned_batches_split_ipc_indices_between_processes():

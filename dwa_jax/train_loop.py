@@ -1,0 +1,98 @@
+"""The one training loop of squeeze (teacher, cross-entropy on labels) and relabel (students,
+KD on online teacher logits): a `TrainState`, a pure `train_step`, and `fit`, which runs epochs
+of input-pipeline batches, evaluates after the chosen epochs and logs.
+
+What differs between the two stages is `prepare`: how a batch of images and labels becomes the
+model's input and the loss's target (augmentation, mixing, the teacher's logits), and `loss`.
+"""
+
+import functools
+from typing import Any, Callable
+
+from flax.training import train_state
+import jax
+import numpy as np
+import optax
+from tqdm import auto as tqdm
+
+from dwa_jax import files, train_lib
+
+
+class TrainState(train_state.TrainState):
+  """Parameters, optimizer state and step, plus the BatchNorm running statistics."""
+  batch_stats: Any = None
+
+  @property
+  def variables(self) -> dict:
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def create_state(model, key, image_shape, tx: optax.GradientTransformation) -> TrainState:
+  variables = model.init(key, np.zeros((1, *image_shape), np.float32))
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                           batch_stats=variables["batch_stats"])
+
+
+# prepare(key, images, labels, aux) -> (model input, loss target); loss(logits, target) -> scalar
+Prepare = Callable[[Any, Any, Any, Any], tuple[Any, Any]]
+Loss = Callable[[Any, Any], Any]
+
+
+def train_step(state: TrainState, images, labels, key, aux, *, prepare: Prepare,
+               loss: Loss) -> tuple[TrainState, Any]:
+  """One optimizer step on one batch; `aux` carries what `prepare` needs besides the batch (the
+  teacher's variables in relabel). Students with dropout or stochastic depth draw it from
+  fold_in(key, 1), which leaves `prepare`'s stream as it was."""
+  x, target = prepare(key, images, labels, aux)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x,
+                                     train=True, mutable=["batch_stats"],
+                                     rngs={"dropout": jax.random.fold_in(key, 1)})
+    return loss(logits, target), updates["batch_stats"]
+
+  (value, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats), value
+
+
+def make_train_step(prepare: Prepare, loss: Loss) -> Callable:
+  """The jitted step; the state is donated (updated in place)."""
+  return jax.jit(functools.partial(train_step, prepare=prepare, loss=loss), donate_argnums=0)
+
+
+def fit(state: TrainState, step: Callable, batches, *, key, aux, epochs: int,
+        steps_per_epoch: int, evaluate: Callable[[dict], float], evaluate_after: set,
+        log: files.MetricsLog, log_name: str, desc: str,
+        leave_bar: bool = True) -> tuple[TrainState, list]:
+  """`epochs` epochs of `steps_per_epoch` steps over the `batches` iterator (dicts with `image`
+  and `label`); step (epoch, i) uses fold_in(key, epoch · 100003 + i). After each epoch in
+  `evaluate_after` (1-based) `evaluate(variables)` gives a test top-1; every epoch's mean loss is
+  logged. Returns the final state and [(epoch, top-1), ...]."""
+  history = []
+  limit = train_lib.DispatchLimit()
+  bar = tqdm.trange(epochs, desc=desc, unit="epoch", leave=leave_bar)
+  for epoch in bar:
+    losses = []
+    for i in range(steps_per_epoch):
+      batch = next(batches)
+      state, loss = step(state, batch["image"], batch["label"],
+                         jax.random.fold_in(key, epoch * 100_003 + i), aux)
+      losses.append(loss)
+      limit(loss)
+    values = {"train_loss": float(np.mean(jax.device_get(losses)))}
+    if epoch + 1 in evaluate_after:
+      values["test_accuracy"] = evaluate(state.variables)
+      history.append((epoch + 1, values["test_accuracy"]))
+    bar.set_postfix(loss=f"{values['train_loss']:.3f}",
+                    **({"test_acc": f"{history[-1][1]:.2f}"} if history else {}))
+    log.write(log_name, epoch + 1, **values)
+  return state, history
+
+
+def eval_epochs(epochs: int, every: int, official: bool = False) -> set[int]:
+  """The (1-based) epochs after which a model is evaluated: every `every` epochs and the last;
+  `official` shifts them to the authors' `epoch % every == 0` on 0-based epochs (1, 1 + every,
+  ..., and the last)."""
+  offset = 1 if official else 0
+  return {e for e in range(1, epochs + 1) if (e - offset) % every == 0 or e == epochs}
+
