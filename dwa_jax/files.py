@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import tempfile
 import time
 import zipfile
@@ -113,16 +114,38 @@ def _to_builtin(x):
 
 
 class MetricsLog:
-  """Appends one JSON object per line (stage, step, wall time, values) to `path`."""
+  """Appends one JSON object per line (stage, step, wall time, values) to `path`, and writes
+  every finite number among the values as a TensorBoard scalar `<stage>/<name>` (tensorboardX
+  event files in `<path's folder>/tensorboard/`, one file per process)."""
 
-  def __init__(self, path):
+  def __init__(self, path, tensorboard: bool = True):
     self.path = pathlib.Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.tensorboard = tensorboard
+    self._writer = None
 
   def write(self, stage: str, step: int, **values) -> None:
     record = {"stage": stage, "step": int(step), "time": round(time.time(), 3), **values}
     with self.path.open("a") as f:
       f.write(json.dumps(record, default=_to_builtin) + "\n")
+    if self.tensorboard:
+      self._scalars(stage, int(step), values)
+
+  def _scalars(self, stage: str, step: int, values: dict) -> None:
+    scalars = {k: float(v) for k, v in values.items()
+               if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+               and np.isfinite(v)}
+    if not scalars:
+      return
+    if self._writer is None:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      import jax  # pylint: disable=g-import-not-at-top
+      self._writer = tensorboardX.SummaryWriter(
+          os.fspath(self.path.parent / "tensorboard"),
+          filename_suffix=f".p{jax.process_index()}")
+    for name, value in scalars.items():
+      self._writer.add_scalar(re.sub(r"[^A-Za-z0-9_./-]+", "_", f"{stage}/{name}"), value, step)
+    self._writer.flush()
 
 
 def to_uint8(images01: np.ndarray) -> np.ndarray:

@@ -827,8 +827,10 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
         progress.save_done(i, j, np.asarray(states[k].x), summary)
         if chained and j > 0:
           progress.drop_carry(i, j - 1)
-        log.write(f"recover/{method}", i * len(chunks) + j,
-                  seconds=(time.time() - started) / len(group), **summary)
+        seconds = (time.time() - started) / len(group)
+        log.write(f"recover/{method}", i * len(chunks) + j, seconds=seconds,
+                  image_iterations_per_second=len(chunks[j]) * cfg.iterations / seconds,
+                  **summary)
       progress.clear_inflight()
   return progress
 

@@ -70,8 +70,9 @@ def train_student(rc: ml_collections.ConfigDict, teacher, teacher_vars, images,
   batch_size = min(rc.batch_size, n)
   key = jax.random.key(seed)
   steps = train_lib.steps_per_epoch(n, batch_size)
+  schedule = train_lib.epoch_schedule(rc.lr, rc.epochs, steps, rc.warmup_epochs)
   tx = train_lib.make_optimizer(
-      rc.optimizer, train_lib.epoch_schedule(rc.lr, rc.epochs, steps, rc.warmup_epochs),
+      rc.optimizer, schedule,
       rc.weight_decay, rc.momentum, decay_bn_and_bias=rc.decay_bn_and_bias)
   state = train_loop.create_state(student, key, images.shape[1:], tx)
   step = train_loop.make_train_step(
@@ -87,7 +88,7 @@ def train_student(rc: ml_collections.ConfigDict, teacher, teacher_vars, images,
       evaluate=lambda v: accuracy(v, test.images, test.labels),
       evaluate_after=train_loop.eval_epochs(rc.epochs, rc.eval_every,
                                             bool(rc.compat_eval_epochs)),
-      log=log, log_name=f"relabel/{desc}", desc=desc, leave_bar=False)
+      learning_rate=schedule, log=log, log_name=f"relabel/{desc}", desc=desc, leave_bar=False)
   return {"final": history[-1][1], "best": max(a for _, a in history), "history": history}
 
 

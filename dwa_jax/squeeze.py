@@ -84,8 +84,9 @@ def train_teacher(cfg: ml_collections.ConfigDict, train: data.Dataset, test: dat
   batch_size = min(cfg.batch_size, n)
   key = jax.random.key(seed)
   steps = train_lib.steps_per_epoch(n, batch_size)
+  schedule = train_lib.epoch_schedule(cfg.lr, cfg.epochs, steps, cfg.warmup_epochs)
   tx = train_lib.make_optimizer(
-      cfg.optimizer, train_lib.epoch_schedule(cfg.lr, cfg.epochs, steps, cfg.warmup_epochs),
+      cfg.optimizer, schedule,
       cfg.weight_decay, cfg.momentum)
   state = train_loop.create_state(model, key, train.images.shape[1:], tx)
   step = train_loop.make_train_step(teacher_input(cfg.augment, train.mean, train.std),
@@ -98,7 +99,7 @@ def train_teacher(cfg: ml_collections.ConfigDict, train: data.Dataset, test: dat
       state, step, batches, key=key, aux=None, epochs=cfg.epochs, steps_per_epoch=steps,
       evaluate=lambda v: accuracy(v, test.images, test.labels),
       evaluate_after=train_loop.eval_epochs(cfg.epochs, cfg.eval_every),
-      log=log, log_name="squeeze", desc="squeeze: teacher")
+      learning_rate=schedule, log=log, log_name="squeeze", desc="squeeze: teacher")
   return model, state.variables
 
 

@@ -7,6 +7,7 @@ model's input and the loss's target (augmentation, mixing, the teacher's logits)
 """
 
 import functools
+import time
 from typing import Any, Callable
 
 from flax.training import train_state
@@ -62,24 +63,29 @@ def make_train_step(prepare: Prepare, loss: Loss) -> Callable:
 
 def fit(state: TrainState, step: Callable, batches, *, key, aux, epochs: int,
         steps_per_epoch: int, evaluate: Callable[[dict], float], evaluate_after: set,
-        log: files.MetricsLog, log_name: str, desc: str,
+        log: files.MetricsLog, log_name: str, desc: str, learning_rate: Callable | None = None,
         leave_bar: bool = True) -> tuple[TrainState, list]:
   """`epochs` epochs of `steps_per_epoch` steps over the `batches` iterator (dicts with `image`
   and `label`); step (epoch, i) uses fold_in(key, epoch · 100003 + i). After each epoch in
   `evaluate_after` (1-based) `evaluate(variables)` gives a test top-1; every epoch's mean loss is
-  logged. Returns the final state and [(epoch, top-1), ...]."""
+  logged with the epoch's images/s and (given `learning_rate(step)`) learning rate. Returns the
+  final state and [(epoch, top-1), ...]."""
   history = []
   limit = train_lib.DispatchLimit()
   bar = tqdm.trange(epochs, desc=desc, unit="epoch", leave=leave_bar)
   for epoch in bar:
-    losses = []
+    losses, images, started = [], 0, time.perf_counter()
     for i in range(steps_per_epoch):
       batch = next(batches)
       state, loss = step(state, batch["image"], batch["label"],
                          jax.random.fold_in(key, epoch * 100_003 + i), aux)
       losses.append(loss)
       limit(loss)
-    values = {"train_loss": float(np.mean(jax.device_get(losses)))}
+      images += len(batch["image"])
+    values = {"train_loss": float(np.mean(jax.device_get(losses))),
+              "images_per_second": images / (time.perf_counter() - started)}
+    if learning_rate is not None:
+      values["learning_rate"] = float(learning_rate(epoch * steps_per_epoch))
     if epoch + 1 in evaluate_after:
       values["test_accuracy"] = evaluate(state.variables)
       history.append((epoch + 1, values["test_accuracy"]))

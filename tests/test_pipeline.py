@@ -87,6 +87,37 @@ def test_relabel_reports_final_best_and_spread(workdir):
   assert "| dwa | 2 | 2 |" in table and "±" in table
 
 
+def tensorboard_scalars(logdir) -> dict:
+  """tag -> [(step, value)] from tensorboardX event files (TFRecord framing: length, its CRC,
+  an Event proto, its CRC)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  scalars = {}
+  for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
+    blob = path.read_bytes()
+    at = 0
+    while at < len(blob):
+      length = int.from_bytes(blob[at:at + 8], "little")
+      event = event_pb2.Event.FromString(blob[at + 12:at + 12 + length])
+      at += 16 + length
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def test_every_stage_writes_tensorboard_scalars(workdir):
+  if not (workdir / "results.json").exists():  # this test alone: run relabel here
+    relabel.run(tiny_config(), workdir)
+  scalars = tensorboard_scalars(workdir / "tensorboard")
+  for tag in ("squeeze/train_loss", "squeeze/test_accuracy", "squeeze/learning_rate",
+              "squeeze/images_per_second", "recover/dwa/final_ce", "recover/dwa/delta_norm",
+              "recover/dwa/final_bn_loss", "recover/dwa/image_iterations_per_second",
+              "relabel/relabel_dwa_seed_0/train_loss", "relabel/relabel_dwa_seed_0/test_accuracy",
+              "relabel/relabel_dwa_seed_0/learning_rate"):
+    assert tag in scalars, sorted(scalars)
+  assert [s for s, _ in scalars["squeeze/train_loss"]] == [1, 2]
+  assert scalars["squeeze/learning_rate"][0][1] == pytest.approx(0.1)  # epoch 1: the base lr
+
+
 def test_kd_loss_is_batchmean_kl_with_optional_t2():
   rng = np.random.default_rng(0)
   s, t = rng.normal(size=(4, 5)), rng.normal(size=(4, 5))
