@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from dwa_jax import recover
+from dwa_jax import recover, synthesis
 from dwa_jax.models import build_model
 from dwa_jax.models.convnet import ConvNet
 
@@ -275,7 +275,7 @@ def test_unreadable_inflight_checkpoint_restarts_the_group(tmp_path):
   """A SIGKILL in the middle of an Orbax save leaves a step Orbax cannot read: start over."""
   cfg = recover.SynthesisConfig(iterations=4)
   x = jnp.ones((2, 4, 4, 3), jnp.float32)
-  state = recover.BatchState(x, recover._adam(cfg).init(x), None, jnp.zeros_like(x),
+  state = recover.BatchState(x, synthesis._adam(cfg).init(x), None, jnp.zeros_like(x),
                              jnp.asarray(2, jnp.int32))
   progress = recover.Progress(tmp_path / "progress", {"a": 1})
   progress.save_inflight("0:0", [state])

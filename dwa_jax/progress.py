@@ -1,0 +1,129 @@
+"""Progress persistence of recover: finished batches (.npz), the compat_q2 chain carries and the
+in-flight group's Orbax checkpoint, so a killed run resumes where it stopped."""
+
+import pathlib
+import shutil
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dwa_jax import files
+from dwa_jax.synthesis import BatchState, ChainCarry
+
+class Progress:
+  """Finished batches (.npz, atomic) and the in-flight group (Orbax) of one method's run."""
+
+  def __init__(self, root: pathlib.Path, fingerprint: dict):
+    self.root = root
+    stamp = root / "fingerprint.json"
+    if stamp.exists() and files.read_json(stamp) != fingerprint:
+      print(f"recover: settings changed since the progress in {root} was saved; starting over")
+      shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    files.write_json(stamp, fingerprint)
+    # One in-flight checkpoint per process, each written by its own process alone.
+    process = jax.process_index()
+    self.marker = root / f"inflight_p{process}.json"
+    (root / f"inflight_p{process}").mkdir(exist_ok=True)
+    self.manager = ocp.CheckpointManager(
+        (root / f"inflight_p{process}").absolute(), options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=False, enable_async_checkpointing=False,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=process, active_processes={process})))
+
+  def done_path(self, i: int, j: int) -> pathlib.Path:
+    return self.root / "done" / f"batch_{i:05d}_{j:03d}.npz"
+
+  def is_done(self, i: int, j: int) -> bool:
+    return self.done_path(i, j).exists()
+
+  def save_done(self, i: int, j: int, x: np.ndarray, summary: dict) -> None:
+    files.save_npz(self.done_path(i, j), x=x, **{k: np.asarray(v) for k, v in summary.items()})
+
+  def load_done(self, i: int, j: int) -> tuple[np.ndarray, dict]:
+    with np.load(self.done_path(i, j)) as f:
+      return f["x"], {k: f[k].item() for k in f.files if k != "x"}
+
+  def carry_path(self, i: int, j: int) -> pathlib.Path:
+    return self.root / "carry" / f"batch_{i:05d}_{j:03d}.npz"
+
+  def save_carry(self, i: int, j: int, chain: ChainCarry) -> None:
+    """compat_q2: what batch (i, j) hands batch (i, j + 1); written before its done file."""
+    leaves = jax.tree.leaves(jax.device_get(chain))
+    files.save_npz(self.carry_path(i, j), **{f"leaf_{n:04d}": np.asarray(a)
+                                             for n, a in enumerate(leaves)})
+
+  def load_carry(self, i: int, j: int, params) -> ChainCarry:
+    """The carry batch (i, j) saved, shaped like ChainCarry(params, params)."""
+    template = ChainCarry(params, params)
+    with np.load(self.carry_path(i, j)) as f:
+      leaves = [f[f"leaf_{n:04d}"] for n in range(len(f.files))]
+    return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+  def drop_carry(self, i: int, j: int) -> None:
+    self.carry_path(i, j).unlink(missing_ok=True)
+
+  def clear_inflight(self) -> None:
+    for step in self.manager.all_steps():
+      try:
+        self.manager.delete(step)
+      except Exception:  # pylint: disable=broad-except
+        shutil.rmtree(self.manager.directory / str(step), ignore_errors=True)
+
+  def save_inflight(self, group_id: str, states) -> None:
+    """Replaces the in-flight checkpoint; the group marker is written before the state, so a
+    kill at any point leaves either a matching pair or nothing to resume from."""
+    self.clear_inflight()
+    files.write_json(self.marker, {"group": group_id})
+    self.manager.save(int(states[0].t), args=ocp.args.StandardSave(_host_tree(states)))
+    self.manager.wait_until_finished()
+
+  def load_inflight(self, group_id: str, states):
+    """The saved pixels/Adam/t of this group, or None (no checkpoint, or another group's)."""
+    step = self.manager.latest_step()
+    if step is None or not self.marker.exists() or files.read_json(self.marker)["group"] != group_id:
+      return None
+    try:
+      restored = self.manager.restore(step, args=ocp.args.StandardRestore(_host_tree(states)))
+    except Exception as e:  # pylint: disable=broad-except
+      # A kill in the middle of a save can leave a step directory Orbax cannot read. The group
+      # is a pure function of its inputs, so restarting it gives the same bytes.
+      print(f"recover: in-flight checkpoint of batches {group_id} is unreadable "
+            f"({type(e).__name__}); restarting them")
+      self.clear_inflight()
+      return None
+    out = []
+    for k, state in enumerate(states):
+      part = jax.tree.map(lambda a, old: jax.device_put(a[k], old.sharding), restored,
+                          _resumable(state))
+      out.append(state._replace(**part))
+    return out
+
+
+def _resumable(state: BatchState) -> dict:
+  """What an in-flight checkpoint holds: everything the iterations change (start_batch
+  recomputes the rest)."""
+  part = {"x": state.x, "adam": state.adam, "t": state.t}
+  if state.weight_grad_sum is not None:
+    part["weight_grad_sum"] = state.weight_grad_sum
+  return part
+
+
+def _host_tree(states) -> dict:
+  """The resumable part of a group's states, stacked on the host."""
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                      *[_resumable(s) for s in states])
+
+
+def wait_for_batches(progress: Progress, ipc: int, num_chunks: int, timeout_s: float) -> None:
+  """Process 0 waits until every process's batches are on disk (a shared work directory)."""
+  deadline = time.time() + timeout_s
+  missing = [(i, j) for i in range(ipc) for j in range(num_chunks) if not progress.is_done(i, j)]
+  while missing:
+    if time.time() > deadline:
+      raise TimeoutError(f"recover: {len(missing)} batches from other processes did not appear "
+                         f"in {progress.root} within {timeout_s:.0f} s.")
+    time.sleep(1.0)
+    missing = [b for b in missing if not progress.is_done(*b)]

@@ -1,0 +1,465 @@
+"""The synthesis maths of recover: one synthetic batch against a frozen BatchNorm teacher (SRe2L,
+and DWA's directed Δθ), as pure functions; the stage (recover.py) dispatches them.
+
+One synthetic batch holds one image per class. For each batch (see ../shared/SPEC.md):
+  1. DWA only: Δθ from K normalised gradient-ascent steps of CE on the batch's own initial real
+     images (first augmented view), ‖Δθ‖ ≤ ρ; fixed for the whole batch.
+  2. T Adam steps on the pixels of
+       CE(f_{θ+Δθ}(x_aug), y) + r_bn Σ_l w_l (r_var ‖σ²_l − var_l‖₂ + ‖μ_l − mean_l‖₂),
+     μ_l, σ²_l the batch statistics of BN layer l's INPUT (teacher in eval mode), clamped to the
+     valid pixel range after every step.
+Everything here is a pure function of (teacher variables, initial images, jitter offsets, key):
+gradients are taken w.r.t. the pixels only, so XLA never computes teacher weight gradients.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from dwa_jax import augment as augment_lib
+from dwa_jax.models.layers import BN_STATS, BatchNorm
+
+METHODS = ("dwa", "sre2l", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisConfig:
+  """Hyper-parameters of one synthetic batch; defaults are the official CIFAR DWA settings."""
+  method: str = "dwa"              # 'dwa', 'sre2l' (no Δθ), 'random' (Gaussian Δθ ablation)
+  iterations: int = 1000           # T
+  lr: float = 0.25
+  r_bn: float = 0.01               # λ_mean
+  r_var: float = 11.0              # λ_var = r_bn · r_var
+  first_bn_weight: float = 10.0
+  adjust_steps: int = 12           # K
+  rho: float = 0.015
+  jitter: int = 4                  # roll offsets drawn from {0, ..., jitter}
+  augment: str = "roll"            # 'roll' (CIFAR) or 'crop_flip_roll' (Tiny-ImageNet/ImageNet)
+  adam_b1: float = 0.5
+  adam_b2: float = 0.9
+  adam_eps: float = 1e-8
+  # Reproduce the official code's quirk Q1: the K ascent passes' ∂CE/∂x leak into step 0.
+  compat_q1: bool = False
+  # Reproduce quirk Q2 (official ImageNet code): the class-chunks of one ipc index form a chain;
+  # Δθ accumulates along it and the previous chunk's weight gradients leak into the first
+  # ascent step (see `ChainCarry`). DWA only.
+  compat_q2: bool = False
+
+  @property
+  def chained(self) -> bool:
+    """Whether quirk Q2 acts: it chains DWA's weight adjustment, which the others do not have."""
+    return self.compat_q2 and self.method == "dwa"
+
+  def __post_init__(self):
+    errors = []
+    if self.method not in METHODS:
+      errors.append(f"method must be one of {METHODS}, got {self.method!r}")
+    if self.augment not in ("roll", "crop_flip_roll"):
+      errors.append(f"augment must be 'roll' or 'crop_flip_roll', got {self.augment!r}")
+    if self.iterations < 1:
+      errors.append(f"iterations must be >= 1, got {self.iterations}")
+    if self.method == "dwa" and self.adjust_steps < 1:
+      errors.append(f"adjust_steps (K) must be >= 1 for DWA, got {self.adjust_steps}")
+    for name in ("lr", "r_bn", "r_var", "first_bn_weight", "rho", "jitter"):
+      if getattr(self, name) < 0:
+        errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
+    if errors:
+      raise ValueError("Invalid synthesis config: " + "; ".join(errors))
+
+
+def sre2l_config(**overrides) -> SynthesisConfig:
+  """SRe2L: no weight adjustment and r_var = 1 (its initialisation is Gaussian noise)."""
+  return SynthesisConfig(**{"method": "sre2l", "r_var": 1.0, **overrides})
+
+
+# ----------------------------------------------------------------------------- teacher forward
+
+def bn_layer_paths(model: nn.Module, variables: Any, image_shape: Sequence[int]) -> tuple:
+  """Module paths of the BatchNorm layers in the order the forward pass calls them."""
+  order = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, BatchNorm) and context.method_name == "__call__":
+      order.append(context.module.path)
+    return next_fun(*args, **kwargs)
+
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  with nn.intercept_methods(record):
+    jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
+  if not order:
+    raise ValueError(f"{type(model).__name__} has no BatchNorm layer: SRe2L/DWA need a BN teacher.")
+  return tuple(order)
+
+
+def _at(tree, path):
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+def forward_with_bn_stats(model, params, batch_stats, x, bn_paths):
+  """Eval-mode logits plus the (mean, biased var) of each BN layer's input, in call order."""
+  logits, state = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False,
+                              capture_stats=True, mutable=[BN_STATS])
+  stats = [_at(state[BN_STATS], p)["mean_var"][0] for p in bn_paths]
+  return logits, stats
+
+
+def bn_matching_terms(stats, batch_stats, bn_paths, r_var):
+  """Per layer: r_var·‖σ²_l − running_var_l‖₂ + ‖μ_l − running_mean_l‖₂ (plain, unsquared L2)."""
+  terms = []
+  for (mean, var), path in zip(stats, bn_paths):
+    running = _at(batch_stats, path)
+    terms.append(r_var * jnp.linalg.norm(var - running["var"])
+                 + jnp.linalg.norm(mean - running["mean"]))
+  return jnp.stack(terms)
+
+
+def bn_layer_weights(num_layers: int, first_bn_weight: float):
+  return jnp.array([first_bn_weight] + [1.0] * (num_layers - 1))
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def draw_jitter_offsets(key, iterations: int, jitter: int):
+  """(T, 2) roll offsets, each uniform on {0, ..., jitter} (the official code never rolls back)."""
+  return jax.random.randint(key, (iterations, 2), 0, jitter + 1)
+
+
+class AugmentDraws(NamedTuple):
+  """Every random draw of one batch's augmentation, one row per iteration, made up front: a
+  synthesis is a pure function of them, so a recording of the authors' draws can be replayed."""
+  roll: Any          # (T, 2) int: circular shift along (height, width), each in 0..jitter
+  crop: Any = None   # (T, 4) int: (top, left, height, width) of RandomResizedCrop (crop_flip_roll)
+  flip: Any = None   # (T,) bool: horizontal flip, applied after the resize (crop_flip_roll)
+
+  def at(self, t) -> "AugmentDraws":
+    return jax.tree.map(lambda a: a[t], self)
+
+
+def as_draws(draws) -> AugmentDraws:
+  """AugmentDraws, or a bare (T, 2) array of roll offsets (the CIFAR augmentation)."""
+  return draws if isinstance(draws, AugmentDraws) else AugmentDraws(jnp.asarray(draws))
+
+
+def draw_augmentation(key, iterations: int, cfg: "SynthesisConfig", image_hw) -> AugmentDraws:
+  """The draws of one batch: roll offsets, and for 'crop_flip_roll' one RandomResizedCrop box
+  (torchvision's rule, `augment.sample_crop_box`) and one flip decision per iteration."""
+  roll_key, crop_key = jax.random.split(key)
+  roll = draw_jitter_offsets(roll_key, iterations, cfg.jitter)
+  if cfg.augment == "roll":
+    return AugmentDraws(roll)
+  box_keys, flip_keys = jax.random.split(crop_key, (2, iterations))
+  boxes = jax.vmap(lambda k: jnp.stack(augment_lib.sample_crop_box(k, *image_hw)))(box_keys)
+  flips = jax.vmap(lambda k: jax.random.bernoulli(k, 0.5))(flip_keys)
+  return AugmentDraws(roll, boxes.astype(jnp.int32), flips)
+
+
+def synthesis_view(x, draw: AugmentDraws, augment: str):
+  """The augmented copy the teacher sees at one iteration, one transform for the whole batch
+  (the official code transforms the batch tensor): for 'crop_flip_roll', crop the box and
+  resize it back to full size (bilinear), flip, then roll; for 'roll', roll only."""
+  draw = as_draws(draw)
+  if augment == "crop_flip_roll":
+    if draw.crop is None or draw.flip is None:
+      raise ValueError("augment='crop_flip_roll' needs crop boxes and flips in the draws.")
+    x = augment_lib.crop_and_resize(x, draw.crop, x.shape[1])
+    x = jnp.where(draw.flip, x[:, :, ::-1, :], x)
+  return jnp.roll(x, (draw.roll[0], draw.roll[1]), axis=(1, 2))
+
+
+def pixel_bounds(mean, std, dtype):
+  """Normalised values of pixel 0 and 1 per channel: the clamp box."""
+  mean, std = jnp.asarray(mean, dtype), jnp.asarray(std, dtype)
+  return -mean / std, (1 - mean) / std
+
+
+def cosine_lr(step, iterations: int, lr: float, dtype):
+  """lr_t = ½(1 + cos(π t / T))·lr, no warm-up (the official per-iteration schedule)."""
+  t = jnp.asarray(step, dtype)
+  return 0.5 * (1 + jnp.cos(jnp.pi * t / iterations)) * lr
+
+
+# ----------------------------------------------------------------------------- weight adjustment
+
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def _stack(per_step: list) -> dict:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
+
+
+class ChainCarry(NamedTuple):
+  """What one class-chunk hands the next under quirk Q2 (the official ImageNet loop never
+  restores θ and never clears the weight gradients between the chunks of an ipc index)."""
+  delta: Any         # Δθ accumulated so far: the next chunk's ascent starts from θ0 + delta
+  weight_grad: Any   # Σ_t ∇θ L_total over this chunk's iterations: leaks into the next ascent
+
+
+def empty_chain(params) -> ChainCarry:
+  """The carry into the first chunk of an ipc index (the teacher as loaded)."""
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  return ChainCarry(zeros, zeros)
+
+
+def directed_weight_adjustment(model, params, batch_stats, x, view, labels, bn_paths,
+                               cfg: SynthesisConfig, chain: ChainCarry | None = None):
+  """K steps Δθ += (ρ/K)·g/(‖g‖+1e-12), g = ∇_θ CE(f_{θ+Δθ}(view(x))), one global norm over θ.
+
+  All parameters move (BN affine included); running statistics do not. With a `chain` (quirk
+  Q2) Δθ starts from chain.delta and the first step's g also holds chain.weight_grad. Returns
+  Δθ, the image gradient the official code accumulates during the ascent (for compat_q1; zeros
+  otherwise) and per-pass metrics (CE before each update, BN terms).
+  """
+
+  def ce_and_terms(delta, x):
+    logits, stats = forward_with_bn_stats(model, _add(params, delta), batch_stats, view(x), bn_paths)
+    return cross_entropy(logits, labels), bn_matching_terms(stats, batch_stats, bn_paths, cfg.r_var)
+
+  grad_fn = jax.value_and_grad(ce_and_terms, argnums=(0, 1) if cfg.compat_q1 else 0, has_aux=True)
+
+  def ascent_step(carry, leaked):
+    delta, x_grad_sum = carry
+    (ce, terms), grads = grad_fn(delta, x)
+    if cfg.compat_q1:
+      g, x_grad = grads
+      x_grad_sum = x_grad_sum + x_grad
+    else:
+      g = grads
+    if leaked is not None:
+      g = _add(leaked, g)
+    scale = (cfg.rho / cfg.adjust_steps) / (optax.tree.norm(g) + 1e-12)
+    delta = jax.tree.map(lambda d, gi: d + scale * gi, delta, g)
+    return (delta, x_grad_sum), {"ce": ce, "bn_terms": terms}
+
+  # Unrolled: XLA's CPU backend runs convolutions inside while loops several times slower.
+  start = jax.tree.map(jnp.zeros_like, params) if chain is None else chain.delta
+  carry = (start, jnp.zeros_like(x))
+  per_step = []
+  for k in range(cfg.adjust_steps):
+    carry, m = ascent_step(carry, chain.weight_grad if chain is not None and k == 0 else None)
+    per_step.append(m)
+  (delta, x_grad_sum) = carry
+  return delta, x_grad_sum, _stack(per_step)
+
+
+def random_weight_adjustment(key, params, rho):
+  """Ablation (paper Table 3): a Gaussian direction with the same global norm ρ."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  noise = [jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)]
+  noise = jax.tree.unflatten(treedef, noise)
+  return jax.tree.map(lambda n: n * (rho / optax.tree.norm(noise)), noise)
+
+
+# ----------------------------------------------------------------------------- one batch
+
+def synthesis_loss(model, params, batch_stats, x_view, labels, bn_paths, layer_weights,
+                   cfg: SynthesisConfig):
+  """CE + r_bn·Σ_l w_l·term_l on an augmented view; returns (loss, (ce, per-layer terms))."""
+  logits, stats = forward_with_bn_stats(model, params, batch_stats, x_view, bn_paths)
+  ce = cross_entropy(logits, labels)
+  terms = bn_matching_terms(stats, batch_stats, bn_paths, cfg.r_var)
+  return ce + cfg.r_bn * jnp.dot(layer_weights, terms), (ce, terms)
+
+
+class BatchState(NamedTuple):
+  """A synthetic batch between iterations: enough to continue (or checkpoint) it."""
+  x: jax.Array                 # current normalised pixels
+  adam: Any                    # optax.ScaleByAdamState
+  delta: Any                   # Δθ (None for SRe2L)
+  first_grad_extra: jax.Array  # quirk Q1's leaked ascent gradient (zeros unless compat_q1)
+  t: jax.Array                 # index of the next iteration
+  weight_grad_sum: Any = None  # quirk Q2: Σ ∇θ L_total over the iterations so far (else None)
+
+  def chain(self) -> ChainCarry:
+    """The carry into the next class-chunk of this ipc index (compat_q2)."""
+    return ChainCarry(self.delta, self.weight_grad_sum)
+
+
+def _adam(cfg: SynthesisConfig):
+  return optax.scale_by_adam(b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps)
+
+
+def start_batch(model, variables, x_init, labels, key, draws, *, bn_paths,
+                cfg: SynthesisConfig, chain: ChainCarry | None = None):
+  """Weight adjustment (DWA: directed, 'random': Gaussian, SRe2L: none) and fresh Adam state.
+
+  `draws`: the batch's `AugmentDraws` (or (T, 2) roll offsets); the ascent sees iteration 0's
+  view. `chain` (compat_q2, DWA): the previous chunk's carry (`empty_chain` for the first).
+  Returns the BatchState at t = 0 and metrics: `delta_norm` (of the Δθ in use), for DWA per
+  ascent pass `adjust_ce` and `adjust_bn_terms`, and with a chain `delta_norm_chunk` (the
+  norm of this chunk's own ascent).
+  """
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  draws = as_draws(draws)
+  metrics = {}
+  extra = jnp.zeros_like(x_init)
+  delta = None
+  if cfg.chained and chain is None:
+    chain = empty_chain(params)
+  if cfg.method == "dwa":
+    view0 = lambda x: synthesis_view(x, draws.at(0), cfg.augment)
+    delta, extra, adjust = directed_weight_adjustment(model, params, batch_stats, x_init, view0,
+                                                      labels, bn_paths, cfg, chain)
+    metrics = {"adjust_ce": adjust["ce"], "adjust_bn_terms": adjust["bn_terms"]}
+    if cfg.chained:
+      metrics["delta_norm_chunk"] = optax.tree.norm(jax.tree.map(jnp.subtract, delta, chain.delta))
+  elif cfg.method == "random":
+    delta = random_weight_adjustment(jax.random.split(key, cfg.iterations + 1)[-1], params,
+                                     cfg.rho)
+  metrics["delta_norm"] = (jnp.zeros((), x_init.dtype) if delta is None
+                           else optax.tree.norm(delta))
+  weight_grad_sum = jax.tree.map(jnp.zeros_like, params) if cfg.chained else None
+  state = BatchState(x_init, _adam(cfg).init(x_init), delta, extra, jnp.zeros((), jnp.int32),
+                     weight_grad_sum)
+  return state, metrics
+
+
+def run_iterations(model, variables, state: BatchState, labels, key, draws, num_steps: int, *,
+                   bn_paths, pixel_mean, pixel_std, cfg: SynthesisConfig, unroll: bool = False):
+  """Iterations state.t .. state.t + num_steps − 1 of Adam on the pixels (clamped after each).
+
+  Running T iterations in one call or in several chunks computes the same thing, which is what
+  lets the recover stage checkpoint inside a batch. `unroll=True` traces num_steps copies instead
+  of a `lax.scan` (XLA's CPU backend runs convolutions inside loops ~3x slower); use it for short
+  blocks, see `make_synthesizer`. Metrics per iteration: `ce`, `bn_terms` (num_steps, L),
+  `grad_norm` (of the gradient Adam received), `lr`. Only under compat_q2 are teacher weight
+  gradients computed (and summed into state.weight_grad_sum), as the official loop does.
+  """
+  del key  # the draws hold all the randomness of the iterations
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  draws = as_draws(draws)
+  dtype = state.x.dtype
+  layer_w = bn_layer_weights(len(bn_paths), cfg.first_bn_weight).astype(dtype)
+  lo, hi = pixel_bounds(pixel_mean, pixel_std, dtype)
+  adam = _adam(cfg)
+  track_weights = state.weight_grad_sum is not None
+
+  def loss_fn(x, delta, t):
+    model_params = params if delta is None else _add(params, delta)
+    return synthesis_loss(model, model_params, batch_stats,
+                          synthesis_view(x, draws.at(t), cfg.augment), labels, bn_paths, layer_w,
+                          cfg)
+
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1) if track_weights else 0, has_aux=True)
+
+  def step(carry, t):
+    x, adam_state, weight_grad_sum = carry
+    (_, (ce, terms)), grads = grad_fn(x, state.delta, t)
+    if track_weights:
+      grad, weight_grad = grads
+      weight_grad_sum = _add(weight_grad_sum, weight_grad)
+    else:
+      grad = grads
+    grad = grad + jnp.where(t == 0, state.first_grad_extra, jnp.zeros_like(grad))
+    lr = cosine_lr(t, cfg.iterations, cfg.lr, dtype)
+    direction, adam_state = adam.update(grad, adam_state)
+    x = jnp.clip(x - lr * direction, lo, hi)
+    return (x, adam_state, weight_grad_sum), {"ce": ce, "bn_terms": terms,
+                                              "grad_norm": jnp.linalg.norm(grad), "lr": lr}
+
+  steps = state.t + jnp.arange(num_steps, dtype=jnp.int32)
+  carry = (state.x, state.adam, state.weight_grad_sum)
+  if unroll:
+    per_step = []
+    for i in range(num_steps):
+      carry, m = step(carry, steps[i])
+      per_step.append(m)
+    metrics = _stack(per_step)
+  else:
+    carry, metrics = jax.lax.scan(step, carry, steps)
+  x, adam_state, weight_grad_sum = carry
+  return state._replace(x=x, adam=adam_state, t=state.t + num_steps,
+                        weight_grad_sum=weight_grad_sum), metrics
+
+
+def synthesize_batch(model, variables, x_init, labels, key, draws, *, bn_paths, pixel_mean,
+                     pixel_std, cfg: SynthesisConfig, chain: ChainCarry | None = None):
+  """Optimises one synthetic batch from start to end. Pure and jit-able (model, bn_paths, cfg
+  static).
+
+  Args:
+    variables: the frozen teacher's {'params', 'batch_stats'}.
+    x_init: (N, H, W, C) normalised initial images (real images for DWA, noise for SRe2L).
+    labels: (N,) int labels.
+    key: randomness of the random-Δθ ablation.
+    draws: the augmentation draws (`draw_augmentation`), or (T, 2) roll offsets.
+    chain: compat_q2 only: the previous class-chunk's carry.
+  Returns:
+    the final normalised images and a metrics dict: per iteration `ce`, `bn_terms` (T, L),
+    `grad_norm`, `lr`; per ascent pass `adjust_ce`, `adjust_bn_terms`; and `delta_norm`.
+  """
+  state, start_metrics = start_batch(model, variables, x_init, labels, key, draws,
+                                     bn_paths=bn_paths, cfg=cfg, chain=chain)
+  state, metrics = run_iterations(model, variables, state, labels, key, draws, cfg.iterations,
+                                  bn_paths=bn_paths, pixel_mean=pixel_mean, pixel_std=pixel_std,
+                                  cfg=cfg)
+  return state.x, {**metrics, **start_metrics}
+
+
+ITERATION_BLOCK = 4  # iterations per compiled program: fast on CPU, compiles in seconds
+
+
+def iteration_blocks(num_steps: int, block: int = ITERATION_BLOCK) -> list[int]:
+  """num_steps split into blocks of `block` (the last one shorter)."""
+  return [min(block, num_steps - s) for s in range(0, num_steps, block)]
+
+
+def make_synthesizer(model, variables, image_shape, pixel_mean, pixel_std, cfg: SynthesisConfig,
+                     block: int = ITERATION_BLOCK) -> Callable:
+  """`(variables, x_init, labels, key, draws, chain=None) -> (images, metrics)` for this teacher.
+
+  The same computation as `synthesize_batch`, run as a jitted weight adjustment followed by
+  jitted blocks of `block` unrolled iterations. Under compat_q2, metrics['chain'] is the
+  `ChainCarry` to pass to the next class-chunk of the same ipc index.
+  """
+  bn_paths = bn_layer_paths(model, variables, image_shape)
+  start = jax.jit(functools.partial(start_batch, model, bn_paths=bn_paths, cfg=cfg))
+  advance = functools.lru_cache()(lambda n: jax.jit(
+      functools.partial(run_iterations, model, num_steps=n, bn_paths=bn_paths,
+                        pixel_mean=pixel_mean, pixel_std=pixel_std, cfg=cfg, unroll=True)))
+
+  def synthesize(variables, x_init, labels, key, draws, chain=None):
+    draws = as_draws(draws)
+    state, start_metrics = start(variables, x_init, labels, key, draws, chain=chain)
+    per_block = []
+    for n in iteration_blocks(cfg.iterations, block):
+      state, m = advance(n)(variables, state, labels, key, draws)
+      per_block.append(m)
+    metrics = jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_block)
+    if cfg.chained:
+      metrics["chain"] = state.chain()
+    return state.x, {**metrics, **start_metrics}
+
+  return synthesize
+
+
+def delta_theta(model, variables, x, labels, offset, *, image_shape, cfg: SynthesisConfig):
+  """The DWA adjustment alone, on roll `offset` of `x`, for inspection and tests.
+
+  Returns (Δθ, the ascent's accumulated image gradient (zeros unless cfg.compat_q1), metrics).
+  """
+  bn_paths = bn_layer_paths(model, variables, image_shape)
+  view = lambda x: synthesis_view(x, AugmentDraws(offset), "roll")
+  return directed_weight_adjustment(
+      model, variables["params"], variables["batch_stats"], x, view, labels, bn_paths, cfg)
+
+
+# ============================================================================= the recover stage
+# Batches (ipc index i, class chunk j) are independent and keyed by (seed, i, j): whichever
+# process or device runs one, it gives the same bytes. Each process owns ipc indices
+# i ≡ process_index (mod process_count); within a process, groups of one batch per local device
+# run concurrently (see GroupRunner). Progress lives in <workdir>/progress/<method>/:
+# every finished batch as an .npz, and the in-flight group's pixels + Adam state as an Orbax
+# checkpoint every `checkpoint_every` iterations, so a killed run resumes bit-identically.

@@ -1,0 +1,95 @@
+"""Output writing of recover: the finished batches streamed, one at a time, into the synthetic
+set's files (images.npz, PNG or JPEG folder, grid, recover.json, manifest)."""
+
+import contextlib
+import pathlib
+
+import numpy as np
+
+from dwa_jax import compat, files
+from dwa_jax.progress import Progress
+
+GRID_MAX_ROWS, GRID_MAX_CLASSES = 10, 20
+
+
+def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str, meta,
+                  num_classes: int, chunks, synthesis: dict, init: str,
+                  stage: dict | None = None) -> dict:
+  """Streams the finished batches (in ipc/class order, one batch in memory at a time) into the
+  outputs, then the manifest.
+
+  images.npz (uncompressed, row n = ipc index n // C, class n % C) always holds the set students
+  train on: the last iterate in [0, 1] (lossless), or with recover.compat_jpeg the decoded JPEGs
+  of the authors' format, saved in their layout jpg/new{c:03d}/class{c:03d}_id{i:03d}.jpg (the
+  lossless set then goes to images_lossless.npz; else 8-bit PNGs go to png/). `synthesis`
+  (the engine's settings) and `init` are recorded in recover.json.
+  """
+  config = compat.resolve(config)
+  image_shape = tuple(meta["image_shape"])
+  mean, std = (np.asarray(v) for v in compat.pixel_normalisation(config, meta))
+  jpeg = bool(config.recover.compat_jpeg)
+  n_images = config.ipc * num_classes
+  labels = np.tile(np.arange(num_classes, dtype=np.int32), config.ipc)
+  norm = {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
+  shown = min(num_classes, GRID_MAX_CLASSES)
+  grid = np.zeros((min(config.ipc, GRID_MAX_ROWS), shown, *image_shape), np.float32)
+  stats = {"lossless": files.PixelStatistics(), **({"jpeg": files.PixelStatistics()} if jpeg else {})}
+  written, batches = ["images.npz"] + (["images_lossless.npz"] if jpeg else []), []
+  with files.NpzWriter(out_dir / "images.npz") as main, (
+      files.NpzWriter(out_dir / "images_lossless.npz") if jpeg else contextlib.nullcontext()
+  ) as lossless:
+    with contextlib.ExitStack() as streams:
+      write_main = streams.enter_context(main.rows("images", (n_images, *image_shape),
+                                                   np.float32))
+      if jpeg:
+        write_lossless = streams.enter_context(lossless.rows("images", (n_images, *image_shape),
+                                                             np.float32))
+      for i in range(config.ipc):
+        for j, classes in enumerate(chunks):
+          x, summary = progress.load_done(i, j)
+          batches.append(summary)
+          pixels = np.clip(x * std + mean, 0.0, 1.0).astype(np.float32)  # de-normalise
+          stats["lossless"].update(pixels)
+          if jpeg:
+            write_lossless(pixels)
+            blobs = [compat.official_jpeg_bytes(image) for image in pixels]
+            for c, blob in zip(classes, blobs):
+              name = f"jpg/new{c:03d}/class{c:03d}_id{i:03d}.jpg"
+              files.write_bytes(out_dir / name, blob)
+              written.append(name)
+            pixels = np.stack([compat.decode_jpeg(b, image_shape[-1]) for b in blobs]
+                              ).astype(np.float32) / 255.0
+            stats["jpeg"].update(pixels)
+          else:
+            written += [f"png/{f}" for f in files.save_image_folder(
+                out_dir / "png", pixels, classes, ids=np.full(len(classes), i))]
+          write_main(pixels)
+          if i < len(grid):
+            keep = classes < shown
+            grid[i, classes[keep]] = pixels[keep]
+    for writer in (main, lossless) if jpeg else (main,):
+      writer.add("labels", labels)
+      for key, value in norm.items():
+        writer.add(key, value)
+  return _finish_outputs(out_dir, config, method, meta, grid, stats, batches, written,
+                         mean, std, n_images, synthesis, init, stage)
+
+
+def _finish_outputs(out_dir, config, method, meta, grid, stats, batches, written, mean,
+                    std, n_images, synthesis, init, stage) -> dict:
+  image_shape = grid.shape[2:]
+  files.save_png(out_dir / "grid.png",
+                 files.image_grid(grid.reshape(-1, *image_shape), grid.shape[0], grid.shape[1]))
+  written.append("grid.png")
+  summary = {"method": method, "ipc": config.ipc, "num_images": n_images,
+             "synthesis": synthesis, "init": init, "seed": config.seed, "teacher": meta,
+             "normalisation": {"mean": mean.tolist(), "std": std.tolist()},
+             "format": "jpeg_q75" if config.recover.compat_jpeg else "lossless",
+             "compat": compat.settings(config),
+             "pixel_statistics": {k: s.result() for k, s in stats.items()},
+             "stage": stage, "batches": batches}
+  files.write_json(out_dir / "recover.json", summary)
+  written.append("recover.json")
+  files.write_json(out_dir / "manifest.json",
+                   {"files": {name: files.sha256(out_dir / name) for name in written}})
+  return summary
