@@ -1,12 +1,9 @@
 """Recover: synthesise images against a frozen BatchNorm teacher (SRe2L, and DWA's directed Δθ).
 
-One synthetic batch holds one image per class. For each batch (see ../shared/SPEC.md):
-  1. DWA only: Δθ from K normalised gradient-ascent steps of CE on the batch's own initial real
-     images (first augmented view), ‖Δθ‖ ≤ ρ; fixed for the whole batch.
-  2. T Adam steps on the pixels of
-       CE(f_{θ+Δθ}(x_aug), y) + r_bn Σ_l w_l (r_var ‖σ²_l − var_l‖₂ + ‖μ_l − mean_l‖₂),
-     μ_l, σ²_l the batch statistics of BN layer l's INPUT (teacher in eval mode), clamped to the
-     valid pixel range after every step.
+Each synthetic batch (one image per class, or a chunk of classes) starts from real images or
+noise and is optimised against the teacher as synthesis.py describes (SPEC.md); batches are
+keyed by (seed, ipc index, class chunk), so the output does not depend on how many devices or
+processes share them.
 
 The stage lives here; its parts live in modules named after them and are re-exported here:
 the pure maths in synthesis.py, device dispatch in device_dispatch.py, progress persistence in
