@@ -470,17 +470,16 @@ def load_npz(path, split: str | None = None, allow_float: bool = False) -> Datas
   if not path.exists():
     raise DataError(f"npz data file not found: {path}")
   try:
-    with np.load(path, allow_pickle=False) as f:
-      prefix = f"{split}_" if split and f"{split}_images" in f.files else ""
-      if f"{prefix}images" not in f.files or f"{prefix}labels" not in f.files:
-        raise DataError(f"{path} needs arrays 'images' and 'labels' (found {sorted(f.files)}).")
-      labels = f[f"{prefix}labels"]
-      names = [str(s) for s in f["class_names"]] if "class_names" in f.files else None
-      mean_std = (tuple(f["mean"]), tuple(f["std"])) if "mean" in f.files else None
+    f = np.load(path, allow_pickle=False)
   except (OSError, ValueError, zipfile.BadZipFile) as e:
-    if isinstance(e, DataError):
-      raise
     raise DataError(f"Cannot read {path} as .npz: {e}") from None
+  with f:
+    prefix = f"{split}_" if split and f"{split}_images" in f.files else ""
+    if f"{prefix}images" not in f.files or f"{prefix}labels" not in f.files:
+      raise DataError(f"{path} needs arrays 'images' and 'labels' (found {sorted(f.files)}).")
+    labels = f[f"{prefix}labels"]
+    names = [str(s) for s in f["class_names"]] if "class_names" in f.files else None
+    mean_std = (tuple(f["mean"]), tuple(f["std"])) if "mean" in f.files else None
   try:
     images = NpyRows(path, f"{prefix}images")
   except DataError:

@@ -54,11 +54,9 @@ def process_slice(indices: np.ndarray, process_index: int, process_count: int) -
 
 
 def read(images, indices) -> np.ndarray:
-  """The images at `indices`, stacked (one read per image of an ImageSource)."""
-  if isinstance(images, np.ndarray):
-    return images[np.asarray(indices)]
-  return np.stack([np.asarray(images[int(i)]) for i in np.ravel(indices)]).reshape(
-      *np.shape(indices), *images.shape[1:])
+  """The images at `indices`, stacked: numpy arrays and data.ImageSource (one read per image)
+  index alike."""
+  return np.asarray(images[np.asarray(indices)])
 
 
 class _ReadTrainBatch:

@@ -65,30 +65,14 @@ def train_student(rc: ml_collections.ConfigDict, teacher, teacher_vars, images,
                   ) -> dict:
   """Trains one student on `images` (N, H, W, C: uint8, or float in [0, 1]; an array or an
   ImageSource, read through the input pipeline); returns final/best top-1 (%)."""
-  student = build_model(rc.student, test.num_classes)
-  n = len(images)
-  batch_size = min(rc.batch_size, n)
-  key = jax.random.key(seed)
-  steps = train_lib.steps_per_epoch(n, batch_size)
-  schedule = train_lib.epoch_schedule(rc.lr, rc.epochs, steps, rc.warmup_epochs)
-  tx = train_lib.make_optimizer(
-      rc.optimizer, schedule,
-      rc.weight_decay, rc.momentum, decay_bn_and_bias=rc.decay_bn_and_bias)
-  state = train_loop.create_state(student, key, images.shape[1:], tx)
-  step = train_loop.make_train_step(
-      student_input(rc, teacher, mean, std),
-      functools.partial(kd_loss, temperature=rc.temperature, t2_factor=rc.t2_factor))
-  accuracy = train_lib.make_accuracy_fn(student, mean, std, pipeline=pipeline)
   # The teacher labels every batch, so the set's own labels are never read.
-  batches = input_pipeline.train_batches(images, np.zeros((n,), np.int32), batch_size=batch_size,
-                                         seed=seed, epochs=rc.epochs, pipeline=pipeline,
-                                         process_index=0, process_count=1)
-  _, history = train_loop.fit(
-      state, step, batches, key=key, aux=teacher_vars, epochs=rc.epochs, steps_per_epoch=steps,
-      evaluate=lambda v: accuracy(v, test.images, test.labels),
-      evaluate_after=train_loop.eval_epochs(rc.epochs, rc.eval_every,
-                                            bool(rc.compat_eval_epochs)),
-      learning_rate=schedule, log=log, log_name=f"relabel/{desc}", desc=desc, leave_bar=False)
+  _, history = train_loop.train(
+      build_model(rc.student, test.num_classes), rc, images, np.zeros((len(images),), np.int32),
+      test, seed=seed, mean=mean, std=std, prepare=student_input(rc, teacher, mean, std),
+      loss=functools.partial(kd_loss, temperature=rc.temperature, t2_factor=rc.t2_factor),
+      aux=teacher_vars, evaluate_after=train_loop.eval_epochs(rc.epochs, rc.eval_every,
+                                                              bool(rc.compat_eval_epochs)),
+      log=log, log_name=f"relabel/{desc}", desc=desc, pipeline=pipeline, leave_bar=False)
   return {"final": history[-1][1], "best": max(a for _, a in history), "history": history}
 
 

@@ -80,26 +80,11 @@ def train_teacher(cfg: ml_collections.ConfigDict, train: data.Dataset, test: dat
                   pipeline: input_pipeline.PipelineConfig = input_pipeline.PipelineConfig()):
   """The official teacher recipe: SGD + per-epoch cosine, crop+flip, CE; returns variables."""
   model = build_model(cfg.model, train.num_classes)
-  n = len(train.labels)
-  batch_size = min(cfg.batch_size, n)
-  key = jax.random.key(seed)
-  steps = train_lib.steps_per_epoch(n, batch_size)
-  schedule = train_lib.epoch_schedule(cfg.lr, cfg.epochs, steps, cfg.warmup_epochs)
-  tx = train_lib.make_optimizer(
-      cfg.optimizer, schedule,
-      cfg.weight_decay, cfg.momentum)
-  state = train_loop.create_state(model, key, train.images.shape[1:], tx)
-  step = train_loop.make_train_step(teacher_input(cfg.augment, train.mean, train.std),
-                                    cross_entropy)
-  accuracy = train_lib.make_accuracy_fn(model, train.mean, train.std, pipeline=pipeline)
-  batches = input_pipeline.train_batches(train.images, train.labels, batch_size=batch_size,
-                                         seed=seed, epochs=cfg.epochs, pipeline=pipeline,
-                                         process_index=0, process_count=1)
-  state, _ = train_loop.fit(
-      state, step, batches, key=key, aux=None, epochs=cfg.epochs, steps_per_epoch=steps,
-      evaluate=lambda v: accuracy(v, test.images, test.labels),
-      evaluate_after=train_loop.eval_epochs(cfg.epochs, cfg.eval_every),
-      learning_rate=schedule, log=log, log_name="squeeze", desc="squeeze: teacher")
+  state, _ = train_loop.train(
+      model, cfg, train.images, train.labels, test, seed=seed, mean=train.mean, std=train.std,
+      prepare=teacher_input(cfg.augment, train.mean, train.std), loss=cross_entropy, aux=None,
+      evaluate_after=train_loop.eval_epochs(cfg.epochs, cfg.eval_every), log=log,
+      log_name="squeeze", desc="squeeze: teacher", pipeline=pipeline)
   return model, state.variables
 
 

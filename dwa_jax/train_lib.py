@@ -1,6 +1,5 @@
 """Pieces shared by the squeeze (teacher) and relabel (student) training loops."""
 
-import math
 from typing import Callable
 
 import jax
@@ -92,9 +91,6 @@ def make_accuracy_fn(model, mean, std, batch_size: int = 500,
 
   return accuracy
 
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-  return math.ceil(n / batch_size)
 
 
 def warmup_cosine(base_lr: float, epochs: int, warmup_epochs: int, epoch):

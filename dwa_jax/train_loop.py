@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from tqdm import auto as tqdm
 
-from dwa_jax import files, train_lib
+from dwa_jax import files, input_pipeline, train_lib
 
 
 class TrainState(train_state.TrainState):
@@ -93,6 +93,33 @@ def fit(state: TrainState, step: Callable, batches, *, key, aux, epochs: int,
                     **({"test_acc": f"{history[-1][1]:.2f}"} if history else {}))
     log.write(log_name, epoch + 1, **values)
   return state, history
+
+
+def train(model, recipe, images, labels, test, *, seed: int, mean, std, prepare: Prepare,
+          loss: Loss, aux, evaluate_after: set, log: files.MetricsLog, log_name: str, desc: str,
+          pipeline: input_pipeline.PipelineConfig, leave_bar: bool = True
+          ) -> tuple[TrainState, list]:
+  """Trains `model` from scratch on `images`/`labels` by `recipe` (a config section with
+  epochs, batch_size, optimizer, lr, momentum, weight_decay, warmup_epochs and optionally
+  decay_bn_and_bias): the optimizer and its per-epoch schedule, the state (initialised from
+  key(seed)), this process's batches, and `fit` with top-1 on `test`."""
+  n = len(labels)
+  batch_size = min(recipe.batch_size, n)
+  key = jax.random.key(seed)
+  steps = input_pipeline.steps_per_epoch(n, batch_size)
+  schedule = train_lib.epoch_schedule(recipe.lr, recipe.epochs, steps, recipe.warmup_epochs)
+  tx = train_lib.make_optimizer(recipe.optimizer, schedule, recipe.weight_decay, recipe.momentum,
+                                decay_bn_and_bias=recipe.get("decay_bn_and_bias", True))
+  accuracy = train_lib.make_accuracy_fn(model, mean, std, pipeline=pipeline)
+  # Squeeze and relabel run on process 0 alone (see main.run_stages): it reads every batch.
+  batches = input_pipeline.train_batches(images, labels, batch_size=batch_size, seed=seed,
+                                         epochs=recipe.epochs, pipeline=pipeline,
+                                         process_index=0, process_count=1)
+  return fit(create_state(model, key, images.shape[1:], tx), make_train_step(prepare, loss),
+             batches, key=key, aux=aux, epochs=recipe.epochs, steps_per_epoch=steps,
+             evaluate=lambda v: accuracy(v, test.images, test.labels),
+             evaluate_after=evaluate_after, learning_rate=schedule, log=log, log_name=log_name,
+             desc=desc, leave_bar=leave_bar)
 
 
 def eval_epochs(epochs: int, every: int, official: bool = False) -> set[int]:
