@@ -82,7 +82,7 @@ def test_tfrecord_data_is_one_clear_error_naming_the_conversion(tfds_dir, tmp_pa
         text = text.replace(b'"fileFormat": "array_record"', b'"fileFormat": "tfrecord"')
       target.write_bytes(text)
   with pytest.raises(data.DataError, match=r"tfrecord format; tfds.data_source reads ArrayRecord "
-                     r"only; convert it once .*tfds convert_format --dataset_dir=.*"
+                     r"only; convert it once .*tfds convert_format --dataset_version_dir=.*"
                      r"--out_file_format=array_record"):
     data.load_tfds("cifar10", "train", os.fspath(tmp_path))
 
