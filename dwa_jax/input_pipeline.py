@@ -60,13 +60,16 @@ def read(images, indices) -> np.ndarray:
 
 
 class _ReadTrainBatch:
-  """step -> this process's part of global batch `step` (picklable, for grain's workers)."""
+  """step -> this process's part of global batch `step` (picklable, for grain's workers): its
+  slice when the batch splits into `shard_multiple` equal parts (one per device), else all of
+  it (the batch then runs whole on every device)."""
 
   def __init__(self, images, labels, batch_size, seed, drop_remainder, process_index,
-               process_count):
+               process_count, shard_multiple=1):
     self.images, self.labels = images, np.asarray(labels)
     self.n, self.batch_size, self.seed = len(self.labels), batch_size, seed
     self.process = (process_index, process_count)
+    self.shard_multiple = max(shard_multiple, process_count)
     self.steps_per_epoch = steps_per_epoch(self.n, batch_size, drop_remainder)
 
   @functools.lru_cache(maxsize=2)
@@ -75,10 +78,10 @@ class _ReadTrainBatch:
 
   def __call__(self, step: int) -> dict:
     epoch, b = divmod(int(step), self.steps_per_epoch)
-    idx = process_slice(self.order(epoch)[b * self.batch_size:(b + 1) * self.batch_size],
-                        *self.process)
+    batch = self.order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
+    idx = process_slice(batch, *self.process) if len(batch) % self.shard_multiple == 0 else batch
     return {"image": read(self.images, idx), "label": self.labels[idx], "index": idx,
-            "epoch": np.int32(epoch)}
+            "epoch": np.int32(epoch), "global_size": np.int32(len(batch))}
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_remainder: bool = False) -> int:
@@ -102,17 +105,20 @@ def _iterate(dataset: grain.MapDataset, pipeline: PipelineConfig) -> grain.Datas
 
 def train_batches(images, labels, *, batch_size: int, seed: int, epochs: int,
                   pipeline: PipelineConfig = PipelineConfig(), drop_remainder: bool = False,
-                  process_index: int | None = None,
-                  process_count: int | None = None) -> grain.DatasetIterator:
+                  process_index: int | None = None, process_count: int | None = None,
+                  shard_multiple: int = 1) -> grain.DatasetIterator:
   """`epochs` shuffled epochs of (this process's part of) global batches of `batch_size`:
-  dicts of `image` (uint8 or float, B x H x W x C), `label`, `index` (rows of the set) and
-  `epoch`. Checkpointable with `get_state()` / `set_state()`."""
+  dicts of `image` (uint8 or float, B x H x W x C), `label`, `index` (rows of the set),
+  `epoch` and `global_size` (rows of the whole batch). A batch whose size is not a multiple of
+  `shard_multiple` (the device count) is read whole by every process. Checkpointable with
+  `get_state()` / `set_state()`."""
   n = len(labels)
   if n == 0:
     raise ValueError("cannot batch an empty set")
   p = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
-  reader = _ReadTrainBatch(images, labels, min(batch_size, n), seed, drop_remainder, p, count)
+  reader = _ReadTrainBatch(images, labels, min(batch_size, n), seed, drop_remainder, p, count,
+                           shard_multiple)
   steps = reader.steps_per_epoch * epochs
   return _iterate(grain.MapDataset.range(steps).map(reader), pipeline)
 
@@ -125,22 +131,28 @@ class _ReadEvalBatch:
 
   def __call__(self, k: int) -> dict:
     start = int(k) * self.batch_size
-    valid = min(self.batch_size, len(self.shard) - start)
-    idx = self.shard[np.arange(start, start + self.batch_size) % len(self.shard)]
+    valid = max(min(self.batch_size, len(self.shard) - start), 0)
+    # An empty shard (fewer rows than processes) pads with row 0, all masked out.
+    shard = self.shard if len(self.shard) else np.zeros((1,), np.int64)
+    idx = shard[np.arange(start, start + self.batch_size) % len(shard)]
     return {"image": read(self.images, idx), "label": self.labels[idx],
-            "valid": np.int32(valid)}
+            "mask": np.arange(self.batch_size) < valid}
 
 
 def eval_batches(images, labels, *, batch_size: int, pipeline: PipelineConfig = PipelineConfig(),
-                 process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict]:
-  """This process's contiguous shard of the set in order, in fixed-size batches (the last one
-  padded by repetition, `valid` its real size) so evaluation compiles once."""
+                 process_index: int | None = None, process_count: int | None = None,
+                 multiple: int = 1) -> Iterator[dict]:
+  """This process's contiguous shard of the set in order, in fixed-size batches: every process
+  gets the same number of batches of the same size (at most `batch_size`, a multiple of
+  `multiple`, its local device count), padded by repetition; `mask` marks the real rows.
+  Evaluation thus compiles once and runs sharded over every device."""
   p = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
-  shard = process_slice(np.arange(len(labels)), p, count)
-  if len(shard) == 0:
+  n = len(labels)
+  shard = process_slice(np.arange(n), p, count)
+  longest = -(-n // count)  # the largest shard
+  if longest == 0:
     return iter(())
-  size = min(batch_size, len(shard))
+  size = -(-min(batch_size, longest) // multiple) * multiple
   reader = _ReadEvalBatch(images, labels, shard, size)
-  return _iterate(grain.MapDataset.range(-(-len(shard) // size)).map(reader), pipeline)
+  return _iterate(grain.MapDataset.range(-(-longest // size)).map(reader), pipeline)

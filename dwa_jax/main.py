@@ -54,8 +54,10 @@ def _barrier(name: str) -> None:
 def run_stages(config, workdir) -> dict:
   """Runs the configured stage(s) in order; returns what the last one produced.
 
-  With several processes, all synthesise (each its own ipc indices); squeeze, the merge of the
-  synthetic set and relabel run on process 0 only.
+  With several processes, every process takes part in every stage: squeeze and relabel are
+  data-parallel over all devices of all processes (each process reads its shard of every
+  batch), recover splits the ipc indices between processes; process 0 writes the merged
+  synthetic set, results.json and config.json.
   """
   presets.validate(config)
   config = compat.resolve(config)  # every quirk switch set (config.json records them)
@@ -63,12 +65,11 @@ def run_stages(config, workdir) -> dict:
   lead = jax.process_index() == 0
   out = {}
   if config.stage in ("squeeze", "all"):
-    if lead:
-      out = squeeze.run(config, workdir)
-    _barrier("squeeze")
+    out = squeeze.run(config, workdir)
   if config.stage in ("recover", "all"):
     out = {m: recover.run(config, workdir, m) for m in config.methods}
-  if config.stage in ("relabel", "all") and lead:
+    _barrier("recover")  # relabel reads the set process 0 has just written
+  if config.stage in ("relabel", "all"):
     out = relabel.run(config, workdir)
   if lead:
     files.write_json(workdir / "config.json", config.to_dict())

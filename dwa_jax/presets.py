@@ -26,6 +26,11 @@ def base_config() -> ml_collections.ConfigDict:
   p.threads = 4              # reader threads per process
   p.prefetch = 2             # batches read ahead (per worker)
 
+  # Squeeze and relabel are data-parallel over every device of every process
+  # (dwa_jax/data_parallel.py). BatchNorm statistics are per device, as torch DDP's; True: over
+  # the whole global batch (results then do not depend on the device count).
+  c.sync_batch_norm = False
+
   # Squeeze: the teacher (official CIFAR recipe).
   c.teacher = t = ml_collections.ConfigDict()
   t.model = "resnet18_cifar"
@@ -39,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.warmup_epochs = 0
   t.augment = "crop_flip"
   t.eval_every = 10
+  t.save_every_epochs = 10   # resume checkpoint (<workdir>/squeeze/checkpoints) every N epochs; 0: none
 
   # Recover: synthesis (official CIFAR DWA settings).
   c.recover = r = ml_collections.ConfigDict()
@@ -74,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   v.temperature = 30.0
   v.t2_factor = False
   v.eval_every = 10
+  v.save_every_epochs = 10   # per-student resume checkpoint (<workdir>/relabel/...) every N epochs
   v.seeds = (0, 1, 2)
   v.random_real_baseline = True
   v.synthetic_set = ""       # '' (the recovered sets of `methods`) | folder:PATH | npz:PATH
@@ -134,12 +141,12 @@ POSITIVE_INTS = {"teacher": ("epochs", "batch_size", "eval_every"),
                  "recover": ("iterations",),
                  "relabel": ("epochs", "batch_size", "eval_every")}
 NON_NEGATIVE = {"pipeline": ("workers", "threads", "prefetch"),
-                "teacher": ("lr", "weight_decay", "momentum", "warmup_epochs"),
+                "teacher": ("lr", "weight_decay", "momentum", "warmup_epochs", "save_every_epochs"),
                 "recover": ("lr", "r_bn", "r_var", "sre2l_r_var", "first_bn_weight", "rho", "jitter",
                             "adjust_steps", "classes_per_batch", "checkpoint_every",
                             "wait_timeout_s"),
                 "relabel": ("lr", "weight_decay", "momentum", "temperature", "mix_alpha",
-                            "warmup_epochs")}
+                            "warmup_epochs", "save_every_epochs")}
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

@@ -9,6 +9,7 @@ trained with the same recipe, is the baseline.
 
 import functools
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,8 @@ import ml_collections
 import numpy as np
 from tqdm import auto as tqdm
 
-from dwa_jax import augment, compat, data, files, input_pipeline, squeeze, train_lib, train_loop
+from dwa_jax import (augment, compat, data, data_parallel, files, input_pipeline, recover, squeeze,
+                     train_checkpoints, train_lib, train_loop)
 from dwa_jax.models import build_model
 
 RANDOM_REAL = "random_real"
@@ -59,21 +61,28 @@ def student_input(rc, teacher, mean, std) -> train_loop.Prepare:
   return prepare
 
 
-def train_student(rc: ml_collections.ConfigDict, teacher, teacher_vars, images,
-                  test: data.Dataset, mean, std, seed: int, desc: str, log: files.MetricsLog,
-                  pipeline: input_pipeline.PipelineConfig = input_pipeline.PipelineConfig()
-                  ) -> dict:
+def student_trainer(rc: ml_collections.ConfigDict, teacher, num_classes: int, mean, std,
+                    layout: data_parallel.Layout,
+                    pipeline: input_pipeline.PipelineConfig) -> train_loop.Trainer:
+  """The students' trainer: built once per run, it compiles once for every set and seed."""
+  return train_loop.Trainer(
+      build_model(rc.student, num_classes), rc, prepare=student_input(rc, teacher, mean, std),
+      loss=functools.partial(kd_loss, temperature=rc.temperature, t2_factor=rc.t2_factor),
+      mean=mean, std=std, layout=layout, pipeline=pipeline)
+
+
+def train_student(trainer: train_loop.Trainer, teacher_vars, images, test: data.Dataset,
+                  seed: int, desc: str, log: files.MetricsLog, checkpoints=None) -> dict:
   """Trains one student on `images` (N, H, W, C: uint8, or float in [0, 1]; an array or an
   ImageSource, read through the input pipeline); returns final/best top-1 (%)."""
+  rc = trainer.recipe
   # The teacher labels every batch, so the set's own labels are never read.
-  _, history = train_loop.train(
-      build_model(rc.student, test.num_classes), rc, images, np.zeros((len(images),), np.int32),
-      test, seed=seed, mean=mean, std=std, prepare=student_input(rc, teacher, mean, std),
-      loss=functools.partial(kd_loss, temperature=rc.temperature, t2_factor=rc.t2_factor),
-      aux=teacher_vars, evaluate_after=train_loop.eval_epochs(rc.epochs, rc.eval_every,
-                                                              bool(rc.compat_eval_epochs)),
-      log=log, log_name=f"relabel/{desc}", desc=desc, pipeline=pipeline, leave_bar=False)
-  return {"final": history[-1][1], "best": max(a for _, a in history), "history": history}
+  _, history = trainer.train(
+      images, np.zeros((len(images),), np.int32), test, seed=seed, aux=teacher_vars,
+      evaluate_after=train_loop.eval_epochs(rc.epochs, rc.eval_every, bool(rc.compat_eval_epochs)),
+      log=log, log_name=f"relabel/{desc}", desc=desc, checkpoints=checkpoints, leave_bar=False)
+  return {"final": history[-1][1], "best": max(a for _, a in history),
+          "history": [list(h) for h in history]}
 
 
 def open_synthetic_set(spec: str, image_shape, num_classes: int) -> data.Dataset:
@@ -119,10 +128,9 @@ def random_real_set(train: data.Dataset, ipc: int, seed: int):
   return data.SubsetImages(train.images, random_real_indices(train, ipc, seed))
 
 
-def stage_devices(workdir, teacher_meta: dict, methods) -> dict:
+def stage_devices(workdir, teacher_meta: dict, methods, relabel_stage: dict) -> dict:
   """How many devices and processes ran each stage behind these results: squeeze (from
-  teacher.json), recover (recover.json of each method; the largest) and relabel (one device of
-  process 0)."""
+  teacher.json), recover (recover.json of each method; the largest) and relabel."""
   stages = {}
   if "stage" in teacher_meta:
     stages["squeeze"] = teacher_meta["stage"]
@@ -131,8 +139,56 @@ def stage_devices(workdir, teacher_meta: dict, methods) -> dict:
   recovered = [s for s in recovered if s]
   if recovered:
     stages["recover"] = max(recovered, key=lambda s: (s["devices"], s["processes"]))
-  stages["relabel"] = {"devices": 1, "processes": 1}
+  stages["relabel"] = relabel_stage
   return stages
+
+
+def set_identity(workdir, name: str) -> str:
+  """What identifies a set's images for resuming: a recovered set's images.npz digest (from its
+  manifest), else the name (random real subsets are a function of the data and seed)."""
+  manifest = pathlib.Path(workdir) / "synthetic" / name / "manifest.json"
+  if manifest.exists():
+    return files.read_json(manifest)["files"].get("images.npz", name)
+  return name
+
+
+def seed_fingerprint(config, name: str, identity: str, num_images: int, seed: int,
+                     teacher_digest: str) -> dict:
+  """What determines one student run; finished runs and checkpoints with another are redone."""
+  recipe = {k: v for k, v in config.relabel.to_dict().items()
+            if k not in ("seeds", "random_real_baseline", "synthetic_set", "save_every_epochs")}
+  return {"set": name, "images": identity, "num_images": num_images, "seed": seed,
+          "relabel": recipe, "teacher": teacher_digest, "dataset": config.dataset,
+          "sync_batch_norm": config.get("sync_batch_norm"), "processes": jax.process_count()}
+
+
+def run_dir(workdir, name: str, seed: int) -> pathlib.Path:
+  slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+  return pathlib.Path(workdir) / "relabel" / slug / f"seed_{seed}"
+
+
+def student_run(trainer, config, workdir, name, images, identity, seed, teacher_vars,
+                teacher_digest, test, log) -> dict:
+  """One student, resumable: its result is written to `relabel/<set>/seed_<s>/result.json` as
+  soon as it finishes (and reused by a rerun with the same settings); while it trains, a
+  checkpoint is saved every `relabel.save_every_epochs` epochs."""
+  directory = run_dir(workdir, name, seed)
+  fingerprint = seed_fingerprint(config, name, identity, len(images), seed, teacher_digest)
+  done = directory / "result.json"
+  if done.exists():
+    saved = files.read_json(done)
+    if saved["fingerprint"] == fingerprint:
+      return saved["result"]
+  every = config.relabel.save_every_epochs
+  checkpoints = (train_checkpoints.TrainCheckpoints(directory / "checkpoints", fingerprint, every)
+                 if every else None)
+  result = train_student(trainer, teacher_vars, images, test, seed,
+                         f"relabel: {name} seed {seed}", log, checkpoints)
+  if jax.process_index() == 0:
+    files.write_json(done, {"fingerprint": fingerprint, "result": result})
+  if checkpoints is not None:
+    checkpoints.remove()  # (a barrier: every process sees result.json from here on)
+  return result
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -151,10 +207,12 @@ def results_table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def run(config: ml_collections.ConfigDict, workdir) -> dict:
+def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
   """Validates every synthetic set of `config.methods`, or the set `relabel.synthetic_set` names
-  instead, (+ the random real baseline) over seeds; writes `<workdir>/results.json` and
-  `results.md` and prints the table."""
+  instead, (+ the random real baseline) over seeds, data-parallel over every device of every
+  process (or `devices`); writes `<workdir>/results.json` and `results.md` and prints the
+  table. Each student's result is kept as it finishes, so a rerun after a kill redoes only the
+  unfinished ones (from their last checkpoint)."""
   config = compat.resolve(config)
   rc = config.relabel
   train = data.load_dataset(config.dataset, "train", config.data_dir)
@@ -163,6 +221,8 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   mean, std = compat.pixel_normalisation(config, meta)
   log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
   pipeline = input_pipeline.PipelineConfig.from_config(config)
+  layout = data_parallel.Layout.from_config(config, devices)
+  lead = jax.process_index() == 0
   if rc.synthetic_set:
     sets = {rc.synthetic_set: open_synthetic_set(rc.synthetic_set, meta["image_shape"],
                                                  meta["num_classes"]).images}
@@ -170,25 +230,32 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     sets = {m: synthetic_set(workdir, m) for m in config.methods}
   if rc.random_real_baseline:
     sets[RANDOM_REAL] = random_real_set(train, config.ipc, config.seed)
+  relabel_stage = {"devices": layout.num_devices, "processes": jax.process_count()}
   results = {"dataset": config.dataset, "ipc": config.ipc, "student": rc.student,
              "teacher_test_accuracy": meta["test_accuracy"], "compat": compat.settings(config),
              "normalisation": {"mean": list(mean), "std": list(std)},
-             "stages": stage_devices(workdir, meta, [] if rc.synthetic_set else config.methods),
+             "stages": stage_devices(workdir, meta, [] if rc.synthetic_set else config.methods,
+                                     relabel_stage),
              "sets": {}}
+  trainer = student_trainer(rc, teacher, test.num_classes, mean, std, layout, pipeline)
+  teacher_digest = recover.variables_digest(teacher_vars)
   for name, images in sets.items():
-    runs = [train_student(rc, teacher, teacher_vars, images, test, mean, std, seed,
-                          f"relabel: {name} seed {seed}", log, pipeline)
-            for seed in tqdm.tqdm(rc.seeds, desc=f"relabel: {name}", unit="seed")]
+    identity = set_identity(workdir, name)
+    runs = [student_run(trainer, config, workdir, name, images, identity, seed, teacher_vars,
+                        teacher_digest, test, log)
+            for seed in tqdm.tqdm(rc.seeds, desc=f"relabel: {name}", unit="seed",
+                                  disable=not lead)]
     final_mean, final_std = mean_std([r["final"] for r in runs])
     best_mean, best_std = mean_std([r["best"] for r in runs])
     results["sets"][name] = {"seeds": list(rc.seeds), "runs": runs, "num_images": len(images),
                              "final_mean": final_mean, "final_std": final_std,
                              "best_mean": best_mean, "best_std": best_std}
   table = results_table(results)
-  files.write_json(pathlib.Path(workdir) / "results.json", results)
-  files.write_bytes(pathlib.Path(workdir) / "results.md",
-                    (f"Teacher {meta['model']}: {meta['test_accuracy']:.2f}% test top-1\n\n"
-                     + table + "\n").encode())
-  print(f"\nStudents ({rc.student}, {rc.epochs} epochs) on {config.dataset}, "
-        f"teacher {meta['test_accuracy']:.2f}%:\n{table}")
+  if lead:
+    files.write_json(pathlib.Path(workdir) / "results.json", results)
+    files.write_bytes(pathlib.Path(workdir) / "results.md",
+                      (f"Teacher {meta['model']}: {meta['test_accuracy']:.2f}% test top-1\n\n"
+                       + table + "\n").encode())
+    print(f"\nStudents ({rc.student}, {rc.epochs} epochs) on {config.dataset}, "
+          f"teacher {meta['test_accuracy']:.2f}%:\n{table}")
   return results

@@ -7,11 +7,13 @@ The teacher is saved as an Orbax checkpoint `<workdir>/teacher/variables` plus `
 import pathlib
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import optax
 import orbax.checkpoint as ocp
 
-from dwa_jax import convert, data, files, input_pipeline, train_lib, train_loop
+from dwa_jax import (convert, data, data_parallel, files, input_pipeline, train_checkpoints,
+                     train_lib, train_loop)
 from dwa_jax.models import build_model
 
 TEACHER_DIR = "teacher"
@@ -26,14 +28,25 @@ def teacher_path(workdir) -> pathlib.Path:
 
 
 def save_teacher(workdir, variables, meta: dict) -> None:
-  """Writes the variables, then the metadata that marks the checkpoint complete."""
+  """Writes the variables, then the metadata that marks the checkpoint complete. Every process
+  calls it (Orbax writes from process 0)."""
   path = teacher_path(workdir)
-  path.mkdir(parents=True, exist_ok=True)
-  (path / "teacher.json").unlink(missing_ok=True)
+  lead = jax.process_index() == 0
+  if lead:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "teacher.json").unlink(missing_ok=True)
+  _barrier("teacher-dir")
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path / "variables", jax.device_get(variables), force=True)
   checkpointer.wait_until_finished()
-  files.write_json(path / "teacher.json", meta)
+  if lead:
+    files.write_json(path / "teacher.json", meta)
+  _barrier("teacher-saved")
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def load_teacher(workdir, dataset: data.Dataset | None = None):
@@ -76,16 +89,27 @@ def cross_entropy(logits, labels):
 
 
 def train_teacher(cfg: ml_collections.ConfigDict, train: data.Dataset, test: data.Dataset,
-                  seed: int, log: files.MetricsLog,
-                  pipeline: input_pipeline.PipelineConfig = input_pipeline.PipelineConfig()):
-  """The official teacher recipe: SGD + per-epoch cosine, crop+flip, CE; returns variables."""
+                  seed: int, log: files.MetricsLog, layout: data_parallel.Layout,
+                  pipeline: input_pipeline.PipelineConfig, checkpoints=None):
+  """The official teacher recipe: SGD + per-epoch cosine, crop+flip, CE, data-parallel over
+  `layout`; returns (model, variables, the accuracy function)."""
   model = build_model(cfg.model, train.num_classes)
-  state, _ = train_loop.train(
-      model, cfg, train.images, train.labels, test, seed=seed, mean=train.mean, std=train.std,
-      prepare=teacher_input(cfg.augment, train.mean, train.std), loss=cross_entropy, aux=None,
+  trainer = train_loop.Trainer(model, cfg, prepare=teacher_input(cfg.augment, train.mean, train.std),
+                               loss=cross_entropy, mean=train.mean, std=train.std, layout=layout,
+                               pipeline=pipeline)
+  state, _ = trainer.train(
+      train.images, train.labels, test, seed=seed, aux=None,
       evaluate_after=train_loop.eval_epochs(cfg.epochs, cfg.eval_every), log=log,
-      log_name="squeeze", desc="squeeze: teacher", pipeline=pipeline)
-  return model, state.variables
+      log_name="squeeze", desc="squeeze: teacher", checkpoints=checkpoints)
+  return model, state.variables, trainer.accuracy
+
+
+def checkpoint_fingerprint(config: ml_collections.ConfigDict) -> dict:
+  """What determines a teacher run (a resumed run must match it); the processes because each
+  saves its own input-pipeline position."""
+  return {"dataset": config.dataset, "data_dir": config.data_dir, "seed": config.seed,
+          "teacher": config.teacher.to_dict(), "sync_batch_norm": config.get("sync_batch_norm"),
+          "processes": jax.process_count()}
 
 
 def import_teacher(cfg: ml_collections.ConfigDict, num_classes: int, image_shape):
@@ -95,27 +119,38 @@ def import_teacher(cfg: ml_collections.ConfigDict, num_classes: int, image_shape
   return model, convert.state_dict_to_variables(state_dict, convert.model_template(model, image_shape))
 
 
-def run(config: ml_collections.ConfigDict, workdir) -> dict:
-  """Trains (or imports) the teacher, evaluates it on the test split and saves it."""
+def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
+  """Trains (or imports) the teacher on every device of every process (or `devices`),
+  evaluates it on the test split and saves it. A killed training resumes from
+  `<workdir>/squeeze/checkpoints` (every `teacher.save_every_epochs` epochs)."""
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   test = data.load_dataset(config.dataset, "test", config.data_dir)
   log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
   pipeline = input_pipeline.PipelineConfig.from_config(config)
+  layout = data_parallel.Layout.from_config(config, devices)
   image_shape = train.images.shape[1:]
+  checkpoints = None
   if config.teacher.checkpoint:
     model, variables = import_teacher(config.teacher, train.num_classes, image_shape)
+    accuracy = train_lib.make_accuracy_fn(model, train.mean, train.std, layout, pipeline=pipeline)
     source = f"imported from {config.teacher.checkpoint}"
   else:
-    model, variables = train_teacher(config.teacher, train, test, config.seed, log, pipeline)
+    if config.teacher.save_every_epochs:
+      checkpoints = train_checkpoints.TrainCheckpoints(
+          pathlib.Path(workdir) / "squeeze" / "checkpoints", checkpoint_fingerprint(config),
+          config.teacher.save_every_epochs)
+    model, variables, accuracy = train_teacher(config.teacher, train, test, config.seed, log,
+                                               layout, pipeline, checkpoints)
     source = f"trained for {config.teacher.epochs} epochs"
-  acc = train_lib.make_accuracy_fn(model, train.mean, train.std, pipeline=pipeline)(
-      variables, test.images, test.labels)
+  acc = accuracy(variables, test.images, test.labels)
   meta = {"model": config.teacher.model, "num_classes": train.num_classes,
           "image_shape": list(image_shape), "mean": list(train.mean), "std": list(train.std),
           "dataset": config.dataset, "test_accuracy": acc, "source": source,
-          # Squeeze trains on one device of process 0 (data-parallel training is issue 13's).
-          "stage": {"devices": 1, "processes": 1}}
+          "stage": {"devices": layout.num_devices, "processes": jax.process_count()}}
   save_teacher(workdir, variables, meta)
-  log.write("squeeze", config.teacher.epochs, final_test_accuracy=acc)
-  print(f"squeeze: teacher {config.teacher.model} ({source}) test top-1 {acc:.2f}%")
+  if checkpoints is not None:
+    checkpoints.remove()
+  if jax.process_index() == 0:
+    log.write("squeeze", config.teacher.epochs, final_test_accuracy=acc)
+    print(f"squeeze: teacher {config.teacher.model} ({source}) test top-1 {acc:.2f}%")
   return meta

@@ -1,12 +1,13 @@
 """Pieces shared by the squeeze (teacher) and relabel (student) training loops."""
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from dwa_jax import augment, input_pipeline
+from dwa_jax import augment, data_parallel, input_pipeline
 
 
 def epoch_schedule(base_lr: float, epochs: int, steps_per_epoch: int,
@@ -24,16 +25,35 @@ def _decay_mask(params, decay_bn_and_bias: bool):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(name: str, schedule: Callable, weight_decay: float, momentum: float = 0.9,
+@functools.lru_cache(maxsize=None)
+def make_optimizer(name: str, weight_decay: float, momentum: float = 0.9,
                    decay_bn_and_bias: bool = True) -> optax.GradientTransformation:
-  """torch-equivalent SGD (coupled L2, heavy-ball momentum) or AdamW (decoupled, lr-scaled)."""
+  """torch-equivalent SGD (coupled L2, heavy-ball momentum) or AdamW (decoupled, lr-scaled).
+
+  The learning rate is a hyper-parameter in the optimizer state (`optax.inject_hyperparams`),
+  set by the training step from the host's schedule, so the compiled step does not depend on
+  the schedule (epochs, set size). Cached: one transformation object per recipe, which keeps
+  the train state's structure, and so the compiled step, the same for every seed and set.
+  """
   mask = lambda p: _decay_mask(p, decay_bn_and_bias)
   if name == "sgd":
-    return optax.chain(optax.masked(optax.add_decayed_weights(weight_decay), mask),
-                       optax.sgd(schedule, momentum=momentum))
+    def sgd(learning_rate):
+      return optax.chain(optax.masked(optax.add_decayed_weights(weight_decay), mask),
+                         optax.sgd(learning_rate, momentum=momentum))
+    return optax.inject_hyperparams(sgd)(learning_rate=0.0)
   if name == "adamw":
-    return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=mask)
+    def adamw(learning_rate):
+      return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay,
+                         mask=mask)
+    return optax.inject_hyperparams(adamw)(learning_rate=0.0)
   raise ValueError(f"Unknown optimizer {name!r}; use 'sgd' or 'adamw'.")
+
+
+def with_learning_rate(opt_state, learning_rate):
+  """The state of a `make_optimizer` transformation with its learning rate replaced."""
+  hyperparams = dict(opt_state.hyperparams)
+  hyperparams["learning_rate"] = jnp.asarray(learning_rate, hyperparams["learning_rate"].dtype)
+  return opt_state._replace(hyperparams=hyperparams)
 
 
 def normalize(images, mean, std):
@@ -70,27 +90,29 @@ class DispatchLimit:
       jax.block_until_ready(self.queued.pop(0))
 
 
-def make_accuracy_fn(model, mean, std, batch_size: int = 500,
+def make_accuracy_fn(model, mean, std, layout: data_parallel.Layout, batch_size: int = 512,
                      pipeline: input_pipeline.PipelineConfig = input_pipeline.PipelineConfig()
                      ) -> Callable:
-  """`(variables, images, labels) -> top-1 %` in eval mode over the whole set, read through the
-  input pipeline in fixed-size batches; compiled once per model."""
+  """`(variables, images, labels) -> top-1 %` in eval mode over the whole set. Every process
+  reads its shard through the input pipeline, in fixed-size batches sharded over all devices
+  (one compile per model); the count of correct rows is summed over the mesh."""
 
-  @jax.jit
-  def correct(variables, x, y, valid):
+  @functools.partial(jax.jit, out_shardings=layout.replicated)
+  def correct(variables, x, y, mask):
     logits = model.apply(variables, normalize(x, mean, std), train=False)
-    hits = jnp.argmax(logits, -1) == y
-    return jnp.sum(hits * (jnp.arange(y.shape[0]) < valid))
+    return jnp.sum((jnp.argmax(logits, -1) == y) & mask)
 
   def accuracy(variables, images, labels) -> float:
-    # The stages that evaluate run on process 0 alone, so it reads the whole set.
-    batches = input_pipeline.eval_batches(images, labels, batch_size=batch_size,
-                                          pipeline=pipeline, process_index=0, process_count=1)
-    total = sum(int(correct(variables, b["image"], b["label"], b["valid"])) for b in batches)
+    per_process = -(-batch_size // jax.process_count())
+    batches = input_pipeline.eval_batches(images, labels, batch_size=per_process,
+                                          pipeline=pipeline, multiple=layout.local_devices)
+    variables = layout.replicate(variables)
+    total = sum(int(correct(variables, *(layout.global_eval_batch(b[k])
+                                         for k in ("image", "label", "mask"))))
+                for b in batches)
     return 100.0 * total / len(labels)
 
   return accuracy
-
 
 
 def warmup_cosine(base_lr: float, epochs: int, warmup_epochs: int, epoch):

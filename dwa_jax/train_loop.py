@@ -1,6 +1,8 @@
 """The one training loop of squeeze (teacher, cross-entropy on labels) and relabel (students,
-KD on online teacher logits): a `TrainState`, a pure `train_step`, and `fit`, which runs epochs
-of input-pipeline batches, evaluates after the chosen epochs and logs.
+KD on online teacher logits): a `TrainState`, a pure `train_step`, a `Trainer` that compiles it
+once for a mesh of every device (data_parallel.py), and `fit`, which runs epochs of
+input-pipeline batches, evaluates after the chosen epochs, logs, and saves and resumes
+checkpoints (train_checkpoints.py).
 
 What differs between the two stages is `prepare`: how a batch of images and labels becomes the
 model's input and the loss's target (augmentation, mixing, the teacher's logits), and `loss`.
@@ -16,7 +18,7 @@ import numpy as np
 import optax
 from tqdm import auto as tqdm
 
-from dwa_jax import files, input_pipeline, train_lib
+from dwa_jax import data_parallel, files, input_pipeline, train_checkpoints, train_lib
 
 
 class TrainState(train_state.TrainState):
@@ -39,87 +41,147 @@ Prepare = Callable[[Any, Any, Any, Any], tuple[Any, Any]]
 Loss = Callable[[Any, Any], Any]
 
 
-def train_step(state: TrainState, images, labels, key, aux, *, prepare: Prepare,
-               loss: Loss) -> tuple[TrainState, Any]:
-  """One optimizer step on one batch; `aux` carries what `prepare` needs besides the batch (the
-  teacher's variables in relabel). Students with dropout or stochastic depth draw it from
-  fold_in(key, 1), which leaves `prepare`'s stream as it was."""
-  x, target = prepare(key, images, labels, aux)
+def train_step(state: TrainState, images, labels, key, aux, learning_rate=None, *,
+               prepare: Prepare, loss: Loss, groups: int = 1, group_sharding=None
+               ) -> tuple[TrainState, Any]:
+  """One optimizer step on one (global) batch; `aux` carries what `prepare` needs besides the
+  batch (the teacher's variables in relabel), `learning_rate` this step's rate (None: the one
+  in the optimizer state). Students with dropout or stochastic depth draw it from
+  fold_in(key, 1), which leaves `prepare`'s stream as it was.
 
-  def loss_fn(params):
+  With `groups` > 1 the batch is cut into that many equal groups (one per device, placed by
+  `group_sharding`), each prepared with its own key and normalised with its own BatchNorm
+  statistics, as DistributedDataParallel replicas are; the loss is the mean over groups and the
+  running statistics their mean.
+  """
+  if learning_rate is not None:
+    state = state.replace(opt_state=train_lib.with_learning_rate(state.opt_state, learning_rate))
+
+  def forward(params, key, x, target):
     logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x,
                                      train=True, mutable=["batch_stats"],
                                      rngs={"dropout": jax.random.fold_in(key, 1)})
     return loss(logits, target), updates["batch_stats"]
 
+  if groups == 1:
+    x, target = prepare(key, images, labels, aux)
+    loss_fn = lambda params: forward(params, key, x, target)
+  else:
+    def split(a):
+      a = a.reshape(groups, -1, *a.shape[1:])
+      return a if group_sharding is None else jax.lax.with_sharding_constraint(a, group_sharding)
+    keys = jax.random.split(key, groups)
+    x, target = jax.vmap(prepare, in_axes=(0, 0, 0, None))(
+        keys, split(images), jax.tree.map(split, labels), aux)
+
+    def loss_fn(params):
+      values, stats = jax.vmap(forward, in_axes=(None, 0, 0, 0))(params, keys, x, target)
+      return values.mean(), jax.tree.map(lambda s: s.mean(0), stats)
+
   (value, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   return state.apply_gradients(grads=grads, batch_stats=batch_stats), value
 
 
-def make_train_step(prepare: Prepare, loss: Loss) -> Callable:
-  """The jitted step; the state is donated (updated in place)."""
-  return jax.jit(functools.partial(train_step, prepare=prepare, loss=loss), donate_argnums=0)
+class Trainer:
+  """Trains models of one architecture by one recipe on a mesh (`layout`): the optimizer, the
+  jitted step and the evaluation are built once and reused for every seed and every image set,
+  so each compiles once per input shape.
+
+  `recipe` is a config section with epochs, batch_size, optimizer, lr, momentum, weight_decay,
+  warmup_epochs and optionally decay_bn_and_bias; `prepare` and `loss` say what a batch trains
+  (see the module docstring).
+  """
+
+  def __init__(self, model, recipe, *, prepare: Prepare, loss: Loss, mean, std,
+               layout: data_parallel.Layout, pipeline: input_pipeline.PipelineConfig):
+    self.model, self.recipe, self.layout, self.pipeline = model, recipe, layout, pipeline
+    self.tx = train_lib.make_optimizer(recipe.optimizer, recipe.weight_decay, recipe.momentum,
+                                       recipe.get("decay_bn_and_bias", True))
+    # The state is donated (updated in place) and stays replicated.
+    self._step = jax.jit(
+        functools.partial(train_step, prepare=prepare, loss=loss, group_sharding=layout.sharded),
+        static_argnames="groups", donate_argnums=0,
+        out_shardings=(layout.replicated, layout.replicated))
+    self.accuracy = train_lib.make_accuracy_fn(model, mean, std, layout, pipeline=pipeline)
+
+  def step(self, state: TrainState, batch: dict, key, aux, learning_rate):
+    """One step on an input-pipeline batch (this process's part of it)."""
+    size = int(batch["global_size"])
+    images, labels = (self.layout.global_batch(batch[k], size) for k in ("image", "label"))
+    return self._step(state, images, labels, key, aux, learning_rate,
+                      groups=self.layout.groups(size))
+
+  def train(self, images, labels, test, *, seed: int, aux, evaluate_after: set,
+            log: files.MetricsLog, log_name: str, desc: str,
+            checkpoints: train_checkpoints.TrainCheckpoints | None = None,
+            leave_bar: bool = True) -> tuple[TrainState, list]:
+    """Trains from scratch on `images`/`labels` (state from key(seed)), evaluating top-1 on
+    `test` after the epochs in `evaluate_after`; resumes from `checkpoints` when they hold a
+    saved epoch. Returns the final state and [(epoch, top-1), ...]."""
+    rc = self.recipe
+    n = len(labels)
+    batch_size = min(rc.batch_size, n)
+    key = self.layout.replicate(jax.random.key(seed))
+    steps = input_pipeline.steps_per_epoch(n, batch_size)
+    state = self.layout.replicate(
+        create_state(self.model, jax.random.key(seed), images.shape[1:], self.tx))
+    batches = input_pipeline.train_batches(images, labels, batch_size=batch_size, seed=seed,
+                                           epochs=rc.epochs, pipeline=self.pipeline,
+                                           shard_multiple=self.layout.num_devices)
+    aux = None if aux is None else self.layout.replicate(aux)
+    return fit(self, state, batches, key=key, aux=aux, epochs=rc.epochs, steps_per_epoch=steps,
+               learning_rate=train_lib.epoch_schedule(rc.lr, rc.epochs, steps, rc.warmup_epochs),
+               evaluate=lambda v: self.accuracy(v, test.images, test.labels),
+               evaluate_after=evaluate_after, log=log, log_name=log_name, desc=desc,
+               checkpoints=checkpoints, leave_bar=leave_bar)
 
 
-def fit(state: TrainState, step: Callable, batches, *, key, aux, epochs: int,
-        steps_per_epoch: int, evaluate: Callable[[dict], float], evaluate_after: set,
-        log: files.MetricsLog, log_name: str, desc: str, learning_rate: Callable | None = None,
+def fit(trainer: Trainer, state: TrainState, batches, *, key, aux, epochs: int,
+        steps_per_epoch: int, learning_rate: Callable, evaluate: Callable[[dict], float],
+        evaluate_after: set, log: files.MetricsLog, log_name: str, desc: str,
+        checkpoints: train_checkpoints.TrainCheckpoints | None = None,
         leave_bar: bool = True) -> tuple[TrainState, list]:
-  """`epochs` epochs of `steps_per_epoch` steps over the `batches` iterator (dicts with `image`
-  and `label`); step (epoch, i) uses fold_in(key, epoch · 100003 + i). After each epoch in
-  `evaluate_after` (1-based) `evaluate(variables)` gives a test top-1; every epoch's mean loss is
-  logged with the epoch's images/s and (given `learning_rate(step)`) learning rate. Returns the
-  final state and [(epoch, top-1), ...]."""
-  history = []
+  """`epochs` epochs of `steps_per_epoch` steps over the `batches` iterator; step (epoch, i)
+  uses fold_in(key, epoch · 100003 + i) and the rate learning_rate(epoch · steps_per_epoch)
+  (the schedule steps per epoch). After each epoch in `evaluate_after` (1-based)
+  `evaluate(variables)` gives a test top-1; every epoch's mean loss is logged (by process 0)
+  with the epoch's images/s and learning rate. With `checkpoints`, a saved run resumes after
+  its last saved epoch, and the run is saved every N epochs. Returns the final state and
+  [(epoch, top-1), ...]."""
+  history, start = [], 0
+  if checkpoints is not None:
+    restored = checkpoints.restore(state, batches)
+    if restored is not None:
+      start, state, key, history = restored
+      key = trainer.layout.replicate(key)
+  lead = jax.process_index() == 0
+  if start and lead:
+    log.write(f"{log_name}/resume", start, resumed_after_epoch=start)
   limit = train_lib.DispatchLimit()
-  bar = tqdm.trange(epochs, desc=desc, unit="epoch", leave=leave_bar)
+  bar = tqdm.trange(start, epochs, desc=desc, unit="epoch", leave=leave_bar, disable=not lead)
   for epoch in bar:
     losses, images, started = [], 0, time.perf_counter()
+    rate = learning_rate(epoch * steps_per_epoch)
     for i in range(steps_per_epoch):
       batch = next(batches)
-      state, loss = step(state, batch["image"], batch["label"],
-                         jax.random.fold_in(key, epoch * 100_003 + i), aux)
+      state, loss = trainer.step(state, batch, jax.random.fold_in(key, epoch * 100_003 + i), aux,
+                                 rate)
       losses.append(loss)
       limit(loss)
-      images += len(batch["image"])
+      images += int(batch["global_size"])
     values = {"train_loss": float(np.mean(jax.device_get(losses))),
-              "images_per_second": images / (time.perf_counter() - started)}
-    if learning_rate is not None:
-      values["learning_rate"] = float(learning_rate(epoch * steps_per_epoch))
+              "images_per_second": images / (time.perf_counter() - started),
+              "learning_rate": float(rate)}
     if epoch + 1 in evaluate_after:
       values["test_accuracy"] = evaluate(state.variables)
       history.append((epoch + 1, values["test_accuracy"]))
     bar.set_postfix(loss=f"{values['train_loss']:.3f}",
                     **({"test_acc": f"{history[-1][1]:.2f}"} if history else {}))
-    log.write(log_name, epoch + 1, **values)
+    if lead:
+      log.write(log_name, epoch + 1, **values)
+    if checkpoints is not None and checkpoints.due(epoch + 1, epochs):
+      checkpoints.save(epoch + 1, state, key, batches, history)
   return state, history
-
-
-def train(model, recipe, images, labels, test, *, seed: int, mean, std, prepare: Prepare,
-          loss: Loss, aux, evaluate_after: set, log: files.MetricsLog, log_name: str, desc: str,
-          pipeline: input_pipeline.PipelineConfig, leave_bar: bool = True
-          ) -> tuple[TrainState, list]:
-  """Trains `model` from scratch on `images`/`labels` by `recipe` (a config section with
-  epochs, batch_size, optimizer, lr, momentum, weight_decay, warmup_epochs and optionally
-  decay_bn_and_bias): the optimizer and its per-epoch schedule, the state (initialised from
-  key(seed)), this process's batches, and `fit` with top-1 on `test`."""
-  n = len(labels)
-  batch_size = min(recipe.batch_size, n)
-  key = jax.random.key(seed)
-  steps = input_pipeline.steps_per_epoch(n, batch_size)
-  schedule = train_lib.epoch_schedule(recipe.lr, recipe.epochs, steps, recipe.warmup_epochs)
-  tx = train_lib.make_optimizer(recipe.optimizer, schedule, recipe.weight_decay, recipe.momentum,
-                                decay_bn_and_bias=recipe.get("decay_bn_and_bias", True))
-  accuracy = train_lib.make_accuracy_fn(model, mean, std, pipeline=pipeline)
-  # Squeeze and relabel run on process 0 alone (see main.run_stages): it reads every batch.
-  batches = input_pipeline.train_batches(images, labels, batch_size=batch_size, seed=seed,
-                                         epochs=recipe.epochs, pipeline=pipeline,
-                                         process_index=0, process_count=1)
-  return fit(create_state(model, key, images.shape[1:], tx), make_train_step(prepare, loss),
-             batches, key=key, aux=aux, epochs=recipe.epochs, steps_per_epoch=steps,
-             evaluate=lambda v: accuracy(v, test.images, test.labels),
-             evaluate_after=evaluate_after, learning_rate=schedule, log=log, log_name=log_name,
-             desc=desc, leave_bar=leave_bar)
 
 
 def eval_epochs(epochs: int, every: int, official: bool = False) -> set[int]:

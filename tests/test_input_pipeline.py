@@ -154,9 +154,15 @@ def test_eval_batches_cover_the_set_once_in_fixed_shapes():
   images = np.arange(11, dtype=np.uint8).reshape(11, 1, 1, 1)
   got = list(input_pipeline.eval_batches(images, np.arange(11), batch_size=4, process_index=0,
                                          process_count=1))
-  assert [b["image"].shape[0] for b in got] == [4, 4, 4] and [int(b["valid"]) for b in got] == [4, 4, 3]
-  np.testing.assert_array_equal(np.concatenate([b["label"][:b["valid"]] for b in got]),
+  assert [b["image"].shape[0] for b in got] == [4, 4, 4]
+  assert [int(b["mask"].sum()) for b in got] == [4, 4, 3]
+  np.testing.assert_array_equal(np.concatenate([b["label"][b["mask"]] for b in got]),
                                 np.arange(11))
+  # Sizes are rounded up to a multiple of the local device count.
+  got = list(input_pipeline.eval_batches(images, np.arange(11), batch_size=5, process_index=0,
+                                         process_count=1, multiple=4))
+  assert [b["image"].shape[0] for b in got] == [8, 8]
+  assert [int(b["mask"].sum()) for b in got] == [8, 3]
 
 
 SHARD_CHILD = """
@@ -169,9 +175,11 @@ labels = np.arange(37)
 images = labels.astype(np.uint8).reshape(37, 1, 1, 1)
 train = [b["index"].tolist() for b in input_pipeline.train_batches(images, labels, batch_size=8,
                                                                     seed=1, epochs=1)]
-evaluation = [b["label"][:b["valid"]].tolist() for b in input_pipeline.eval_batches(
+evaluation = [b["label"][b["mask"]].tolist() for b in input_pipeline.eval_batches(
     images, labels, batch_size=8)]
-print(json.dumps({"process": jax.process_index(), "train": train, "eval": evaluation}))
+sizes = [len(b["label"]) for b in input_pipeline.eval_batches(images, labels, batch_size=8)]
+print(json.dumps({"process": jax.process_index(), "train": train, "eval": evaluation,
+                  "eval_sizes": sizes}))
 """
 
 
@@ -186,10 +194,15 @@ def test_two_processes_read_disjoint_shards_that_cover_the_set():
   assert sorted(o["process"] for o in outs) == [0, 1]
   train = [o["train"] for o in outs]
   assert len(train[0]) == len(train[1]) == 5  # the same steps on both, each its part of a batch
-  for mine, theirs, step in zip(train[0], train[1], range(5)):
-    assert not set(mine) & set(theirs)
-    assert sorted(mine + theirs) == sorted(input_pipeline.epoch_order(1, 0, 37)[8 * step:8 * step + 8])
-  assert sorted(sum(train[0] + train[1], [])) == list(range(37))
+  order = input_pipeline.epoch_order(1, 0, 37)
+  for mine, theirs, step in zip(train[0][:4], train[1][:4], range(4)):
+    assert len(mine) == len(theirs) == 4 and not set(mine) & set(theirs)
+    assert sorted(mine + theirs) == sorted(order[8 * step:8 * step + 8])
+  # The last batch (5 rows) does not split in two: both processes read all of it.
+  assert train[0][4] == train[1][4] == order[32:].tolist()
+  assert sorted(sum(train[0][:4] + train[1][:4], [])) == sorted(order[:32])
+  # Both processes evaluate the same number of equal batches (19 and 18 rows: 3 of 8).
+  assert outs[0]["eval_sizes"] == outs[1]["eval_sizes"] == [8, 8, 8]
   evaluation = [sum(o["eval"], []) for o in outs]
   assert not set(evaluation[0]) & set(evaluation[1])
   assert sorted(evaluation[0] + evaluation[1]) == list(range(37))
