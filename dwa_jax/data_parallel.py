@@ -88,4 +88,10 @@ class Layout:
     return jax.make_array_from_process_local_data(self.sharded, local, (size, *local.shape[1:]))
 
   def replicate(self, tree):
-    return jax.device_put(tree, self.replicated)
+    """`tree` (host values, or arrays every process holds whole) as arrays replicated over the
+    mesh; PRNG keys stay keys."""
+    def put(x):
+      if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+      return jax.make_array_from_process_local_data(self.replicated, np.asarray(x))
+    return jax.tree.map(put, tree)

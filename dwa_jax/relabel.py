@@ -178,6 +178,8 @@ def student_run(trainer, config, workdir, name, images, identity, seed, teacher_
   if done.exists():
     saved = files.read_json(done)
     if saved["fingerprint"] == fingerprint:
+      if jax.process_index() == 0:
+        log.write(f"relabel/{name} seed {seed}/resume", 0, finished_seed=True)
       return saved["result"]
   every = config.relabel.save_every_epochs
   checkpoints = (train_checkpoints.TrainCheckpoints(directory / "checkpoints", fingerprint, every)
@@ -252,6 +254,7 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
                              "best_mean": best_mean, "best_std": best_std}
   table = results_table(results)
   if lead:
+    log.write("relabel/compilations", 0, **trainer.compilations())
     files.write_json(pathlib.Path(workdir) / "results.json", results)
     files.write_bytes(pathlib.Path(workdir) / "results.md",
                       (f"Teacher {meta['model']}: {meta['test_accuracy']:.2f}% test top-1\n\n"

@@ -101,6 +101,8 @@ def train_teacher(cfg: ml_collections.ConfigDict, train: data.Dataset, test: dat
       train.images, train.labels, test, seed=seed, aux=None,
       evaluate_after=train_loop.eval_epochs(cfg.epochs, cfg.eval_every), log=log,
       log_name="squeeze", desc="squeeze: teacher", checkpoints=checkpoints)
+  if jax.process_index() == 0:
+    log.write("squeeze/compilations", 0, **trainer.compilations())
   return model, state.variables, trainer.accuracy
 
 

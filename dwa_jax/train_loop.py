@@ -104,6 +104,11 @@ class Trainer:
         out_shardings=(layout.replicated, layout.replicated))
     self.accuracy = train_lib.make_accuracy_fn(model, mean, std, layout, pipeline=pipeline)
 
+  def compilations(self) -> dict:
+    """How many programs the step and the evaluation compiled to (one per input shape)."""
+    return {"train_step": self._step._cache_size(),  # pylint: disable=protected-access
+            "evaluation": self.accuracy.compilations()}
+
   def step(self, state: TrainState, batch: dict, key, aux, learning_rate):
     """One step on an input-pipeline batch (this process's part of it)."""
     size = int(batch["global_size"])
@@ -161,7 +166,7 @@ def fit(trainer: Trainer, state: TrainState, batches, *, key, aux, epochs: int,
   bar = tqdm.trange(start, epochs, desc=desc, unit="epoch", leave=leave_bar, disable=not lead)
   for epoch in bar:
     losses, images, started = [], 0, time.perf_counter()
-    rate = learning_rate(epoch * steps_per_epoch)
+    rate = np.float32(learning_rate(epoch * steps_per_epoch))  # a host value: replicated
     for i in range(steps_per_epoch):
       batch = next(batches)
       state, loss = trainer.step(state, batch, jax.random.fold_in(key, epoch * 100_003 + i), aux,
