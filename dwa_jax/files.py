@@ -131,21 +131,40 @@ class MetricsLog:
     if self.tensorboard:
       self._scalars(stage, int(step), values)
 
-  def _scalars(self, stage: str, step: int, values: dict) -> None:
-    scalars = {k: float(v) for k, v in values.items()
-               if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-               and np.isfinite(v)}
-    if not scalars:
+  def series(self, stage: str, name: str, steps, values) -> None:
+    """Many points of one TensorBoard scalar (not in the JSONL log): per-iteration curves."""
+    if not self.tensorboard:
       return
+    writer = self._tensorboard()
+    tag = self._tag(stage, name)
+    for step, value in zip(steps, values):
+      if np.isfinite(value):
+        writer.add_scalar(tag, float(value), int(step))
+    writer.flush()
+
+  def _tensorboard(self):
     if self._writer is None:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       import jax  # pylint: disable=g-import-not-at-top
       self._writer = tensorboardX.SummaryWriter(
           os.fspath(self.path.parent / "tensorboard"),
           filename_suffix=f".p{jax.process_index()}")
+    return self._writer
+
+  @staticmethod
+  def _tag(stage: str, name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_./-]+", "_", f"{stage}/{name}")
+
+  def _scalars(self, stage: str, step: int, values: dict) -> None:
+    scalars = {k: float(v) for k, v in values.items()
+               if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+               and np.isfinite(v)}
+    if not scalars:
+      return
+    writer = self._tensorboard()
     for name, value in scalars.items():
-      self._writer.add_scalar(re.sub(r"[^A-Za-z0-9_./-]+", "_", f"{stage}/{name}"), value, step)
-    self._writer.flush()
+      writer.add_scalar(self._tag(stage, name), value, step)
+    writer.flush()
 
 
 def to_uint8(images01: np.ndarray) -> np.ndarray:

@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   r.augment = "roll"         # roll | crop_flip_roll
   r.init = "auto"            # auto (real for DWA, noise for SRe2L) | real | noise
   r.classes_per_batch = 0    # 0: all classes in one batch (ImageNet: 100)
+  r.scalars_every = 10       # TensorBoard: CE and BN loss of every N-th iteration (0: none)
   r.checkpoint_every = 100   # save in-flight pixels + Adam state every N iterations (0: per batch)
   r.wait_timeout_s = 86400.0  # multi-process: how long process 0 waits for the others' batches
 
@@ -143,7 +144,7 @@ POSITIVE_INTS = {"teacher": ("epochs", "batch_size", "eval_every"),
 NON_NEGATIVE = {"pipeline": ("workers", "threads", "prefetch"),
                 "teacher": ("lr", "weight_decay", "momentum", "warmup_epochs", "save_every_epochs"),
                 "recover": ("lr", "r_bn", "r_var", "sre2l_r_var", "first_bn_weight", "rho", "jitter",
-                            "adjust_steps", "classes_per_batch", "checkpoint_every",
+                            "adjust_steps", "classes_per_batch", "checkpoint_every", "scalars_every",
                             "wait_timeout_s"),
                 "relabel": ("lr", "weight_decay", "momentum", "temperature", "mix_alpha",
                             "warmup_epochs", "save_every_epochs")}

@@ -114,6 +114,23 @@ def variables_digest(variables) -> str:
   return digest.hexdigest()
 
 
+def log_iterations(log: files.MetricsLog, method: str, group, num_chunks: int, cfg, first: int,
+                   metrics, every: int) -> None:
+  """TensorBoard curves of every `every`-th iteration of each batch of the group (its CE and
+  weighted BN loss), at step (batch index · iterations + iteration), so one curve per quantity
+  runs through the batches in order."""
+  if not every:
+    return
+  for (i, j), m in zip(group, metrics):
+    t = np.arange(first, first + len(m["ce"]))
+    keep = t % every == 0
+    weights = np.asarray(bn_layer_weights(m["bn_terms"].shape[-1], cfg.first_bn_weight))
+    steps = (i * num_chunks + j) * cfg.iterations + t[keep]
+    log.series(f"recover/{method}/iteration", "ce", steps, np.asarray(m["ce"])[keep])
+    log.series(f"recover/{method}/iteration", "bn_loss", steps,
+               (np.asarray(m["bn_terms"], np.float64) @ weights)[keep])
+
+
 def _summary(metrics, first_bn_weight: float) -> dict:
   bn = np.asarray(metrics["bn_terms"][-1], np.float64)
   weights = np.asarray(bn_layer_weights(len(bn), first_bn_weight), np.float64)
@@ -190,6 +207,8 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
           raise FloatingPointError(
               f"recover: the synthesis loss became non-finite (NaN/inf) in batches {group}; lower "
               "recover.lr or check the teacher checkpoint.")
+        log_iterations(log, method, group, len(chunks), cfg, int(states[0].t) - n, metrics,
+                       rc.get("scalars_every", 10))
         if int(states[0].t) < cfg.iterations:
           progress.save_inflight(group_id, states)
         bar.update(len(group) * n)

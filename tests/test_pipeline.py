@@ -21,6 +21,7 @@ def tiny_config(methods=("sre2l", "dwa")):
   c.ipc = 2
   c.teacher.epochs, c.teacher.batch_size, c.teacher.eval_every = 2, 128, 1
   c.recover.iterations, c.recover.adjust_steps, c.recover.jitter = 4, 2, 1
+  c.recover.scalars_every = 2
   c.relabel.epochs, c.relabel.batch_size, c.relabel.eval_every = 3, 16, 1
   c.relabel.seeds = (0, 1)
   return c
@@ -115,6 +116,9 @@ def test_every_stage_writes_tensorboard_scalars(workdir):
               "relabel/relabel_dwa_seed_0/learning_rate"):
     assert tag in scalars, sorted(scalars)
   assert [s for s, _ in scalars["squeeze/train_loss"]] == [1, 2]
+  # Per-iteration recover curves: iterations 0 and 2 of batch 0 (steps 0, 2) and batch 1 (4, 6).
+  for name in ("ce", "bn_loss"):
+    assert sorted(s for s, _ in scalars[f"recover/dwa/iteration/{name}"]) == [0, 2, 4, 6]
   assert scalars["squeeze/learning_rate"][0][1] == pytest.approx(0.1)  # epoch 1: the base lr
 
 
