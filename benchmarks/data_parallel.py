@@ -141,6 +141,7 @@ def main():
   if args.cpu_devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.cpu_devices}")
+  import dwa_jax  # pylint: disable=g-import-not-at-top,unused-import  (its XLA:CPU options first)
   import jax  # pylint: disable=g-import-not-at-top
   available = len(jax.devices())
   counts = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= available and args.batch % n == 0]
@@ -154,7 +155,7 @@ def main():
   device = jax.devices()[0]
   result = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
             "device": f"{device.platform}: {getattr(device, 'device_kind', '')}",
-            "forced_cpu_devices": args.cpu_devices, "machine": platform.processor() or platform.machine(),
+            "forced_cpu_devices": args.cpu_devices, "xla_flags": os.environ.get("XLA_FLAGS", ""), "machine": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "model": args.model, "global_batch": args.batch,
             "quick": args.quick, "rows": rows, "relabel_run": run}
   print("\n| stage | devices | BN statistics | steps/s | images/s | step compilations |")

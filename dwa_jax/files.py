@@ -167,6 +167,16 @@ class MetricsLog:
     writer.flush()
 
 
+def tree_digest(tree) -> str:
+  """sha256 of a pytree's leaves (a teacher's variables): what was saved against another teacher
+  is stale."""
+  import jax  # pylint: disable=g-import-not-at-top
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(tree)):
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
 def to_uint8(images01: np.ndarray) -> np.ndarray:
   """[0, 1] floats -> uint8, rounded (the official code truncates and then saves JPEG)."""
   return np.clip(np.rint(np.asarray(images01) * 255.0), 0, 255).astype(np.uint8)

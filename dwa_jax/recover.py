@@ -11,7 +11,6 @@ progress.py and output writing in synthetic_outputs.py.
 """
 
 import dataclasses
-import hashlib
 import pathlib
 import shutil
 import time
@@ -106,14 +105,6 @@ def owned_batches(ipc: int, num_chunks: int, process_index: int, process_count: 
           for j in range(num_chunks)]
 
 
-def variables_digest(variables) -> str:
-  """sha256 of the teacher's variables: progress saved against another teacher is stale."""
-  digest = hashlib.sha256()
-  for leaf in jax.tree.leaves(jax.device_get(variables)):
-    digest.update(np.ascontiguousarray(leaf).tobytes())
-  return digest.hexdigest()
-
-
 def log_iterations(log: files.MetricsLog, method: str, group, num_chunks: int, cfg, first: int,
                    metrics, every: int) -> None:
   """TensorBoard curves of every `every`-th iteration of each batch of the group (its CE and
@@ -161,7 +152,7 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
                  "dataset": config.dataset, "init": init_kind(rc, method),
                  "classes_per_batch": rc.classes_per_batch, "teacher": meta,
                  "normalisation": [list(mean), list(std)], "dtype": str(dtype),
-                 "teacher_sha256": variables_digest(variables)}
+                 "teacher_sha256": files.tree_digest(variables)}
   progress = Progress(pathlib.Path(workdir) / "progress" / method, fingerprint)
   owned = owned_batches(config.ipc, len(chunks), process_index, process_count)
   todo = [b for b in owned if not progress.is_done(*b)]

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from tqdm import auto as tqdm
 
-from dwa_jax import (augment, compat, data, data_parallel, files, input_pipeline, recover, squeeze,
+from dwa_jax import (augment, compat, data, data_parallel, files, input_pipeline, squeeze,
                      train_checkpoints, train_lib, train_loop)
 from dwa_jax.models import build_model
 
@@ -240,7 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
                                      relabel_stage),
              "sets": {}}
   trainer = student_trainer(rc, teacher, test.num_classes, mean, std, layout, pipeline)
-  teacher_digest = recover.variables_digest(teacher_vars)
+  teacher_digest = files.tree_digest(teacher_vars)
   for name, images in sets.items():
     identity = set_identity(workdir, name)
     runs = [student_run(trainer, config, workdir, name, images, identity, seed, teacher_vars,

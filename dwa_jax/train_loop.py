@@ -85,7 +85,7 @@ def train_step(state: TrainState, images, labels, key, aux, learning_rate=None, 
 class Trainer:
   """Trains models of one architecture by one recipe on a mesh (`layout`): the optimizer, the
   jitted step and the evaluation are built once and reused for every seed and every image set,
-  so each compiles once per input shape.
+  so each compiles once per input shape and dtype.
 
   `recipe` is a config section with epochs, batch_size, optimizer, lr, momentum, weight_decay,
   warmup_epochs and optionally decay_bn_and_bias; `prepare` and `loss` say what a batch trains
@@ -105,7 +105,7 @@ class Trainer:
     self.accuracy = train_lib.make_accuracy_fn(model, mean, std, layout, pipeline=pipeline)
 
   def compilations(self) -> dict:
-    """How many programs the step and the evaluation compiled to (one per input shape)."""
+    """How many programs the step and the evaluation compiled to (one per input shape and dtype)."""
     return {"train_step": self._step._cache_size(),  # pylint: disable=protected-access
             "evaluation": self.accuracy.compilations()}
 

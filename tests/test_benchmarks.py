@@ -66,3 +66,21 @@ def test_diversity_per_class_matches_the_double_sum():
                   for i in np.flatnonzero(labels == c) for j in np.flatnonzero(labels == c))
               for c in range(3)]
   np.testing.assert_allclose(reproduce_cifar10.diversity_per_class(features, labels, 3), expected)
+
+
+@pytest.mark.slow
+def test_data_parallel_benchmark_quick(tmp_path):
+  out = tmp_path / "dp.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "benchmarks/data_parallel.py", "--quick",
+                         "--cpu_devices=2", f"--out={out}"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  rows = {(r["stage"], r["devices"], r["sync_batch_norm"]): r for r in result["rows"]}
+  assert set(rows) == {(s, n, False) for s in ("squeeze", "relabel") for n in (1, 2)} | {
+      ("squeeze", 2, True), ("relabel", 2, True)}
+  assert all(r["steps_per_second"] > 0 and r["step_compilations"] == 1 for r in rows.values())
+  # 2 sets x 3 seeds: one step program per input dtype, one evaluation program.
+  assert result["relabel_run"]["train_step"] == 2 and result["relabel_run"]["evaluation"] == 1
+  assert "| relabel | 2 | sync |" in proc.stdout

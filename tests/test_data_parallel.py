@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from dwa_jax import (data, data_parallel, input_pipeline, presets, recover, relabel, squeeze,
+from dwa_jax import (data, data_parallel, files, input_pipeline, presets, relabel, squeeze,
                      train_lib, train_loop)
 from dwa_jax.models import build_model
 
@@ -132,7 +132,7 @@ def outcome(workdir) -> tuple[dict, str]:
   results = json.loads((workdir / "results.json").read_text())
   stages = results.pop("stages")
   _, variables, _ = squeeze.load_teacher(workdir)
-  return results, recover.variables_digest(variables), stages
+  return results, files.tree_digest(variables), stages
 
 
 def records(workdir, stage_suffix: str) -> list[dict]:
