@@ -6,6 +6,8 @@ Outputs under DIR: teacher/ (Orbax checkpoint), synthetic/<method>/ (images.npz,
 results.json / results.md, metrics.jsonl (one JSON object per logged step) and config.json.
 """
 
+import contextlib
+import fcntl
 import os
 import pathlib
 import sys
@@ -40,6 +42,30 @@ def prepare_workdir(workdir: str) -> pathlib.Path:
   return path
 
 
+class WorkdirInUse(OSError):
+  """Another run holds the work directory."""
+
+
+@contextlib.contextmanager
+def workdir_lock(path: pathlib.Path):
+  """Holds an exclusive lock on the work directory for the run (process 0 of it): a second run
+  started on the same directory refuses instead of writing the same files. The lock is the
+  kernel's (flock on the directory itself), so a killed run never leaves it stuck and nothing
+  is written into the directory; on file systems without flock the run goes unguarded."""
+  fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise WorkdirInUse(f"workdir {os.fspath(path)!r} is in use by another dwa_jax run; wait for "
+                         "it to finish, or stop it, then rerun this command") from None
+    except OSError:
+      pass  # no flock here (some network file systems)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-process runs: host:port of process 0 (jax.distributed.initialize).")
 flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes.")
@@ -63,6 +89,11 @@ def run_stages(config, workdir) -> dict:
   config = compat.resolve(config)  # every quirk switch set (config.json records them)
   workdir = prepare_workdir(workdir)
   lead = jax.process_index() == 0
+  with workdir_lock(workdir) if lead else contextlib.nullcontext():
+    return _run_stages(config, workdir, lead)
+
+
+def _run_stages(config, workdir: pathlib.Path, lead: bool) -> dict:
   out = {}
   if config.stage in ("squeeze", "all"):
     out = squeeze.run(config, workdir)
@@ -77,12 +108,18 @@ def run_stages(config, workdir) -> dict:
 
 
 def execute(config, workdir) -> int:
-  """run_stages with bad input reported as one line on stderr and exit status 2."""
+  """run_stages with bad input reported as one line on stderr and exit status 2, and Ctrl-C
+  (SIGINT) as one line saying how to resume and exit status 130."""
   try:
     run_stages(config, workdir)
   except (ValueError, OSError, FloatingPointError) as e:
     print(f"dwa_jax: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    # Every output is written atomically and progress is checkpointed as the stages go.
+    print(f"dwa_jax: interrupted; rerun the same command to resume from the progress saved in "
+          f"{os.fspath(workdir)!r}", file=sys.stderr)
+    return 130
   return 0
 
 
