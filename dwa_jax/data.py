@@ -208,8 +208,27 @@ def _stats(images) -> tuple[tuple, tuple]:
   return tuple(float(v) for v in x.mean(0)), tuple(float(v) for v in x.std(0))
 
 
+def _check_labels(labels: np.ndarray, num_classes: int, name: str) -> None:
+  """Integer class indices in [0, num_classes), at least two classes."""
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f"{name}: labels must be integer class indices, one per image; got "
+                    f"{labels.dtype} of shape {labels.shape}.")
+  if labels.size and labels.min() < 0:
+    raise DataError(f"{name}: {int(np.sum(labels < 0))} negative labels (e.g. "
+                    f"{int(labels.min())}); labels must be class indices 0..C-1.")
+  if num_classes < 2:
+    raise DataError(f"{name}: {num_classes} class(es); distillation needs at least 2 classes.")
+  if labels.size and labels.max() >= num_classes:
+    raise DataError(f"{name}: {int(np.sum(labels >= num_classes))} labels >= the {num_classes} "
+                    f"classes (e.g. {int(labels.max())}).")
+
+
 def _make(images, labels, class_names, name, mean_std=None) -> Dataset:
-  labels = np.asarray(labels, np.int32)
+  labels = np.asarray(labels)
+  if len(labels) and labels.dtype == object:  # e.g. a list of Python ints from a folder
+    labels = labels.astype(np.int64)
+  _check_labels(labels, len(class_names), name)
+  labels = labels.astype(np.int32)
   if len(images) != len(labels):
     raise DataError(f"{name}: {len(images)} images but {len(labels)} labels.")
   if len(labels) == 0:
@@ -490,7 +509,7 @@ def load_npz(path, split: str | None = None, allow_float: bool = False) -> Datas
     kinds = "uint8 or float" if allow_float else "uint8"
     raise DataError(f"{path}: images must be {kinds} (N, H, W, C), got {images.dtype} "
                     f"{images.shape}.")
-  names = names or [str(c) for c in range(int(labels.max()) + 1)]
+  names = names or [str(c) for c in range(int(labels.max()) + 1 if labels.size else 0)]
   return _make(images, labels, names, f"npz:{path}", mean_std)
 
 
@@ -524,7 +543,21 @@ def load_cifar10_jpeg(path, split: str, cache_dir=None) -> Dataset:
 
 @functools.lru_cache(maxsize=8)
 def load_dataset(name: str, split: str, data_dir: str | None = None) -> Dataset:
-  """See the module docstring. Cached per process: stages share one decoded copy."""
+  """See the module docstring. Cached per process: stages share one decoded copy. A training
+  split with a class that has no image is rejected here, with the counts."""
+  dataset = _load_dataset(name, split, data_dir)
+  if split == "train":
+    counts = np.bincount(dataset.labels, minlength=dataset.num_classes)
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+      shown = ", ".join(str(c) for c in empty[:10]) + (", ..." if len(empty) > 10 else "")
+      raise DataError(f"{dataset.name}: {len(empty)} of {dataset.num_classes} classes have no "
+                      f"training images (classes {shown}); images per class range "
+                      f"{int(counts.min())}-{int(counts.max())}.")
+  return dataset
+
+
+def _load_dataset(name: str, split: str, data_dir: str | None) -> Dataset:
   kind, _, arg = name.partition(":")
   if kind == "digits":
     return load_digits(split)

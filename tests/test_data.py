@@ -103,7 +103,35 @@ def test_npz_with_wrong_content(tmp_path):
   np.savez(tmp_path / "bad.npz", pictures=np.zeros((2, 4, 4, 3), np.uint8))
   with pytest.raises(data.DataError, match="needs arrays 'images' and 'labels'"):
     data.load_npz(tmp_path / "bad.npz")
-  np.savez(tmp_path / "bad2.npz", images=np.zeros((2, 4, 4, 3)), labels=np.zeros(2))
+  np.savez(tmp_path / "bad2.npz", images=np.zeros((2, 4, 4, 3)), labels=np.arange(2))
   with pytest.raises(data.DataError, match="must be uint8"):
     data.load_npz(tmp_path / "bad2.npz")
   assert data.load_npz(tmp_path / "bad2.npz", allow_float=True).images.dtype == np.float64
+
+
+def _npz(path, labels, class_names=None):
+  labels = np.asarray(labels)
+  extra = {} if class_names is None else {"class_names": np.asarray(class_names)}
+  np.savez(path, images=np.zeros((len(labels), 4, 4, 1), np.uint8), labels=labels, **extra)
+  return f"npz:{path}"
+
+
+@pytest.mark.parametrize("labels,class_names,match", [
+    ([0, 0, 0, 0], None, r"1 class\(es\); distillation needs at least 2 classes"),
+    ([0, 1, -1, 1], None, r"1 negative labels \(e.g. -1\)"),
+    ([0.0, 1.0, 1.0, 0.0], None, "labels must be integer class indices, one per image; got float64"),
+    ([0, 2, 2, 0], None, r"1 of 3 classes have no training images \(classes 1\); images per class range 0-2"),
+    ([0, 1, 1, 0], ["a", "b", "c", "d"], r"2 of 4 classes have no training images \(classes 2, 3\)"),
+    ([0, 1, 5, 0], ["a", "b", "c"], r"1 labels >= the 3 classes \(e.g. 5\)"),
+    ([[0], [1], [1], [0]], None, "one per image; got int64 of shape"),
+], ids=["one class", "negative", "float", "non-contiguous", "empty named classes",
+        "label past the names", "2-D labels"])
+def test_labels_and_classes_are_checked_up_front(tmp_path, labels, class_names, match):
+  spec = _npz(tmp_path / "d.npz", labels, class_names)
+  with pytest.raises(data.DataError, match=match):
+    data.load_dataset(spec, "train")
+
+
+def test_a_test_split_may_lack_classes(tmp_path):
+  spec = _npz(tmp_path / "d.npz", [0, 1, 1, 0], ["a", "b", "c"])
+  assert data.load_dataset(spec, "test").num_classes == 3

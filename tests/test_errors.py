@@ -78,6 +78,8 @@ CASES = [
      "has 10 classes but data set"),
     ("image size mismatch", {"stage": "recover"}, lambda w: npz_data(w.parent / "s16.npz", 10, 16),
      "trained on images of shape [8, 8, 1]"),
+    ("one class", {"stage": "squeeze"}, lambda w: npz_data(w.parent / "c1.npz", 1, 8),
+     "1 class(es); distillation needs at least 2 classes"),
     ("no teacher yet", {"stage": "recover"}, lambda w: shutil.rmtree(w / "teacher"),
      "No complete teacher checkpoint"),
     ("corrupt teacher", {"stage": "recover"}, corrupt_teacher, "Cannot restore the teacher"),
