@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import pathlib
+import re
 import sys
 
 from absl import app
@@ -132,9 +133,53 @@ def main(argv):
   sys.exit(execute(FLAGS.config, FLAGS.workdir))
 
 
+def _flag_error(message: str):
+  print(f"dwa_jax: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _unknown_field(argv, error: Exception) -> str:
+  """ml_collections' "no such field" error as one line naming the flag and the nearest field."""
+  while isinstance(error, BaseException) and error.args:  # AttributeError(KeyError(text))
+    error = error.args[0]
+  text = str(error)
+  key = re.match(r"""['"]*([^'"\n]+)""", text)
+  key = key.group(1) if key else text
+  flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
+               and key in a.split("=", 1)[0][len("--config."):].split(".")), None)
+  if flag is None:
+    return f"config has no field {key!r}"
+  message = f"{flag}: the config has no field {key!r}"
+  nearest = re.search(r'Did you mean "([^"]+)"', text)
+  if nearest:
+    parts = flag.split(".")
+    parts[parts.index(key)] = nearest.group(1)
+    message += f"; did you mean {'.'.join(parts)}?"
+  return message
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a bad flag or config field reported as one line, exit status 2."""
+  try:
+    remaining = FLAGS(argv)
+  except flags.Error as e:  # a value of the wrong type, a missing required flag, ...
+    _flag_error(str(e))
+  except (AttributeError, KeyError) as e:  # ml_collections: a config field that does not exist
+    _flag_error(_unknown_field(argv, e))
+  try:
+    FLAGS.config.keys()  # the config file is loaded lazily: report a bad one here
+  except Exception as e:  # pylint: disable=broad-except  (config_flags raises several types)
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    detail = next((line.strip() for line in str(e).splitlines() if "Errno" in line or
+                   "Error" in line), first)
+    _flag_error(f"--config={FLAGS['config'].serialize().partition('=')[2]}: cannot load the config "
+                f"file: {detail}")
+  return remaining
+
+
 def run():
   """Console script `dwa-jax`."""
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     errors.append(f"relabel.synthetic_set must be '', 'folder:PATH' or 'npz:PATH', got {spec!r}")
   if not c.relabel.seeds:
     errors.append("relabel.seeds is empty")
+  elif not all(isinstance(s, int) and not isinstance(s, bool) for s in c.relabel.seeds):
+    errors.append(f"relabel.seeds must be integers, got {tuple(c.relabel.seeds)!r}")
   if errors:
     raise ValueError("Invalid config: " + "; ".join(errors))
 

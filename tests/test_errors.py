@@ -157,3 +157,21 @@ def test_same_config_and_seed_give_identical_bytes(finished, tmp_path):
   for x, y in zip(*leaves):
     np.testing.assert_array_equal(x, y)
   assert any(k.startswith("synthetic/dwa/png/") for k in a) and "results.json" in a
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.teacher.epochz=3",
+     "--config.teacher.epochz: the config has no field 'epochz'; did you mean --config.teacher.epochs?"),
+    ("--config.teachr.lr=0.1",
+     "--config.teachr.lr: the config has no field 'teachr'; did you mean --config.teacher.lr?"),
+    ("--config.teacher.epochs=abc", "flag --config.teacher.epochs=abc: invalid literal for int()"),
+    ("--config.relabel.seeds=(0,x)", "Invalid config: relabel.seeds must be integers, got ('(0,x)',)"),
+    ("--config=configs/nope.py", "--config=configs/nope.py: cannot load the config file: [Errno 2]"),
+], ids=["mistyped field", "mistyped section", "wrong type", "seeds not integers", "no config file"])
+def test_bad_flags_are_one_line_with_exit_status_2(tmp_path, flag, message):
+  args = [flag] if flag.startswith("--config=") else ["--config=configs/demo_digits.py", flag]
+  proc = subprocess.run([sys.executable, "-m", "dwa_jax.main", f"--workdir={tmp_path}", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"dwa_jax: error: {message}"), lines[-5:]
