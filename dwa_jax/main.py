@@ -11,7 +11,9 @@ import fcntl
 import os
 import pathlib
 import re
+import signal
 import sys
+import threading
 
 from absl import app
 from absl import flags
@@ -19,6 +21,7 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
+from tqdm import auto as tqdm
 
 from dwa_jax import compat, files, presets, recover, relabel, squeeze
 
@@ -108,29 +111,67 @@ def _run_stages(config, workdir: pathlib.Path, lead: bool) -> dict:
   return out
 
 
+def report(message: str) -> None:
+  """One `dwa_jax: ...` line on stderr, on a line of its own: progress bars end their line
+  with a carriage return, not a newline, so open ones are closed and the line starts after a
+  line break."""
+  for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+    bar.close()
+  print(f"\ndwa_jax: {message}", file=sys.stderr, flush=True)
+
+
 def execute(config, workdir) -> int:
   """run_stages with bad input reported as one line on stderr and exit status 2, and Ctrl-C
   (SIGINT) as one line saying how to resume and exit status 130."""
   try:
     run_stages(config, workdir)
   except (ValueError, OSError, FloatingPointError) as e:
-    print(f"dwa_jax: error: {e}", file=sys.stderr)
+    report(f"error: {e}")
     return 2
   except KeyboardInterrupt:
     # Every output is written atomically and progress is checkpointed as the stages go.
-    print(f"dwa_jax: interrupted; rerun the same command to resume from the progress saved in "
-          f"{os.fspath(workdir)!r}", file=sys.stderr)
+    report(f"interrupted; rerun the same command to resume from the progress saved in "
+           f"{os.fspath(workdir)!r}")
     return 130
   return 0
+
+
+INTERRUPT_GRACE_S = 10.0
+
+
+def _on_sigint(workdir: str):
+  """Ctrl-C raises KeyboardInterrupt in the main thread (`execute` reports it); a watchdog
+  ends the process anyway if unwinding blocks in a native wait for more than INTERRUPT_GRACE_S."""
+  def leave():
+    print(f"\ndwa_jax: interrupted; rerun the same command to resume from the progress saved "
+          f"in {os.fspath(workdir)!r}", file=sys.stderr, flush=True)
+    os._exit(130)  # pylint: disable=protected-access
+
+  def handler(signum, frame):
+    del signum, frame
+    watchdog = threading.Timer(INTERRUPT_GRACE_S, leave)
+    watchdog.daemon = True
+    watchdog.start()
+    raise KeyboardInterrupt
+  return handler
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  signal.signal(signal.SIGINT, _on_sigint(FLAGS.workdir))
   logging.set_verbosity(logging.WARNING)  # Orbax logs every read and write at INFO
   if FLAGS.coordinator_address:
       jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  sys.exit(execute(FLAGS.config, FLAGS.workdir))
+  status = execute(FLAGS.config, FLAGS.workdir)
+  if status == 130:
+    # Interrupted: leave now. A normal exit would join the input pipeline's reader threads,
+    # which may fail on their executors at shutdown and print tracebacks after the resume line;
+    # every output is written atomically, so nothing is lost.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  sys.exit(status)
 
 
 def _flag_error(message: str):
