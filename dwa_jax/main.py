@@ -6,6 +6,7 @@ Outputs under DIR: teacher/ (Orbax checkpoint), synthetic/<method>/ (images.npz,
 results.json / results.md, metrics.jsonl (one JSON object per logged step) and config.json.
 """
 
+import _thread
 import contextlib
 import fcntl
 import os
@@ -139,6 +140,14 @@ def execute(config, workdir) -> int:
 INTERRUPT_GRACE_S = 10.0
 
 
+def _in_finalizer(frame) -> bool:
+  while frame is not None:
+    if frame.f_code.co_name == "__del__" or frame.f_code.co_name.endswith("gc_callback"):
+      return True
+    frame = frame.f_back
+  return False
+
+
 def _on_sigint(workdir: str):
   """Ctrl-C raises KeyboardInterrupt in the main thread (`execute` reports it); a watchdog
   ends the process anyway if unwinding blocks in a native wait for more than INTERRUPT_GRACE_S."""
@@ -148,7 +157,12 @@ def _on_sigint(workdir: str):
     os._exit(130)  # pylint: disable=protected-access
 
   def handler(signum, frame):
-    del signum, frame
+    del signum
+    if _in_finalizer(frame):
+      # An exception raised in a garbage-collector callback or a __del__ is swallowed (Python
+      # prints "Exception ignored ..."): deliver the interrupt again a moment later.
+      threading.Timer(0.05, _thread.interrupt_main).start()
+      return
     watchdog = threading.Timer(INTERRUPT_GRACE_S, leave)
     watchdog.daemon = True
     watchdog.start()
