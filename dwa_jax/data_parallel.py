@@ -16,10 +16,17 @@ whole on every device instead, with statistics over the whole batch.
 import dataclasses
 
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 DATA_AXIS = "data"
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `name` (nothing to wait for with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def data_mesh(devices=None) -> Mesh:

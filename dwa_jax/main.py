@@ -20,11 +20,10 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import auto as tqdm
 
-from dwa_jax import compat, files, presets, recover, relabel, squeeze
+from dwa_jax import compat, data_parallel, files, presets, recover, relabel, squeeze
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -77,9 +76,6 @@ flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many proces
 flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
 
 
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 def run_stages(config, workdir) -> dict:
@@ -104,7 +100,7 @@ def _run_stages(config, workdir: pathlib.Path, lead: bool) -> dict:
     out = squeeze.run(config, workdir)
   if config.stage in ("recover", "all"):
     out = {m: recover.run(config, workdir, m) for m in config.methods}
-    _barrier("recover")  # relabel reads the set process 0 has just written
+    data_parallel.barrier("recover")  # relabel reads the set process 0 has just written
   if config.stage in ("relabel", "all"):
     out = relabel.run(config, workdir)
   if lead:
@@ -121,6 +117,11 @@ def report(message: str) -> None:
   print(f"\ndwa_jax: {message}", file=sys.stderr, flush=True)
 
 
+def interrupted_message(workdir) -> str:
+  return (f"interrupted; rerun the same command to resume from the progress saved in "
+          f"{os.fspath(workdir)!r}")
+
+
 def execute(config, workdir) -> int:
   """run_stages with bad input reported as one line on stderr and exit status 2, and Ctrl-C
   (SIGINT) as one line saying how to resume and exit status 130."""
@@ -131,8 +132,7 @@ def execute(config, workdir) -> int:
     return 2
   except KeyboardInterrupt:
     # Every output is written atomically and progress is checkpointed as the stages go.
-    report(f"interrupted; rerun the same command to resume from the progress saved in "
-           f"{os.fspath(workdir)!r}")
+    report(interrupted_message(workdir))
     return 130
   return 0
 
@@ -152,8 +152,7 @@ def _on_sigint(workdir: str):
   """Ctrl-C raises KeyboardInterrupt in the main thread (`execute` reports it); a watchdog
   ends the process anyway if unwinding blocks in a native wait for more than INTERRUPT_GRACE_S."""
   def leave():
-    print(f"\ndwa_jax: interrupted; rerun the same command to resume from the progress saved "
-          f"in {os.fspath(workdir)!r}", file=sys.stderr, flush=True)
+    print(f"\ndwa_jax: {interrupted_message(workdir)}", file=sys.stderr, flush=True)
     os._exit(130)  # pylint: disable=protected-access
 
   def handler(signum, frame):

@@ -7,7 +7,6 @@ The teacher is saved as an Orbax checkpoint `<workdir>/teacher/variables` plus `
 import pathlib
 
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import optax
 import orbax.checkpoint as ocp
@@ -35,18 +34,15 @@ def save_teacher(workdir, variables, meta: dict) -> None:
   if lead:
     path.mkdir(parents=True, exist_ok=True)
     (path / "teacher.json").unlink(missing_ok=True)
-  _barrier("teacher-dir")
+  data_parallel.barrier("teacher-dir")
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path / "variables", jax.device_get(variables), force=True)
   checkpointer.wait_until_finished()
   if lead:
     files.write_json(path / "teacher.json", meta)
-  _barrier("teacher-saved")
+  data_parallel.barrier("teacher-saved")
 
 
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 def load_teacher(workdir, dataset: data.Dataset | None = None):

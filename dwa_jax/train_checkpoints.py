@@ -9,15 +9,11 @@ import shutil
 
 import grain
 import jax
-from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from dwa_jax import files
+from dwa_jax import data_parallel, files
 
 
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 class TrainCheckpoints:
@@ -35,7 +31,7 @@ class TrainCheckpoints:
         shutil.rmtree(self.directory)
       self.directory.mkdir(parents=True, exist_ok=True)
       files.write_json(stamp, fingerprint)
-    _barrier(f"checkpoints:{self.directory}")
+    data_parallel.barrier(f"checkpoints:{self.directory}")
     self.manager = ocp.CheckpointManager(
         self.directory / "epochs", options=ocp.CheckpointManagerOptions(
             max_to_keep=1, enable_async_checkpointing=False, cleanup_tmp_directories=True),
@@ -74,6 +70,6 @@ class TrainCheckpoints:
   def remove(self) -> None:
     """Deletes the checkpoints once the run's results are written."""
     self.manager.close()
-    _barrier(f"checkpoints-done:{self.directory}")
+    data_parallel.barrier(f"checkpoints-done:{self.directory}")
     if jax.process_index() == 0:
       shutil.rmtree(self.directory, ignore_errors=True)
