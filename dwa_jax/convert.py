@@ -13,13 +13,14 @@ import pathlib
 import pickle
 import re
 import sys
-import zipfile
 from typing import Any, Mapping, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dwa_jax import files
 
 # Torch buffers with no Flax counterpart.
 IGNORED_SUFFIXES = ("num_batches_tracked",)
@@ -32,7 +33,7 @@ _LEAF_TO_TORCH = {
 }
 
 
-class StateDictError(ValueError):
+class StateDictError(files.InputError):
   """A state dict does not fit the model it is loaded into."""
 
 
@@ -74,13 +75,11 @@ def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict
 
 def load_npz_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a state dict saved as `np.savez(path, **{name: array})`."""
-  try:
+  if not pathlib.Path(path).exists():
+    raise StateDictError(f"State dict file not found: {path}")
+  with files.reading(path, "state dict", error=StateDictError):  # a damaged zip or npy member
     with np.load(path, allow_pickle=False) as data:
       return strip_prefix({k: data[k] for k in data.files})
-  except FileNotFoundError:
-    raise StateDictError(f"State dict file not found: {path}") from None
-  except (ValueError, OSError, zipfile.BadZipFile) as e:  # corrupt zip or npy member
-    raise StateDictError(f"Cannot read state dict {path}: {e}") from None
 
 
 def state_dict_to_variables(state_dict: Mapping[str, Any], template: Any,
@@ -92,6 +91,7 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], template: Any,
   state_dict = strip_prefix(state_dict)
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(template))
   used, missing, mismatched, out = set(), [], [], {}
+  wrong_dtype, non_finite = [], []
   for key, leaf in flat.items():
     collection, *path = key
     name = torch_name(collection, tuple(path))
@@ -99,7 +99,14 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], template: Any,
       missing.append(name)
       continue
     used.add(name)
-    value = to_flax_layout(np.asarray(state_dict[name]))
+    value = np.asarray(state_dict[name])
+    if not np.issubdtype(value.dtype, np.floating):
+      wrong_dtype.append(f"{name}: {value.dtype}")
+      continue
+    if not np.all(np.isfinite(value)):
+      non_finite.append(name)
+      continue
+    value = to_flax_layout(value)
     if tuple(value.shape) != tuple(leaf.shape):
       mismatched.append(f"{name}: checkpoint {tuple(to_torch_layout(value).shape)} vs model "
                         f"{tuple(to_torch_layout(np.empty(leaf.shape)).shape)}")
@@ -113,6 +120,10 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], template: Any,
                     "uses (wrong architecture?)")
   if mismatched:
     problems.append("shape mismatch: " + _some(mismatched, "; "))
+  if wrong_dtype:
+    problems.append("not floating point: " + _some(wrong_dtype))
+  if non_finite:
+    problems.append("NaN or infinite values in: " + _some(non_finite))
   if missing:
     problems.append(f"missing from checkpoint: {_some(sorted(missing))}")
   if unexpected:

@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image
 from tqdm import auto as tqdm
 
+from dwa_jax import files
+
 NORMALISATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
@@ -44,7 +46,7 @@ IN_MEMORY_MAX_BYTES = 2 << 30
 STATS_SAMPLE = 10_000
 
 
-class DataError(ValueError):
+class DataError(files.InputError):
   """A data set cannot be found or read."""
 
 
@@ -99,9 +101,9 @@ def decode_image(blob_or_path, size: int | None = None, mode: str = "RGB",
     with Image.open(io.BytesIO(blob_or_path) if isinstance(blob_or_path, bytes)
                     else blob_or_path) as image:
       array = np.asarray(_fit(image.convert(mode), size, resize))
-  except OSError as e:
+  except Exception as e:  # pylint: disable=broad-except  (PIL raises OSError, SyntaxError, ...)
     where = "" if isinstance(blob_or_path, bytes) else f" {blob_or_path}"
-    raise DataError(f"Cannot decode image{where}: {e}") from None
+    raise DataError(f"Cannot decode image{where}: {files._reason(e)}") from None
   return array[..., None] if array.ndim == 2 else array
 
 
@@ -175,6 +177,10 @@ class NpyRows(ImageSource):
     self.offset, self.dtype, self.shape = offset, dtype, tuple(shape)
     self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     self._fd, self._pid = None, None
+    needed = offset + (shape[0] if shape else 0) * self.row_bytes
+    if self.path.stat().st_size < needed:
+      raise DataError(f"{path} is truncated: {self.path.stat().st_size} bytes, its header "
+                      f"declares {needed}.")
 
   def __getstate__(self):
     return {**self.__dict__, "_fd": None, "_pid": None}
@@ -364,7 +370,11 @@ class TfdsImages(ImageSource):
     return self._source
 
   def read(self, i: int) -> np.ndarray:
-    return decode_image(self.source()[i]["image"], self.size, resize=self.resize)
+    try:
+      return decode_image(self.source()[i]["image"], self.size, resize=self.resize)
+    except Exception as e:  # pylint: disable=broad-except  (a damaged record file)
+      raise DataError(f"tfds data set in {self.builder_dir}: {self.split} record {i}: "
+                      f"{files._reason(e)}") from None  # pylint: disable=protected-access
 
   def labels(self, chunk: int = 4096, cache: bool = True) -> np.ndarray:
     """Every label, without decoding an image: records are read in chunks with the image left
@@ -412,7 +422,16 @@ class TfdsImages(ImageSource):
 
 def load_tfds(name: str, split: str, data_dir: str | None = None) -> Dataset:
   """A tfds image-classification split: in memory when its decoded images fit in
-  IN_MEMORY_MAX_BYTES (CIFAR), else decoded on read (ImageNet: resize 256, centre crop 224)."""
+  IN_MEMORY_MAX_BYTES (CIFAR), else decoded on read (ImageNet: resize 256, centre crop 224).
+  A damaged data_dir (unreadable metadata or record files) is a DataError naming it."""
+  where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
+  with files.reading(where, f"tfds data set {name!r} in",
+                     f"; rebuild it (`tfds build {name} --data_dir=DIR "
+                     "--file_format=array_record`)", error=DataError):
+    return _load_tfds(name, split, data_dir)
+
+
+def _load_tfds(name: str, split: str, data_dir: str | None) -> Dataset:
   builder = tfds_builder(name, data_dir)
   tfds_split = _tfds_split(name, split)
   if tfds_split not in builder.info.splits:
@@ -484,24 +503,28 @@ def load_npz(path, split: str | None = None, allow_float: bool = False) -> Datas
   """A .npz with `images` (uint8 NHWC; float in [0, 1] too with `allow_float`, for synthetic
   sets) and `labels`; optional
   `class_names`, `mean`, `std`. `{split}_images`/`{split}_labels` are used instead when present.
-  Images stored uncompressed (np.savez) are read row by row; compressed ones are loaded."""
+  Images stored uncompressed (np.savez) are read row by row; compressed ones are loaded.
+  Anything damaged is a DataError naming the file."""
   path = pathlib.Path(path)
   if not path.exists():
     raise DataError(f"npz data file not found: {path}")
-  try:
-    f = np.load(path, allow_pickle=False)
-  except (OSError, ValueError, zipfile.BadZipFile) as e:
-    raise DataError(f"Cannot read {path} as .npz: {e}") from None
-  with f:
+  with files.reading(path, "npz data file", error=DataError):
+    return _load_npz(path, split, allow_float)
+
+
+def _load_npz(path: pathlib.Path, split: str | None, allow_float: bool) -> Dataset:
+  with np.load(path, allow_pickle=False) as f:
     prefix = f"{split}_" if split and f"{split}_images" in f.files else ""
     if f"{prefix}images" not in f.files or f"{prefix}labels" not in f.files:
       raise DataError(f"{path} needs arrays 'images' and 'labels' (found {sorted(f.files)}).")
     labels = f[f"{prefix}labels"]
     names = [str(s) for s in f["class_names"]] if "class_names" in f.files else None
-    mean_std = (tuple(f["mean"]), tuple(f["std"])) if "mean" in f.files else None
+    mean_std = (f["mean"], f["std"]) if "mean" in f.files and "std" in f.files else None
   try:
     images = NpyRows(path, f"{prefix}images")
-  except DataError:
+  except DataError as e:
+    if "truncated" in str(e):
+      raise
     with np.load(path, allow_pickle=False) as f:
       images = f[f"{prefix}images"]
   floating = allow_float and np.issubdtype(images.dtype, np.floating)
@@ -509,34 +532,104 @@ def load_npz(path, split: str | None = None, allow_float: bool = False) -> Datas
     kinds = "uint8 or float" if allow_float else "uint8"
     raise DataError(f"{path}: images must be {kinds} (N, H, W, C), got {images.dtype} "
                     f"{images.shape}.")
+  if floating:
+    _check_unit_range(images, path)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f"{path}: labels must be integer class indices, one per image; got "
+                    f"{labels.dtype} of shape {labels.shape}.")
+  if mean_std is not None:
+    mean_std = _check_mean_std(*mean_std, images.shape[-1], path)
   names = names or [str(c) for c in range(int(labels.max()) + 1 if labels.size else 0)]
   return _make(images, labels, names, f"npz:{path}", mean_std)
 
 
+def _check_unit_range(images, path) -> None:
+  """Float images must be finite and in [0, 1]; checked on up to STATS_SAMPLE images, evenly
+  spaced, so a large set is not read whole here."""
+  n = len(images)
+  idx = np.unique(np.linspace(0, n - 1, min(n, STATS_SAMPLE)).round().astype(np.int64))
+  sample = np.asarray(images[idx] if len(idx) < n else images[:])
+  if not np.all(np.isfinite(sample)):
+    raise DataError(f"{path}: images hold NaN or infinite pixels.")
+  if sample.size and (sample.min() < 0 or sample.max() > 1):
+    raise DataError(f"{path}: float images must be in [0, 1], found values in "
+                    f"[{float(sample.min()):.3g}, {float(sample.max()):.3g}].")
+
+
+def _check_mean_std(mean, std, channels: int, path) -> tuple[tuple, tuple]:
+  mean, std = np.asarray(mean), np.asarray(std)
+  if (mean.shape != (channels,) or std.shape != (channels,) or not np.issubdtype(mean.dtype, np.number)
+      or not np.issubdtype(std.dtype, np.number)):
+    raise DataError(f"{path}: 'mean' and 'std' must hold one number per channel ({channels}), "
+                    f"got {mean.dtype} {mean.shape} and {std.dtype} {std.shape}.")
+  if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
+    raise DataError(f"{path}: 'mean' must be finite and 'std' finite and > 0, got {mean.tolist()} "
+                    f"and {std.tolist()}.")
+  return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
 def load_cifar10_jpeg(path, split: str, cache_dir=None) -> Dataset:
   """The JPEG-bytes CIFAR-10 file (keys {split}_jpeg, {split}_offsets, {split}_labels,
-  class_names); decoded once with PIL and cached as .npy beside `cache_dir`."""
+  class_names); decoded once with PIL and cached as .npz in `cache_dir` (an unreadable cache
+  is decoded again). Anything damaged in the file is a DataError naming it."""
   path = pathlib.Path(path)
   if not path.exists():
     raise DataError(f"CIFAR-10 JPEG file not found: {path}")
   cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-  stat = path.stat()
-  cached = cache / f"{path.stem}_{stat.st_size}_{_check_split(split)}.npz"
-  with np.load(path, allow_pickle=False) as f:
-    labels = f[f"{split}_labels"].astype(np.int32)
-    class_names = [str(s) for s in f["class_names"]]
-    if cached.exists():
-      with np.load(cached) as c:
-        images = c["images"]
-    else:
-      blob, offsets = f[f"{split}_jpeg"], f[f"{split}_offsets"]
-      images = np.stack([
-          np.asarray(Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
-          for i in tqdm.trange(len(labels), desc=f"decoding cifar10 {split}", unit="img",
-                               mininterval=2)])
-      from dwa_jax import files  # pylint: disable=g-import-not-at-top
-      files.save_npz(cached, images=images)
-  return _make(images, labels, class_names, "cifar10", NORMALISATION["cifar10"])
+  # Keyed by the file's contents: an edited or replaced file is decoded again.
+  cached = cache / f"{path.stem}_{files.sha256(path)[:16]}_{_check_split(split)}.npz"
+  with files.reading(path, "CIFAR-10 JPEG file", error=DataError):
+    with np.load(path, allow_pickle=False) as f:
+      keys = (f"{split}_jpeg", f"{split}_offsets", f"{split}_labels", "class_names")
+      missing = [k for k in keys if k not in f.files]
+      if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)} (found {sorted(f.files)}).")
+      labels, offsets = f[f"{split}_labels"], f[f"{split}_offsets"]
+      class_names = [str(s) for s in f["class_names"]]
+      _check_labels(labels, len(class_names), f"{path} ({split})")
+      images = _cached_images(cached, len(labels))
+      if images is None:
+        images = _decode_jpeg_blob(path, split, f[f"{split}_jpeg"], offsets, len(labels))
+        try:
+          files.save_npz(cached, images=images)
+        except OSError:
+          pass  # an unwritable cache only costs the next run the decoding
+  return _make(images, labels.astype(np.int32), class_names, f"cifar10_jpeg:{path}",
+               NORMALISATION["cifar10"])
+
+
+def _cached_images(cached: pathlib.Path, count: int):
+  """The decoded images cached earlier, or None (none, or unreadable: decoded again)."""
+  try:
+    with np.load(cached, allow_pickle=False) as c:
+      images = c["images"]
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return images if images.dtype == np.uint8 and images.ndim == 4 and len(images) == count else None
+
+
+def _decode_jpeg_blob(path, split: str, blob: np.ndarray, offsets: np.ndarray, count: int):
+  """Image i is blob[offsets[i]:offsets[i + 1]]; offsets are checked before decoding."""
+  if (blob.ndim != 1 or blob.dtype != np.uint8 or offsets.ndim != 1
+      or not np.issubdtype(offsets.dtype, np.integer)):
+    raise DataError(f"{path}: {split}_jpeg must be 1-D uint8 bytes and {split}_offsets 1-D "
+                    f"integers, got {blob.dtype} {blob.shape} and {offsets.dtype} {offsets.shape}.")
+  if len(offsets) != count + 1:
+    raise DataError(f"{path}: {len(offsets)} {split}_offsets for {count} labels (needs "
+                    f"{count + 1}).")
+  if count and (offsets[0] < 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] > len(blob)):
+    raise DataError(f"{path}: {split}_offsets must increase from >= 0 to at most the "
+                    f"{len(blob)} bytes of {split}_jpeg.")
+  images = []
+  for i in tqdm.trange(count, desc=f"decoding cifar10 {split}", unit="img", mininterval=2):
+    try:
+      images.append(decode_image(blob[offsets[i]:offsets[i + 1]].tobytes()))
+    except DataError as e:
+      raise DataError(f"{path}: {split} image {i}: {e}") from None
+  shapes = {im.shape for im in images}
+  if len(shapes) > 1:
+    raise DataError(f"{path}: {split} images differ in shape ({sorted(shapes)[:3]}).")
+  return np.stack(images)
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import tempfile
 import time
 import zipfile
@@ -31,6 +32,53 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     tmp.unlink(missing_ok=True)
 
 
+class InputError(ValueError):
+  """A file or setting the user gave (or a file an earlier run left) cannot be used: reported as
+  one `dwa_jax: error:` line, exit status 2. Subclasses: data.DataError, squeeze.TeacherError,
+  convert.StateDictError."""
+
+
+def _reason(error: BaseException) -> str:
+  """An exception as a short phrase: its type and the first line of its message."""
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def reading(path, what: str, hint: str = "", error: type = InputError):
+  """Any failure to read `path` (truncated, random bytes, wrong layout: whatever the parsing
+  library raises) becomes one `error` (an InputError) naming the file and what it was meant to
+  be. An InputError raised inside (already naming the file) passes through unchanged."""
+  try:
+    yield
+  except InputError:
+    raise
+  except FileNotFoundError:
+    raise error(f"{what} not found: {os.fspath(path)}{hint}") from None
+  except Exception as e:  # pylint: disable=broad-except  (each parser raises its own types)
+    raise error(f"cannot read {what} {os.fspath(path)}: {_reason(e)}{hint}") from None
+
+
+@contextlib.contextmanager
+def staged_dir(path) -> Iterator[pathlib.Path]:
+  """Yields an empty folder beside `path`; on success it replaces `path` (two renames: the old
+  folder is moved aside first, then deleted), on failure it is deleted and `path` is untouched."""
+  path = pathlib.Path(path)
+  staging = path.with_name(f".{path.name}.partial")
+  old = path.with_name(f".{path.name}.old")
+  for leftover in (staging, old):
+    shutil.rmtree(leftover, ignore_errors=True)
+  staging.mkdir(parents=True)
+  try:
+    yield staging
+    if path.exists():
+      os.replace(path, old)
+    os.replace(staging, path)
+    shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_bytes(path, data: bytes) -> None:
   with atomic_path(path) as tmp:
     tmp.write_bytes(data)
@@ -40,8 +88,18 @@ def write_json(path, obj: Any) -> None:
   write_bytes(path, (json.dumps(obj, indent=1, default=_to_builtin) + "\n").encode())
 
 
-def read_json(path) -> Any:
-  return json.loads(pathlib.Path(path).read_text())
+def read_json(path, what: str = "JSON file", hint: str = "", keys: tuple = ()) -> Any:
+  """A JSON object from `path`; damaged (not JSON, not an object, without one of `keys`) is an
+  InputError naming the file."""
+  with reading(path, what, hint):
+    obj = json.loads(pathlib.Path(path).read_bytes().decode("utf-8"))
+  if not isinstance(obj, dict):
+    raise InputError(f"{what} {os.fspath(path)} holds a JSON {type(obj).__name__}, not an "
+                     f"object{hint}")
+  missing = [k for k in keys if k not in obj]
+  if missing:
+    raise InputError(f"{what} {os.fspath(path)} lacks {', '.join(missing)}{hint}")
+  return obj
 
 
 def save_npz(path, **arrays) -> None:

@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 from tqdm import auto as tqdm
 
@@ -169,18 +170,32 @@ def _on_sigint(workdir: str):
   return handler
 
 
+def _quiet_closed_loop(default_hook):
+  """An unraisable-exception hook that drops 'Event loop is closed' errors: when an Orbax
+  restore fails (a damaged checkpoint, reported as one error line), tensorstore's reads still in
+  flight finish after Orbax has closed their event loop, and Python would print a traceback for
+  each. Everything else goes to `default_hook`."""
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    default_hook(unraisable)
+  return hook
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
   signal.signal(signal.SIGINT, _on_sigint(FLAGS.workdir))
   logging.set_verbosity(logging.WARNING)  # Orbax logs every read and write at INFO
   if FLAGS.coordinator_address:
       jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   status = execute(FLAGS.config, FLAGS.workdir)
-  if status == 130:
-    # Interrupted: leave now. A normal exit would join the input pipeline's reader threads,
-    # which may fail on their executors at shutdown and print tracebacks after the resume line;
-    # every output is written atomically, so nothing is lost.
+  if status in (2, 130):
+    # Stopped by bad input or interrupted: leave now. A normal exit would join the input
+    # pipeline's reader threads and collect the failed Orbax reads' tasks, which may print
+    # tracebacks after the one line; every output is written atomically, so nothing is lost.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)  # pylint: disable=protected-access
@@ -192,8 +207,9 @@ def _flag_error(message: str):
   sys.exit(2)
 
 
-def _unknown_field(argv, error: Exception) -> str:
-  """ml_collections' "no such field" error as one line naming the flag and the nearest field."""
+def _unknown_field(argv, error: Exception) -> str | None:
+  """ml_collections' "no such field" error as one line naming the flag and the nearest field;
+  None when no --config.<field> flag caused it."""
   while isinstance(error, BaseException) and error.args:  # AttributeError(KeyError(text))
     error = error.args[0]
   text = str(error)
@@ -202,7 +218,7 @@ def _unknown_field(argv, error: Exception) -> str:
   flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
                and key in a.split("=", 1)[0][len("--config."):].split(".")), None)
   if flag is None:
-    return f"config has no field {key!r}"
+    return None
   message = f"{flag}: the config has no field {key!r}"
   nearest = re.search(r'Did you mean "([^"]+)"', text)
   if nearest:
@@ -212,22 +228,43 @@ def _unknown_field(argv, error: Exception) -> str:
   return message
 
 
+def _config_file(argv) -> str:
+  return next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+
+
+def _bad_config_file(argv, error: BaseException):
+  """A config file that cannot be loaded (syntax error, no get_config, get_config raising)."""
+  lines = [line.strip() for line in str(error).splitlines()]
+  errno = next((line for line in lines if "Errno" in line), None)  # a file that is not there
+  detail = errno or files._reason(error)  # pylint: disable=protected-access
+  _flag_error(f"--config={_config_file(argv)}: cannot load the config file: {detail}")
+
+
 def parse_flags(argv):
-  """absl's flag parsing, with a bad flag or config field reported as one line, exit status 2."""
+  """absl's flag parsing, with a bad flag, config field or config file reported as one line,
+  exit status 2. config_flags loads the config file (runs its get_config) while parsing."""
   try:
     remaining = FLAGS(argv)
   except flags.Error as e:  # a value of the wrong type, a missing required flag, ...
+    if "--config must have a value other than None" in str(e) and _config_file(argv):
+      _flag_error(f"--config={_config_file(argv)}: get_config() returned None (a missing "
+                  "return statement?)")
+    if "Traceback" in str(e):  # get_config raised: config_flags quotes the whole traceback
+      last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+      _flag_error(f"--config={_config_file(argv)}: cannot load the config file: {last}")
     _flag_error(str(e))
   except (AttributeError, KeyError) as e:  # ml_collections: a config field that does not exist
-    _flag_error(_unknown_field(argv, e))
+    _flag_error(_unknown_field(argv, e) or _bad_config_file(argv, e))
+  except Exception as e:  # pylint: disable=broad-except  (whatever the config file raises)
+    _bad_config_file(argv, e)
   try:
-    FLAGS.config.keys()  # the config file is loaded lazily: report a bad one here
-  except Exception as e:  # pylint: disable=broad-except  (config_flags raises several types)
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    detail = next((line.strip() for line in str(e).splitlines() if "Errno" in line or
-                   "Error" in line), first)
-    _flag_error(f"--config={FLAGS['config'].serialize().partition('=')[2]}: cannot load the config "
-                f"file: {detail}")
+    FLAGS.config.keys()  # in case the config file is loaded lazily: report a bad one here
+  except Exception as e:  # pylint: disable=broad-except
+    _bad_config_file(argv, e)
+  if not isinstance(FLAGS.config, ml_collections.ConfigDict):
+    _flag_error(f"--config={_config_file(argv)}: get_config() returned a "
+                f"{type(FLAGS.config).__name__}, not an ml_collections.ConfigDict (start from "
+                "dwa_jax.presets.base_config())")
   return remaining
 
 

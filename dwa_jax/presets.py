@@ -4,6 +4,9 @@
 overridden again on the command line (`--config.ipc=50`, `--config.recover.iterations=500`).
 """
 
+import difflib
+import math
+
 import ml_collections
 
 from dwa_jax import compat
@@ -138,28 +141,105 @@ CHOICES = {
     ("relabel", "augment"): ("crop_flip", "rrc_flip", "none"),
     ("relabel", "mixing"): ("mixup", "cutmix", "none"),
 }
-POSITIVE_INTS = {"teacher": ("epochs", "batch_size", "eval_every"),
+# Numeric fields must be finite and >= 0; these must be >= 1.
+POSITIVE_INTS = {"": ("ipc",),
+                 "teacher": ("epochs", "batch_size", "eval_every"),
                  "recover": ("iterations",),
                  "relabel": ("epochs", "batch_size", "eval_every")}
-NON_NEGATIVE = {"pipeline": ("workers", "threads", "prefetch"),
-                "teacher": ("lr", "weight_decay", "momentum", "warmup_epochs", "save_every_epochs"),
-                "recover": ("lr", "r_bn", "r_var", "sre2l_r_var", "first_bn_weight", "rho", "jitter",
-                            "adjust_steps", "classes_per_batch", "checkpoint_every", "scalars_every",
-                            "wait_timeout_s"),
-                "relabel": ("lr", "weight_decay", "momentum", "temperature", "mix_alpha",
-                            "warmup_epochs", "save_every_epochs")}
+# Numeric fields with an upper bound (inclusive).
+AT_MOST = {("teacher", "momentum"): 1.0, ("relabel", "momentum"): 1.0}
+
+
+def _leaves(tree, prefix: str = ""):
+  """(dotted name, value) of every field of a (nested) dict or ConfigDict."""
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      yield from _leaves(value, name + ".")
+    else:
+      yield name, value
+
+
+def _schema() -> dict:
+  """Dotted field name -> its default (which gives its type): the fields a config may have."""
+  return dict(_leaves(base_config().to_dict()))
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _type_error(name: str, value, default) -> str | None:
+  """Why `value` cannot stand in `name` whose default is `default`; None if it can."""
+  if default is None:  # the quirk switches: None (follow compat) or a bool
+    ok, kind = value is None or isinstance(value, bool), "true, false or None"
+  elif isinstance(default, bool):
+    ok, kind = isinstance(value, bool), "true or false"
+  elif isinstance(default, int):
+    ok, kind = _is_int(value), "an integer"
+  elif isinstance(default, float):
+    ok, kind = (_is_int(value) or isinstance(value, float)), "a number"
+  elif isinstance(default, str):
+    ok, kind = isinstance(value, str), "a string"
+  elif isinstance(default, (tuple, list)):
+    ok, kind = isinstance(value, (tuple, list)), "a tuple"
+  else:
+    return None
+  return None if ok else f"{name} must be {kind}, got {value!r} ({type(value).__name__})"
+
+
+def _range_error(name: str, value) -> str | None:
+  """Numbers: finite, >= 0 (>= 1 for POSITIVE_INTS), at most AT_MOST's bound."""
+  if not (_is_int(value) or isinstance(value, float)):
+    return None
+  section, _, field = name.rpartition(".")
+  low = 1 if field in POSITIVE_INTS.get(section, ()) else 0
+  high = AT_MOST.get((section, field), math.inf)
+  if isinstance(value, float) and not math.isfinite(value):
+    return f"{name} must be a finite number, got {value}"
+  if not low <= value <= high:
+    bound = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+    return f"{name} must be {bound}, got {value}"
+  return None
+
+
+def _unknown_fields(c) -> list[str]:
+  """Fields the schema does not have (a mistyped name in a config file), with the nearest."""
+  schema = _schema()
+  errors = []
+  for name, _ in _leaves(c):
+    if name not in schema:
+      nearest = difflib.get_close_matches(name, list(schema), n=1)
+      errors.append(f"unknown config field {name}"
+                    + (f" (did you mean {nearest[0]}?)" if nearest else ""))
+  return errors
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Rejects configs that cannot run, with one message naming every problem."""
+  """Rejects configs that cannot run, with one message naming every problem: unknown fields,
+  values of the wrong type, numbers that are not finite or out of range, unknown choices."""
   from dwa_jax.models import MODELS  # pylint: disable=g-import-not-at-top
-  errors = []
-  if c.get("compat", "clean") not in compat.MODES:
+  if not isinstance(c, ml_collections.ConfigDict):
+    raise ValueError(f"Invalid config: expected an ml_collections.ConfigDict (get_config() must "
+                     f"return one, e.g. presets.base_config()), got {type(c).__name__}")
+  schema = _schema()
+  errors = _unknown_fields(c)
+  given = dict(_leaves(c))
+  missing = sorted(set(schema) - set(given))
+  if missing:
+    errors.append(f"missing config fields {', '.join(missing[:8])}"
+                  + (" ..." if len(missing) > 8 else "") + " (start from presets.base_config())")
+  for name, value in given.items():
+    if name in schema:
+      problem = _type_error(name, value, schema[name]) or _range_error(name, value)
+      if problem:
+        errors.append(problem)
+  if errors:  # the checks below assume the types are right
+    raise ValueError("Invalid config: " + "; ".join(errors))
+  if c.compat not in compat.MODES:
     errors.append(f"compat must be one of {compat.MODES}, got {c.compat!r}")
   if c.stage not in STAGES:
     errors.append(f"stage must be one of {STAGES}, got {c.stage!r}")
-  if c.ipc < 1:
-    errors.append(f"ipc must be >= 1, got {c.ipc}")
   for m in c.methods:
     if m not in ("dwa", "sre2l", "random"):
       errors.append(f"unknown method {m!r} in methods (use dwa, sre2l, random)")
@@ -171,16 +251,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for (section, name), allowed in CHOICES.items():
     if c[section][name] not in allowed:
       errors.append(f"{section}.{name} must be one of {allowed}, got {c[section][name]!r}")
-  for section, names in POSITIVE_INTS.items():
-    for name in names:
-      if not c[section][name] >= 1:
-        errors.append(f"{section}.{name} must be >= 1, got {c[section][name]}")
-  for section, names in NON_NEGATIVE.items():
-    for name in names:
-      if not c[section][name] >= 0:  # also catches NaN
-        errors.append(f"{section}.{name} must be >= 0, got {c[section][name]}")
   if c.relabel.temperature == 0:
     errors.append("relabel.temperature must be > 0")
+  if c.relabel.mixing != "none" and c.relabel.mix_alpha == 0:
+    errors.append(f"relabel.mix_alpha must be > 0 for relabel.mixing={c.relabel.mixing!r} "
+                  "(or set relabel.mixing='none')")
   if "dwa" in c.methods and c.recover.adjust_steps < 1:
     errors.append("recover.adjust_steps (K) must be >= 1 for DWA")
   spec = c.relabel.synthetic_set
@@ -188,8 +263,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     errors.append(f"relabel.synthetic_set must be '', 'folder:PATH' or 'npz:PATH', got {spec!r}")
   if not c.relabel.seeds:
     errors.append("relabel.seeds is empty")
-  elif not all(isinstance(s, int) and not isinstance(s, bool) for s in c.relabel.seeds):
-    errors.append(f"relabel.seeds must be integers, got {tuple(c.relabel.seeds)!r}")
+  elif not all(_is_int(s) and s >= 0 for s in c.relabel.seeds):
+    errors.append(f"relabel.seeds must be integers >= 0, got {tuple(c.relabel.seeds)!r}")
   if errors:
     raise ValueError("Invalid config: " + "; ".join(errors))
 

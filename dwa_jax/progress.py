@@ -18,7 +18,8 @@ class Progress:
   def __init__(self, root: pathlib.Path, fingerprint: dict):
     self.root = root
     stamp = root / "fingerprint.json"
-    if stamp.exists() and files.read_json(stamp) != fingerprint:
+    self.hint = f"; delete {root} to start this synthesis over"
+    if stamp.exists() and files.read_json(stamp, "recover progress stamp", self.hint) != fingerprint:
       print(f"recover: settings changed since the progress in {root} was saved; starting over")
       shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -42,9 +43,26 @@ class Progress:
   def save_done(self, i: int, j: int, x: np.ndarray, summary: dict) -> None:
     files.save_npz(self.done_path(i, j), x=x, **{k: np.asarray(v) for k, v in summary.items()})
 
-  def load_done(self, i: int, j: int) -> tuple[np.ndarray, dict]:
-    with np.load(self.done_path(i, j)) as f:
-      return f["x"], {k: f[k].item() for k in f.files if k != "x"}
+  def check_done(self, i: int, j: int) -> None:
+    """A cheap check of a finished batch found on resuming (its zip directory and member
+    names), so a damaged file is reported now rather than after the remaining batches."""
+    path = self.done_path(i, j)
+    with files.reading(path, "finished recover batch", "; delete it to recompute that batch"):
+      with np.load(path, allow_pickle=False) as f:
+        if "x" not in f.files:
+          raise ValueError(f"no pixels 'x' (holds {sorted(f.files)})")
+
+  def load_done(self, i: int, j: int, shape=None) -> tuple[np.ndarray, dict]:
+    """The pixels and summary of finished batch (i, j); `shape` the pixels' expected shape."""
+    path = self.done_path(i, j)
+    with files.reading(path, "finished recover batch", "; delete it to recompute that batch"):
+      with np.load(path, allow_pickle=False) as f:
+        x, summary = f["x"], {k: f[k].item() for k in f.files if k != "x"}
+      if shape is not None and x.shape != tuple(shape):
+        raise ValueError(f"pixels of shape {x.shape}, expected {tuple(shape)}")
+      if not np.all(np.isfinite(x)):
+        raise ValueError("non-finite pixels")
+    return x, summary
 
   def carry_path(self, i: int, j: int) -> pathlib.Path:
     return self.root / "carry" / f"batch_{i:05d}_{j:03d}.npz"
@@ -58,9 +76,11 @@ class Progress:
   def load_carry(self, i: int, j: int, params) -> ChainCarry:
     """The carry batch (i, j) saved, shaped like ChainCarry(params, params)."""
     template = ChainCarry(params, params)
-    with np.load(self.carry_path(i, j)) as f:
-      leaves = [f[f"leaf_{n:04d}"] for n in range(len(f.files))]
-    return jax.tree.unflatten(jax.tree.structure(template), leaves)
+    path = self.carry_path(i, j)
+    with files.reading(path, "recover chain carry", self.hint):
+      with np.load(path, allow_pickle=False) as f:
+        leaves = [f[f"leaf_{n:04d}"] for n in range(len(f.files))]
+      return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
   def drop_carry(self, i: int, j: int) -> None:
     self.carry_path(i, j).unlink(missing_ok=True)
@@ -83,9 +103,11 @@ class Progress:
   def load_inflight(self, group_id: str, states):
     """The saved pixels/Adam/t of this group, or None (no checkpoint, or another group's)."""
     step = self.manager.latest_step()
-    if step is None or not self.marker.exists() or files.read_json(self.marker)["group"] != group_id:
+    if step is None or not self.marker.exists():
       return None
     try:
+      if files.read_json(self.marker, "in-flight marker").get("group") != group_id:
+        return None
       restored = self.manager.restore(step, args=ocp.args.StandardRestore(_host_tree(states)))
     except Exception as e:  # pylint: disable=broad-except
       # A kill in the middle of a save can leave a step directory Orbax cannot read. The group

@@ -156,6 +156,9 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
   progress = Progress(pathlib.Path(workdir) / "progress" / method, fingerprint)
   owned = owned_batches(config.ipc, len(chunks), process_index, process_count)
   todo = [b for b in owned if not progress.is_done(*b)]
+  for b in owned:
+    if b not in todo:
+      progress.check_done(*b)
   log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
   if len(todo) < len(owned):
     print(f"recover: {method}: resuming, {len(owned) - len(todo)} of {len(owned)} batches done")
@@ -249,8 +252,10 @@ def run(config, workdir, method: str, devices=None) -> dict | None:
   stage = {"devices": len(devices or jax.local_devices()) * n, "processes": n}
   synthesis = dataclasses.asdict(engine_config(synthesis_config(config.recover, method),
                                                len(chunks)))
-  summary = write_outputs(out_dir, progress, config, method, meta, train.num_classes, chunks,
-                          synthesis, init_kind(config.recover, method), stage)
+  # Written beside the set and swapped in when complete: a failure leaves the old set whole.
+  with files.staged_dir(out_dir) as staging:
+    summary = write_outputs(staging, progress, config, method, meta, train.num_classes, chunks,
+                            synthesis, init_kind(config.recover, method), stage)
   shutil.rmtree(progress.root)  # everything is in the outputs now
   print(f"recover: {method} wrote {summary['num_images']} images to {out_dir}")
   return summary

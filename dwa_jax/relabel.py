@@ -114,6 +114,10 @@ def synthetic_set(workdir, method: str):
   if not path.exists():
     raise FileNotFoundError(f"No synthetic set at {path}: run the recover stage for {method!r} "
                             "first (--config.stage=recover).")
+  expected = set_identity(workdir, method)
+  if expected != method and files.sha256(path) != expected:
+    raise data.DataError(f"{path} does not match its manifest (sha256 differs): it changed after "
+                         f"recover wrote it; rerun the recover stage for {method!r}.")
   return data.load_npz(path, allow_float=True).images
 
 
@@ -134,7 +138,7 @@ def stage_devices(workdir, teacher_meta: dict, methods, relabel_stage: dict) -> 
   stages = {}
   if "stage" in teacher_meta:
     stages["squeeze"] = teacher_meta["stage"]
-  recovered = [files.read_json(p).get("stage") for p in (
+  recovered = [files.read_json(p, "synthetic set summary").get("stage") for p in (
       pathlib.Path(workdir) / "synthetic" / m / "recover.json" for m in methods) if p.exists()]
   recovered = [s for s in recovered if s]
   if recovered:
@@ -148,7 +152,11 @@ def set_identity(workdir, name: str) -> str:
   manifest), else the name (random real subsets are a function of the data and seed)."""
   manifest = pathlib.Path(workdir) / "synthetic" / name / "manifest.json"
   if manifest.exists():
-    return files.read_json(manifest)["files"].get("images.npz", name)
+    listed = files.read_json(manifest, "synthetic set manifest", keys=("files",))["files"]
+    if not isinstance(listed, dict):
+      raise files.InputError(f"synthetic set manifest {manifest}: 'files' is not an object; "
+                             "rerun the recover stage")
+    return listed.get("images.npz", name)
   return name
 
 
@@ -176,8 +184,12 @@ def student_run(trainer, config, workdir, name, images, identity, seed, teacher_
   fingerprint = seed_fingerprint(config, name, identity, len(images), seed, teacher_digest)
   done = directory / "result.json"
   if done.exists():
-    saved = files.read_json(done)
+    saved = files.read_json(done, "finished student result", "; delete it to train that "
+                            "student again", keys=("fingerprint", "result"))
     if saved["fingerprint"] == fingerprint:
+      if not (isinstance(saved["result"], dict) and {"final", "best", "history"} <= set(saved["result"])):
+        raise files.InputError(f"finished student result {done} lacks final, best or history; "
+                               "delete it to train that student again")
       if jax.process_index() == 0:
         log.write(f"relabel/{name} seed {seed}/resume", 0, finished_seed=True)
       return saved["result"]

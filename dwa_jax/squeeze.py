@@ -4,6 +4,7 @@ The teacher is saved as an Orbax checkpoint `<workdir>/teacher/variables` plus `
 (model, classes, image shape, normalisation, accuracy), which later stages read.
 """
 
+import math
 import pathlib
 
 import jax
@@ -18,7 +19,7 @@ from dwa_jax.models import build_model
 TEACHER_DIR = "teacher"
 
 
-class TeacherError(ValueError):
+class TeacherError(files.InputError):
   """The teacher checkpoint is missing, corrupt or does not fit the data."""
 
 
@@ -51,7 +52,7 @@ def load_teacher(workdir, dataset: data.Dataset | None = None):
   if not (path / "teacher.json").exists():
     raise TeacherError(f"No complete teacher checkpoint in {path}: run the squeeze stage first "
                        "(--config.stage=squeeze) or set --config.teacher.checkpoint.")
-  meta = files.read_json(path / "teacher.json")
+  meta = read_teacher_meta(path / "teacher.json")
   model = build_model(meta["model"], meta["num_classes"])
   if dataset is not None:
     image_shape = list(dataset.images.shape[1:])
@@ -68,6 +69,39 @@ def load_teacher(workdir, dataset: data.Dataset | None = None):
     raise TeacherError(f"Cannot restore the teacher checkpoint {path / 'variables'}: "
                        f"{type(e).__name__}: {e}") from None
   return model, variables, meta
+
+
+TEACHER_META_KEYS = ("model", "num_classes", "image_shape", "mean", "std", "test_accuracy")
+
+
+def read_teacher_meta(path: pathlib.Path) -> dict:
+  """teacher.json, checked: what the later stages read from it is there and well-formed."""
+  from dwa_jax.models import MODELS  # pylint: disable=g-import-not-at-top
+  hint = "; run the squeeze stage again (--config.stage=squeeze) to rewrite the teacher"
+  meta = files.read_json(path, "teacher metadata", hint, keys=TEACHER_META_KEYS)
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+  is_num = lambda v: (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+  shape = meta["image_shape"]
+  problems = []
+  if meta["model"] not in MODELS:
+    problems.append(f"unknown model {meta['model']!r}")
+  if not (is_int(meta["num_classes"]) and meta["num_classes"] >= 2):
+    problems.append(f"num_classes {meta['num_classes']!r} is not an integer >= 2")
+  channels = None
+  if isinstance(shape, list) and len(shape) == 3 and all(is_int(v) and v > 0 for v in shape):
+    channels = shape[-1]
+  else:
+    problems.append(f"image_shape {shape!r} is not [height, width, channels]")
+  for key in ("mean", "std"):
+    value = meta[key]
+    if not (isinstance(value, list) and all(is_num(v) for v in value)
+            and (channels is None or len(value) == channels)):
+      problems.append(f"{key} {value!r} is not one finite number per channel")
+  if not is_num(meta["test_accuracy"]):
+    problems.append(f"test_accuracy {meta['test_accuracy']!r} is not a number")
+  if problems:
+    raise TeacherError(f"teacher metadata {path}: {'; '.join(problems)}{hint}")
+  return meta
 
 
 def teacher_input(augment_kind: str, mean, std) -> train_loop.Prepare:
@@ -114,7 +148,12 @@ def import_teacher(cfg: ml_collections.ConfigDict, num_classes: int, image_shape
   """torchvision-layout state dict (.npz) -> variables of `cfg.model`."""
   model = build_model(cfg.model, num_classes)
   state_dict = convert.load_state_dict(cfg.checkpoint)
-  return model, convert.state_dict_to_variables(state_dict, convert.model_template(model, image_shape))
+  try:
+    variables = convert.state_dict_to_variables(state_dict,
+                                                convert.model_template(model, image_shape))
+  except convert.StateDictError as e:  # name the file: the message is about its tensors
+    raise convert.StateDictError(f"{cfg.checkpoint}: {e}") from None
+  return model, variables
 
 
 def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:

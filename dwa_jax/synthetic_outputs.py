@@ -46,7 +46,7 @@ def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str
                                                              np.float32))
       for i in range(config.ipc):
         for j, classes in enumerate(chunks):
-          x, summary = progress.load_done(i, j)
+          x, summary = progress.load_done(i, j, (len(classes), *image_shape))
           batches.append(summary)
           pixels = np.clip(x * std + mean, 0.0, 1.0).astype(np.float32)  # de-normalise
           stats["lossless"].update(pixels)

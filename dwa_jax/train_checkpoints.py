@@ -24,8 +24,10 @@ class TrainCheckpoints:
     self.directory = pathlib.Path(directory).absolute()
     self.every = every_epochs
     stamp = self.directory / "fingerprint.json"
+    self.hint = f"; delete {self.directory} to start this training over"
     if jax.process_index() == 0:
-      if stamp.exists() and files.read_json(stamp) != fingerprint:
+      if stamp.exists() and files.read_json(stamp, "resume checkpoint stamp",
+                                            self.hint) != fingerprint:
         print(f"settings changed since the checkpoints in {self.directory} were saved; "
               "starting over")
         shutil.rmtree(self.directory)
@@ -60,11 +62,14 @@ class TrainCheckpoints:
     key_data = jax.random.key_data(jax.random.key(0))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                             {"train_state": state, "key": key_data})
-    restored = self.manager.restore(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        data=grain.checkpoint.CheckpointRestore(batches), history=ocp.args.JsonRestore()))
-    history = [tuple(h) for h in restored["history"]["history"]]
-    key = jax.random.wrap_key_data(restored["state"]["key"])
+    # Orbax writes a step atomically (a temporary folder renamed), so an unreadable one was
+    # damaged afterwards: reported, never deleted here (it may hold hours of training).
+    with files.reading(self.directory / "epochs" / str(epoch), "resume checkpoint", self.hint):
+      restored = self.manager.restore(epoch, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract),
+          data=grain.checkpoint.CheckpointRestore(batches), history=ocp.args.JsonRestore()))
+      history = [tuple(h) for h in restored["history"]["history"]]
+      key = jax.random.wrap_key_data(restored["state"]["key"])
     return epoch, restored["state"]["train_state"], key, history
 
   def remove(self) -> None:

@@ -65,7 +65,8 @@ CASES = [
     ("unknown data set", {"dataset": "mnist2"}, None, "Unknown data set 'mnist2'"),
     ("missing data", {"dataset": "npz:/nonexistent/d.npz"}, None, "npz data file not found"),
     ("negative coefficient", {"recover.r_bn": -0.01}, None, "recover.r_bn must be >= 0"),
-    ("NaN hyper-parameter", {"recover.lr": float("nan")}, None, "recover.lr must be >= 0"),
+    ("NaN hyper-parameter", {"recover.lr": float("nan")}, None,
+     "recover.lr must be a finite number"),
     ("unknown method", {"methods": ("dwa2",)}, None, "unknown method 'dwa2'"),
     ("unknown stage", {"stage": "distill"}, None, "stage must be one of"),
     ("bad augmentation", {"recover.augment": "mixup"}, None, "recover.augment must be one of"),
@@ -165,7 +166,7 @@ def test_same_config_and_seed_give_identical_bytes(finished, tmp_path):
     ("--config.teachr.lr=0.1",
      "--config.teachr.lr: the config has no field 'teachr'; did you mean --config.teacher.lr?"),
     ("--config.teacher.epochs=abc", "flag --config.teacher.epochs=abc: invalid literal for int()"),
-    ("--config.relabel.seeds=(0,x)", "Invalid config: relabel.seeds must be integers, got ('(0,x)',)"),
+    ("--config.relabel.seeds=(0,x)", "Invalid config: relabel.seeds must be integers >= 0, got ('(0,x)',)"),
     ("--config=configs/nope.py", "--config=configs/nope.py: cannot load the config file: [Errno 2]"),
 ], ids=["mistyped field", "mistyped section", "wrong type", "seeds not integers", "no config file"])
 def test_bad_flags_are_one_line_with_exit_status_2(tmp_path, flag, message):
