@@ -10,9 +10,10 @@ import numpy as np
 from dwa_jax import xla_cpu
 
 
-def apply(monkeypatch, environ, started=False, jaxlib="0.10.2"):
+def apply(monkeypatch, environ, started=False, jaxlib="0.10.2", devices=()):
   monkeypatch.setattr(xla_cpu, "_backend_started", lambda: started)
   monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: jaxlib)
+  monkeypatch.setattr(xla_cpu, "ACCELERATOR_DEVICE_GLOBS", tuple(devices))
   return xla_cpu.apply_defaults(environ)
 
 
@@ -30,11 +31,21 @@ def test_leaves_flags_alone_when_it_should_not_apply(monkeypatch):
       ({}, {"started": True}),       # too late to take effect
       ({}, {"jaxlib": "0.11.0"}),    # not measured: the flag might not exist there
       ({}, {"jaxlib": ""}),
+      ({"JAX_PLATFORMS": "cuda"}, {}),            # an accelerator: XLA_FLAGS untouched
+      ({"JAX_PLATFORMS": "tpu,cpu"}, {}),
+      ({"TPU_NAME": "my-pod"}, {}),
+      ({}, {"devices": (__file__,)}),             # stands in for /dev/nvidia0 existing
   ]
   for env, kwargs in cases:
     before = dict(env)
     assert not apply(monkeypatch, env, **kwargs), (env, kwargs)
     assert env == before
+
+
+def test_cpu_platform_first_still_applies(monkeypatch):
+  env = {"JAX_PLATFORMS": "cpu"}
+  assert apply(monkeypatch, env, devices=(__file__,))  # JAX_PLATFORMS wins over device nodes
+  assert env["XLA_FLAGS"].split() == list(xla_cpu.TUNED_FLAGS)
 
 
 def test_import_applies_them_and_jax_runs_with_them():
