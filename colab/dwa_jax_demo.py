@@ -15,8 +15,8 @@
 # %% [markdown]
 # # dwa_jax: DWA and SRe2L dataset distillation in JAX
 #
-# This notebook installs `dwa_jax` (on Colab: set `DWA_REPO_URL` to your clone of the repository,
-# or upload it and `pip install -e .`), checks the runtime, runs the digits demo end to end
+# This notebook installs `dwa_jax` (on Colab: set `DWA_REPO_URL` to the git URL of the
+# repository; `pip install git+URL` brings the package and its `configs/`), checks the runtime, runs the digits demo end to end
 # (teacher → SRe2L and DWA synthesis → students with online soft labels → results table), shows
 # the synthetic images, and then explains how to run the CIFAR-100 / ImageNet configs on a GPU or
 # TPU runtime. `DWA_SMOKE=1` shrinks every size so CI can execute the notebook in a minute.
@@ -28,9 +28,11 @@ import sys
 
 SMOKE = os.environ.get("DWA_SMOKE") == "1"
 IN_COLAB = "google.colab" in sys.modules
-REPO_URL = os.environ.get("DWA_REPO_URL", "")  # your clone of the repository, e.g. a git URL
-if IN_COLAB and REPO_URL:
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"git+{REPO_URL}"], check=True)
+REPO_URL = os.environ.get("DWA_REPO_URL", "")  # the repository: a git URL (or a local folder)
+INSTALL = IN_COLAB or os.environ.get("DWA_INSTALL") == "1"  # CI installs as Colab would
+if INSTALL and REPO_URL:
+  spec = REPO_URL if os.path.isdir(REPO_URL) else f"git+{REPO_URL}"
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", spec], check=True)
 
 # %% [markdown]
 # ## Runtime check
@@ -83,6 +85,17 @@ for method in config.methods:
 
 # %%
 print((workdir / "results.md").read_text())
+
+# %% [markdown]
+# ## The command line
+# Every stage also runs from the command line. `--config=configs/<name>.py` works from any
+# directory: the config files are installed with the package. Here the teacher alone, briefly:
+
+# %%
+command = [sys.executable, "-m", "dwa_jax.main", "--config=configs/demo_digits.py",
+           "--workdir=workdir/cli_demo", "--config.stage=squeeze",
+           f"--config.teacher.epochs={1 if SMOKE else 5}"]
+print(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
 
 # %% [markdown]
 # ## CIFAR-100 and ImageNet on a GPU / TPU runtime

@@ -240,9 +240,23 @@ def _bad_config_file(argv, error: BaseException):
   _flag_error(f"--config={_config_file(argv)}: cannot load the config file: {detail}")
 
 
+def packaged_config(path: str) -> str:
+  """`configs/<name>.py` that does not exist from here: the copy installed with the package
+  (dwa_jax.configs), so README and notebook commands work from any directory; else `path`."""
+  spec, colon, rest = path.partition(":")  # config_flags' 'file.py:argument' form
+  given = pathlib.Path(spec)
+  if given.exists() or given.parent.name != "configs":
+    return path
+  import importlib.resources  # pylint: disable=g-import-not-at-top
+  packaged = importlib.resources.files("dwa_jax.configs") / given.name
+  return f"{packaged}{colon}{rest}" if packaged.is_file() else path
+
+
 def parse_flags(argv):
   """absl's flag parsing, with a bad flag, config field or config file reported as one line,
   exit status 2. config_flags loads the config file (runs its get_config) while parsing."""
+  argv = [f"--config={packaged_config(a.split('=', 1)[1])}" if a.startswith("--config=") else a
+          for a in argv]
   try:
     remaining = FLAGS(argv)
   except flags.Error as e:  # a value of the wrong type, a missing required flag, ...
