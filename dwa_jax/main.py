@@ -72,7 +72,8 @@ def workdir_lock(path: pathlib.Path):
 
 
 flags.DEFINE_string("coordinator_address", None,
-                    "Multi-process runs: host:port of process 0 (jax.distributed.initialize).")
+                    "Multi-process runs: host:port of process 0 (jax.distributed.initialize). "
+                    "Not needed on a TPU pod or a cluster JAX detects (SLURM, Open MPI, ...).")
 flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
 
@@ -189,8 +190,12 @@ def main(argv):
   sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
   signal.signal(signal.SIGINT, _on_sigint(FLAGS.workdir))
   logging.set_verbosity(logging.WARNING)  # Orbax logs every read and write at INFO
-  if FLAGS.coordinator_address:
-      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  try:
+    data_parallel.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes,
+                                       FLAGS.process_id)
+  except RuntimeError as e:
+    report(f"error: {e}")
+    sys.exit(2)
   status = execute(FLAGS.config, FLAGS.workdir)
   if status in (2, 130):
     # Stopped by bad input or interrupted: leave now. A normal exit would join the input
