@@ -1,73 +1,171 @@
-"""Device dispatch of recover: synthetic batches run concurrently, one per local device, each with
-the same single-device program."""
+"""Device dispatch of recover: a group of synthetic batches runs as ONE program over the local
+devices, `batches_per_device` batches on each.
 
+The pure per-batch maths (synthesis.start_batch, synthesis.run_iterations) is `vmap`ped over a
+leading batch axis, and that axis is sharded over a one-axis mesh of the local devices
+(`jax.jit` with NamedShardings): each device runs P = batches_per_device independent batches,
+each with its own Δθ, jitter offsets and crops, and nothing is reduced across batches or
+devices. The program is compiled once per host whatever the number of devices (the device
+assignment is the mesh's, not one device's), and once per distinct block length.
+
+Iterations run as `lax.scan` on GPU and TPU; on the CPU as blocks of ITERATION_BLOCK unrolled
+iterations, because XLA:CPU runs convolutions inside loops several times slower.
+
+A group with fewer batches than devices × P (the last one) is padded with copies of its last
+batch, whose results are dropped, so every group runs the same program.
+"""
+
+import dataclasses
 import functools
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dwa_jax.synthesis import (SynthesisConfig, bn_layer_paths, empty_chain, iteration_blocks,
-                               run_iterations, start_batch)
+from dwa_jax.synthesis import (BatchState, SynthesisConfig, as_draws, bn_layer_paths,
+                               empty_chain, iteration_blocks, run_iterations, start_batch)
+
+BATCH_AXIS = "batches"
+
+
+@dataclasses.dataclass
+class Group:
+  """Batches in flight: `state` and `inputs` (labels, keys, draws) stacked on a leading axis of
+  the runner's `size` (the first `count` are real), sharded over the devices."""
+  state: BatchState
+  inputs: tuple
+  count: int
+
+  @property
+  def t(self) -> int:
+    """The index of the next iteration (the same for every batch of a group)."""
+    return int(np.asarray(self.state.t)[0])
+
+  def x(self, k: int) -> np.ndarray:
+    """Batch k's current normalised pixels, on the host."""
+    return np.asarray(self.state.x[k])
+
+  def chain(self, k: int):
+    """compat_q2: batch k's carry into the next class-chunk, on the host."""
+    return jax.tree.map(lambda a: np.asarray(a[k]), self.state.chain())
+
+
+def _stack(items):
+  """A list of per-batch pytrees (or one already stacked) -> one stacked pytree of numpy."""
+  if isinstance(items, (list, tuple)):
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *items)
+  return jax.tree.map(np.asarray, items)
+
+
+def _key_data(key):
+  return jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+
+
+def _pad(tree, size: int):
+  """Repeats the last entry of every leaf up to `size` entries."""
+  def pad(a):
+    if a.shape[0] == size:
+      return a
+    return np.concatenate([a, np.repeat(a[-1:], size - a.shape[0], axis=0)])
+  return jax.tree.map(pad, tree)
+
 
 class GroupRunner:
-  """Runs up to G batches at once, batch k on devices[k], all with ONE single-device program.
+  """Runs up to `size` = len(devices) × batches_per_device batches at once, as one program."""
 
-  Inputs are committed to their device with `jax.device_put` and the jitted calls dispatch
-  asynchronously, so the devices work concurrently. Each batch computes its own Δθ (nothing is
-  reduced across devices), and because every batch runs the same compiled program the results
-  do not depend on how many devices or processes share the work. (A `shard_map` over a mesh
-  compiles a mesh of one device differently from larger meshes, so its results would change in
-  the last bits with the device count.)
-  """
-
-  def __init__(self, model, variables, image_shape, mean, std, cfg: SynthesisConfig, devices):
+  def __init__(self, model, variables, image_shape, mean, std, cfg: SynthesisConfig, devices,
+               batches_per_device: int = 1, unroll: bool | None = None):
+    if batches_per_device < 1:
+      raise ValueError(f"batches_per_device must be >= 1, got {batches_per_device}")
     self.cfg = cfg
     self.devices = list(devices)
-    self.size = len(self.devices)
+    self.per_device = batches_per_device
+    self.size = len(self.devices) * batches_per_device
+    # Unrolled blocks only where XLA:CPU needs them; a scan elsewhere (compiles once).
+    self.unroll = self.devices[0].platform == "cpu" if unroll is None else unroll
+    mesh = Mesh(np.asarray(self.devices), (BATCH_AXIS,))
+    self._stacked = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+    self._variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+    self._traces = {"start": 0, "advance": 0}
     bn_paths = bn_layer_paths(model, variables, image_shape)
-    self._variables = [jax.device_put(variables, d) for d in self.devices]
-    self._start = jax.jit(functools.partial(start_batch, model, bn_paths=bn_paths, cfg=cfg))
+
+    def start(variables, x, labels, key_data, draws, chain):
+      self._traces["start"] += 1  # runs once per compilation (at trace time)
+      return start_batch(model, variables, x, labels, jax.random.wrap_key_data(key_data), draws,
+                         bn_paths=bn_paths, cfg=cfg, chain=chain)
+
+    def advance(n, variables, state, labels, key, draws):
+      self._traces["advance"] += 1
+      return run_iterations(model, variables, state, labels, key, draws, n, bn_paths=bn_paths,
+                            pixel_mean=mean, pixel_std=std, cfg=cfg, unroll=self.unroll)
+
+    batched = (None, 0, 0, 0, 0, 0)
+    self._start = jax.jit(jax.vmap(start, in_axes=batched))
     self._advance = functools.lru_cache()(lambda n: jax.jit(
-        functools.partial(run_iterations, model, num_steps=n, bn_paths=bn_paths, pixel_mean=mean,
-                          pixel_std=std, cfg=cfg, unroll=True), donate_argnums=1))
+        jax.vmap(functools.partial(advance, n), in_axes=batched[:5]), donate_argnums=1))
 
-  def _on_device(self, k, *arrays):
-    return [jax.device_put(a[k], self.devices[k]) for a in arrays]
+  def compilations(self) -> dict:
+    """How many programs were compiled: the weight adjustment, and the iteration blocks (one
+    per distinct block length), whatever the number of devices."""
+    return dict(self._traces)
 
-  def _chain(self, k, chains):
-    """compat_q2: batch k's carry on its device (the empty carry for a first chunk)."""
-    if not self.cfg.chained:
-      return None
-    chain = chains[k] if chains is not None else None
-    if chain is None:
-      return empty_chain(self._variables[k]["params"])
-    return jax.device_put(chain, self.devices[k])
+  def cost_analysis(self, group: Group, num_steps: int) -> dict:
+    """XLA's cost analysis of the iteration program for a block of `num_steps` iterations, as
+    compiled for this host (all its devices): flops, bytes accessed, transcendentals."""
+    traces = dict(self._traces)  # lowering again is not a compilation of the run
+    compiled = self._advance(num_steps).lower(self._variables, group.state,
+                                              *group.inputs).compile()
+    self._traces.update(traces)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {key: float(cost[key]) for key in ("flops", "bytes accessed", "transcendentals")
+            if key in cost}
+
+  def _put(self, tree):
+    return jax.device_put(_pad(_stack(tree), self.size), self._stacked)
 
   def start(self, x, labels, keys, draws, chains=None):
-    """Per batch k (index k of each argument; draws: AugmentDraws, chains: ChainCarry or None):
-    (BatchState, start metrics), each on devices[k]."""
-    return [self._start(self._variables[k], *self._on_device(k, x, labels, keys, draws),
-                        chain=self._chain(k, chains))
-            for k in range(len(x))]
+    """The weight adjustment (and fresh Adam state) of up to `size` batches: index k of each
+    argument is batch k (arrays stacked on a leading axis, or lists). Returns the Group and
+    each real batch's start metrics (numpy)."""
+    count = len(x)
+    if not 1 <= count <= self.size:
+      raise ValueError(f"a group holds 1 to {self.size} batches, got {count}")
+    draws = [as_draws(d) for d in draws] if isinstance(draws, (list, tuple)) else as_draws(draws)
+    # PRNG keys travel as their raw data (numpy cannot hold typed keys).
+    key_data = [_key_data(k) for k in keys] if isinstance(keys, (list, tuple)) else _key_data(keys)
+    inputs = tuple(self._put(a) for a in (labels, key_data, draws))
+    if self.cfg.chained:
+      chains = [empty_chain(self._variables["params"]) if c is None else c
+                for c in (chains or [None] * count)]
+      chain = self._put(chains)
+    else:
+      chain = None
+    state, metrics = self._start(self._variables, self._put(x), *inputs, chain)
+    return Group(state, inputs, count), self._per_batch(metrics, count)
 
-  def advance(self, states, labels, keys, draws, num_steps: int):
-    """num_steps iterations of every batch, as blocks of unrolled iterations."""
+  def advance(self, group: Group, num_steps: int) -> list:
+    """num_steps iterations of every batch of `group` (its state is replaced); returns each
+    real batch's per-iteration metrics (numpy)."""
+    blocks = iteration_blocks(num_steps) if self.unroll else [num_steps]
     per_block = []
-    for n in iteration_blocks(num_steps):
-      out = [self._advance(n)(self._variables[k], states[k],
-                              *self._on_device(k, labels, keys, draws))
-             for k in range(len(states))]
-      states = [state for state, _ in out]
-      per_block.append([m for _, m in out])
-    metrics = [jax.tree.map(lambda *xs: np.concatenate(xs), *[b[k] for b in per_block])
-               for k in range(len(states))]
-    return states, metrics
+    for n in blocks:
+      group.state, m = self._advance(n)(self._variables, group.state, *group.inputs)
+      per_block.append(m)
+    metrics = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs], axis=1),
+                           *per_block)
+    return self._per_batch(metrics, group.count)
+
+  @staticmethod
+  def _per_batch(metrics, count: int) -> list:
+    host = jax.tree.map(np.asarray, metrics)
+    return [jax.tree.map(lambda a, k=k: a[k], host) for k in range(count)]
 
 
 def batch_groups(todo: list, size: int, chained: bool) -> list[list]:
-  """The batches run together, up to `size` at a time (one per device). Chained (compat_q2):
-  chunk j of an ipc index needs chunk j − 1's carry, so a group holds the same step of up to
-  `size` different ipc indices' chains."""
+  """The batches run together, up to `size` at a time. Chained (compat_q2): chunk j of an ipc
+  index needs chunk j − 1's carry, so a group holds the same step of up to `size` different ipc
+  indices' chains."""
   if not chained:
     return [todo[g:g + size] for g in range(0, len(todo), size)]
   chains = {}

@@ -65,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
   r.classes_per_batch = 0    # 0: all classes in one batch (ImageNet: 100)
   r.scalars_every = 10       # TensorBoard: CE and BN loss of every N-th iteration (0: none)
   r.checkpoint_every = 100   # save in-flight pixels + Adam state every N iterations (0: per batch)
+  r.batches_per_device = 1   # P: independent synthetic batches per device in one program (vmap);
+                             # a GPU/TPU runs P ipc indices at once (CPU: keep 1)
+  r.precision = "float32"    # float32 | bfloat16 (convolutions/matmuls; BN statistics, losses,
+                             # pixels and Adam stay float32)
   r.wait_timeout_s = 86400.0  # multi-process: how long process 0 waits for the others' batches
 
   # Relabel + validate: online-KD students (official CIFAR recipe).
@@ -137,6 +141,7 @@ CHOICES = {
     ("teacher", "augment"): ("crop_flip", "rrc_flip", "none"),
     ("recover", "augment"): ("roll", "crop_flip_roll"),
     ("recover", "init"): ("auto", "real", "noise"),
+    ("recover", "precision"): ("float32", "bfloat16"),
     ("relabel", "optimizer"): ("sgd", "adamw"),
     ("relabel", "augment"): ("crop_flip", "rrc_flip", "none"),
     ("relabel", "mixing"): ("mixup", "cutmix", "none"),
@@ -144,7 +149,7 @@ CHOICES = {
 # Numeric fields must be finite and >= 0; these must be >= 1.
 POSITIVE_INTS = {"": ("ipc",),
                  "teacher": ("epochs", "batch_size", "eval_every"),
-                 "recover": ("iterations",),
+                 "recover": ("iterations", "batches_per_device"),
                  "relabel": ("epochs", "batch_size", "eval_every")}
 # Numeric fields with an upper bound (inclusive).
 AT_MOST = {("teacher", "momentum"): 1.0, ("relabel", "momentum"): 1.0}

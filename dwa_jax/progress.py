@@ -92,23 +92,26 @@ class Progress:
       except Exception:  # pylint: disable=broad-except
         shutil.rmtree(self.manager.directory / str(step), ignore_errors=True)
 
-  def save_inflight(self, group_id: str, states) -> None:
-    """Replaces the in-flight checkpoint; the group marker is written before the state, so a
-    kill at any point leaves either a matching pair or nothing to resume from."""
+  def save_inflight(self, group_id: str, state: BatchState) -> None:
+    """Replaces the in-flight checkpoint of a group (`state` stacked over its batches); the
+    group marker is written before the state, so a kill at any point leaves either a matching
+    pair or nothing to resume from."""
     self.clear_inflight()
     files.write_json(self.marker, {"group": group_id})
-    self.manager.save(int(states[0].t), args=ocp.args.StandardSave(_host_tree(states)))
+    self.manager.save(int(np.asarray(state.t)[0]),
+                      args=ocp.args.StandardSave(_host_tree(state)))
     self.manager.wait_until_finished()
 
-  def load_inflight(self, group_id: str, states):
-    """The saved pixels/Adam/t of this group, or None (no checkpoint, or another group's)."""
+  def load_inflight(self, group_id: str, state: BatchState):
+    """The saved pixels/Adam/t of this group as a stacked state placed like `state`, or None
+    (no checkpoint, or another group's)."""
     step = self.manager.latest_step()
     if step is None or not self.marker.exists():
       return None
     try:
       if files.read_json(self.marker, "in-flight marker").get("group") != group_id:
         return None
-      restored = self.manager.restore(step, args=ocp.args.StandardRestore(_host_tree(states)))
+      restored = self.manager.restore(step, args=ocp.args.StandardRestore(_host_tree(state)))
     except Exception as e:  # pylint: disable=broad-except
       # A kill in the middle of a save can leave a step directory Orbax cannot read. The group
       # is a pure function of its inputs, so restarting it gives the same bytes.
@@ -116,12 +119,9 @@ class Progress:
             f"({type(e).__name__}); restarting them")
       self.clear_inflight()
       return None
-    out = []
-    for k, state in enumerate(states):
-      part = jax.tree.map(lambda a, old: jax.device_put(a[k], old.sharding), restored,
-                          _resumable(state))
-      out.append(state._replace(**part))
-    return out
+    part = jax.tree.map(lambda a, old: jax.device_put(a, old.sharding), restored,
+                        _resumable(state))
+    return state._replace(**part)
 
 
 def _resumable(state: BatchState) -> dict:
@@ -133,10 +133,9 @@ def _resumable(state: BatchState) -> dict:
   return part
 
 
-def _host_tree(states) -> dict:
-  """The resumable part of a group's states, stacked on the host."""
-  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                      *[_resumable(s) for s in states])
+def _host_tree(state: BatchState) -> dict:
+  """The resumable part of a group's (stacked) state, on the host."""
+  return jax.tree.map(np.asarray, _resumable(state))
 
 
 def wait_for_batches(progress: Progress, ipc: int, num_chunks: int, timeout_s: float) -> None:

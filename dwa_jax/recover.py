@@ -35,7 +35,8 @@ def synthesis_config(rc, method: str) -> SynthesisConfig:
       r_var=rc.sre2l_r_var if method == "sre2l" else rc.r_var,
       first_bn_weight=rc.first_bn_weight, adjust_steps=rc.adjust_steps, rho=rc.rho,
       jitter=rc.jitter, augment=rc.augment, compat_q1=bool(rc.compat_q1),
-      compat_q2=bool(rc.compat_q2) and method == "dwa")
+      compat_q2=bool(rc.compat_q2) and method == "dwa",
+      compute_dtype=None if rc.get("precision", "float32") == "float32" else rc.precision)
 
 
 def engine_config(cfg: SynthesisConfig, num_chunks: int) -> SynthesisConfig:
@@ -165,66 +166,72 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
     log.write(f"recover/{method}/resume", 0, finished_batches=len(owned) - len(todo))
   if not todo:
     return progress
-  devices = list(devices or jax.local_devices())[:len(todo)]
-  runner = GroupRunner(model, variables, image_shape, mean, std, cfg, devices)
+  per_device = rc.get("batches_per_device", 1)
+  # Every local device, even when fewer batches remain (a short group is padded): the program
+  # depends on the device count (1 vs more, in the last bits), so a resumed run keeps it.
+  devices = list(devices or jax.local_devices())
+  runner = GroupRunner(model, variables, image_shape, mean, std, cfg, devices, per_device)
   rows = initial_rows(train, config.ipc, config.seed, init_kind(rc, method))
   every = rc.checkpoint_every or cfg.iterations
   chained = cfg.chained
   with tqdm.tqdm(total=len(todo) * cfg.iterations, desc=f"recover: {method}",
                   unit="batch-it", mininterval=1.0) as bar:
-    for group in batch_groups(todo, runner.size, chained):
+    for batches in batch_groups(todo, runner.size, chained):
       # The random-Δθ ablation's key (the draws use the batch key's other half).
-      aug_keys = [jax.random.split(batch_key(config.seed, i, j))[1] for i, j in group]
-      draws = [batch_draws(config.seed, i, j, cfg, image_shape[:2]) for i, j in group]
-      labels = jnp.asarray(np.stack([chunks[j] for _, j in group]))
-      x_init = jnp.asarray(np.stack([initial_batch(train, rows, i, chunks[j], config.seed, mean,
-                                                   std, dtype) for i, j in group]))
+      aug_keys = [jax.random.split(batch_key(config.seed, i, j))[1] for i, j in batches]
+      draws = [batch_draws(config.seed, i, j, cfg, image_shape[:2]) for i, j in batches]
+      labels = np.stack([chunks[j] for _, j in batches])
+      x_init = np.stack([initial_batch(train, rows, i, chunks[j], config.seed, mean, std, dtype)
+                         for i, j in batches])
       chains = ([progress.load_carry(i, j - 1, variables["params"]) if j > 0 else None
-                 for i, j in group] if chained else None)
-      group_id = ",".join(f"{i}:{j}" for i, j in group)
+                 for i, j in batches] if chained else None)
+      # The batches, and the group size (the in-flight state's shape) they ran in.
+      group_id = ",".join(f"{i}:{j}" for i, j in batches) + f"/{runner.size}"
       started = time.time()
-      out = runner.start(x_init, labels, aug_keys, draws, chains)
-      states, start_metrics = [o[0] for o in out], [o[1] for o in out]
-      restored = progress.load_inflight(group_id, states)
-      if restored:
-        states = restored
-        print(f"recover: {method}: batches {group_id} resume at iteration {int(states[0].t)}")
-        log.write(f"recover/{method}/resume", int(states[0].t), group=group_id,
-                  inflight_iteration=int(states[0].t))
-      bar.update(len(group) * int(states[0].t))
+      group, start_metrics = runner.start(x_init, labels, aug_keys, draws, chains)
+      restored = progress.load_inflight(group_id, group.state)
+      if restored is not None:
+        group.state = restored
+        print(f"recover: {method}: batches {group_id} resume at iteration {group.t}")
+        log.write(f"recover/{method}/resume", group.t, group=group_id,
+                  inflight_iteration=group.t)
+      bar.update(len(batches) * group.t)
       metrics = None
-      while int(states[0].t) < cfg.iterations:
-        n = min(every, cfg.iterations - int(states[0].t))
-        states, metrics = runner.advance(states, labels, aug_keys, draws, n)
+      while group.t < cfg.iterations:
+        n = min(every, cfg.iterations - group.t)
+        metrics = runner.advance(group, n)
         if not all(np.all(np.isfinite(m["ce"])) and np.all(np.isfinite(m["bn_terms"]))
                    for m in metrics):
           raise FloatingPointError(
-              f"recover: the synthesis loss became non-finite (NaN/inf) in batches {group}; lower "
-              "recover.lr or check the teacher checkpoint.")
-        log_iterations(log, method, group, len(chunks), cfg, int(states[0].t) - n, metrics,
+              f"recover: the synthesis loss became non-finite (NaN/inf) in batches {batches}; "
+              "lower recover.lr or check the teacher checkpoint.")
+        log_iterations(log, method, batches, len(chunks), cfg, group.t - n, metrics,
                        rc.get("scalars_every", 10))
-        if int(states[0].t) < cfg.iterations:
-          progress.save_inflight(group_id, states)
-        bar.update(len(group) * n)
+        if group.t < cfg.iterations:
+          progress.save_inflight(group_id, group.state)
+        bar.update(len(batches) * n)
         bar.set_postfix(ce=f"{metrics[0]['ce'][-1]:.3f}")
       if metrics is None:
         raise RuntimeError("in-flight checkpoint at the final iteration; delete progress and rerun")
-      for k, (i, j) in enumerate(group):
+      for k, (i, j) in enumerate(batches):
         summary = {"ipc_index": i, "chunk": j,
                    **{name: float(start_metrics[k][name]) for name in ("delta_norm",
                                                                        "delta_norm_chunk")
                       if name in start_metrics[k]},
                    **_summary(metrics[k], cfg.first_bn_weight)}
         if chained:
-          progress.save_carry(i, j, states[k].chain())
-        progress.save_done(i, j, np.asarray(states[k].x), summary)
+          progress.save_carry(i, j, group.chain(k))
+        progress.save_done(i, j, group.x(k), summary)
         if chained and j > 0:
           progress.drop_carry(i, j - 1)
-        seconds = (time.time() - started) / len(group)
+        seconds = (time.time() - started) / len(batches)
         log.write(f"recover/{method}", i * len(chunks) + j, seconds=seconds,
                   image_iterations_per_second=len(chunks[j]) * cfg.iterations / seconds,
                   **summary)
       progress.clear_inflight()
+  if jax.process_index() == 0:
+    log.write(f"recover/{method}/compilations", 0, devices=len(devices),
+              batches_per_device=per_device, **runner.compilations())
   return progress
 
 

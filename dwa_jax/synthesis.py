@@ -49,6 +49,9 @@ class SynthesisConfig:
   # Δθ accumulates along it and the previous chunk's weight gradients leak into the first
   # ascent step (see `ChainCarry`). DWA only.
   compat_q2: bool = False
+  # 'bfloat16': the teacher's convolutions and matmuls in bfloat16; BN statistics, losses,
+  # pixels, Δθ and Adam stay float32 (`forward_with_bn_stats`). None: the teacher's dtype.
+  compute_dtype: str | None = None
 
   @property
   def chained(self) -> bool:
@@ -68,6 +71,9 @@ class SynthesisConfig:
     for name in ("lr", "r_bn", "r_var", "first_bn_weight", "rho", "jitter"):
       if getattr(self, name) < 0:
         errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
+    if self.compute_dtype not in (None, "bfloat16", "float32"):
+      errors.append(f"compute_dtype must be None, 'float32' or 'bfloat16', got "
+                    f"{self.compute_dtype!r}")
     if errors:
       raise ValueError("Invalid synthesis config: " + "; ".join(errors))
 
@@ -102,10 +108,22 @@ def _at(tree, path):
   return tree
 
 
-def forward_with_bn_stats(model, params, batch_stats, x, bn_paths):
-  """Eval-mode logits plus the (mean, biased var) of each BN layer's input, in call order."""
-  logits, state = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False,
-                              capture_stats=True, mutable=[BN_STATS])
+def forward_with_bn_stats(model, params, batch_stats, x, bn_paths, compute_dtype=None):
+  """Eval-mode logits plus the (mean, biased var) of each BN layer's input, in call order.
+
+  `compute_dtype` (e.g. bfloat16): the parameters and the input are cast to it, so convolutions
+  and matmuls run in it; the BN layers take their statistics and normalise in float32 (and
+  return compute_dtype), and the logits come back in float32. Gradients flow back through the
+  casts to the float32 pixels and Δθ."""
+  if compute_dtype is not None and jnp.dtype(compute_dtype) != x.dtype:
+    params = jax.tree.map(lambda a: a.astype(compute_dtype), params)
+    logits, state = model.apply({"params": params, "batch_stats": batch_stats},
+                                x.astype(compute_dtype), train=False, capture_stats=True,
+                                mutable=[BN_STATS])
+    logits = logits.astype(x.dtype)
+  else:
+    logits, state = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False,
+                                capture_stats=True, mutable=[BN_STATS])
   stats = [_at(state[BN_STATS], p)["mean_var"][0] for p in bn_paths]
   return logits, stats
 
@@ -223,7 +241,8 @@ def directed_weight_adjustment(model, params, batch_stats, x, view, labels, bn_p
   """
 
   def ce_and_terms(delta, x):
-    logits, stats = forward_with_bn_stats(model, _add(params, delta), batch_stats, view(x), bn_paths)
+    logits, stats = forward_with_bn_stats(model, _add(params, delta), batch_stats, view(x),
+                                          bn_paths, cfg.compute_dtype)
     return cross_entropy(logits, labels), bn_matching_terms(stats, batch_stats, bn_paths, cfg.r_var)
 
   grad_fn = jax.value_and_grad(ce_and_terms, argnums=(0, 1) if cfg.compat_q1 else 0, has_aux=True)
@@ -267,7 +286,8 @@ def random_weight_adjustment(key, params, rho):
 def synthesis_loss(model, params, batch_stats, x_view, labels, bn_paths, layer_weights,
                    cfg: SynthesisConfig):
   """CE + r_bn·Σ_l w_l·term_l on an augmented view; returns (loss, (ce, per-layer terms))."""
-  logits, stats = forward_with_bn_stats(model, params, batch_stats, x_view, bn_paths)
+  logits, stats = forward_with_bn_stats(model, params, batch_stats, x_view, bn_paths,
+                                        cfg.compute_dtype)
   ce = cross_entropy(logits, labels)
   terms = bn_matching_terms(stats, batch_stats, bn_paths, cfg.r_var)
   return ce + cfg.r_bn * jnp.dot(layer_weights, terms), (ce, terms)

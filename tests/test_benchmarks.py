@@ -30,6 +30,13 @@ def test_recover_speed_quick(tmp_path):
   if xla_cpu.jaxlib_is_measured():
     assert set(xla_cpu.TUNED_FLAGS) <= set(result["xla_flags"].split())
   assert "s/iter" in proc.stdout and "sre2l/stock" in proc.stdout
+  packing = result["packing"]
+  assert [r["batches_per_device"] for r in packing] == [1, 2]
+  for row in packing:
+    assert row["same_images"] and row["images_per_second"] > 0
+    assert row["compilations"] == 2  # the adjustment and the iteration block, once each
+    assert row["cost_analysis"]["flops"] > 0
+  assert packing[1]["cost_analysis"]["flops"] > 1.9 * packing[0]["cost_analysis"]["flops"]
 
 
 @pytest.mark.slow

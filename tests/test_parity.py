@@ -79,12 +79,12 @@ def compute():
     offsets = jnp.asarray(record["jitter_offsets"])
     runner = recover.GroupRunner(model, variables, IMAGE_SHAPE, mean, std, cfg, jax.devices()[:1])
     key, draws = jax.random.key(0), recover.AugmentDraws(offsets)
-    [(state, start_metrics)] = runner.start([x0], [labels], [key], [draws])
+    group, [start_metrics] = runner.start([x0], [labels], [key], [draws])
     # Δθ and Q1's ascent gradient, copied before the iterations consume (donate) the state.
-    delta = jax.tree.map(np.asarray, state.delta)
-    ascent_grad = np.asarray(state.first_grad_extra)
-    [state], [metrics] = runner.advance([state], [labels], [key], [draws], cfg.iterations)
-    images, metrics = state.x, {**metrics, **start_metrics}
+    delta = jax.tree.map(lambda a: np.asarray(a[0]), group.state.delta)
+    ascent_grad = np.asarray(group.state.first_grad_extra[0])
+    [metrics] = runner.advance(group, cfg.iterations)
+    images, metrics = group.x(0), {**metrics, **start_metrics}
 
     # The first Adam step's gradient, assembled from the public pieces.
     bn_paths = recover.bn_layer_paths(model, variables, IMAGE_SHAPE)

@@ -89,23 +89,23 @@ def run_chunk(model, variables, x0, labels, draws, cfg, chain):
   VARIABLES[id(variables)] = variables
   runner, loss_grad = engine(model, id(variables), cfg)
   key = jax.random.key(0)
-  [(state, start_metrics)] = runner.start([x0], [labels], [key], [draws],
-                                          None if chain is None else [chain])
+  group, [start_metrics] = runner.start([x0], [labels], [key], [draws],
+                                        None if chain is None else [chain])
   # Δθ and Q1's ascent gradient, copied before the iterations consume (donate) the state.
-  delta = jax.tree.map(np.asarray, state.delta)
-  ascent_grad = np.asarray(state.first_grad_extra)
+  delta = jax.tree.map(lambda a: np.asarray(a[0]), group.state.delta)
+  ascent_grad = np.asarray(group.state.first_grad_extra[0])
   params = jax.tree.map(jnp.add, variables["params"], delta)
   first_grad = loss_grad(params, x0, labels, draws.at(0)) + ascent_grad
-  [end], [metrics] = runner.advance([state], [labels], [key], [draws], cfg.iterations)
+  [metrics] = runner.advance(group, cfg.iterations)
   start_delta = (jax.tree.map(np.zeros_like, delta) if chain is None
                  else jax.tree.map(np.asarray, chain.delta))
   return dict(
-      images=nchw(end.x), first_grad=nchw(first_grad),
+      images=nchw(group.x(0)), first_grad=nchw(first_grad),
       metrics=jax.tree.map(np.asarray, {**metrics, **start_metrics}),
       delta=convert.variables_to_state_dict({"params": delta}),
       delta_chunk=convert.variables_to_state_dict(
           {"params": jax.tree.map(np.subtract, delta, start_delta)}),
-      chain=end.chain() if cfg.chained else None)
+      chain=group.chain(0) if cfg.chained else None)
 
 
 @pytest.fixture(scope="module")

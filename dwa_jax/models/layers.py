@@ -52,7 +52,8 @@ class BatchNorm(nn.Module):
 
     need_batch_stats = capture_stats or not use_ra
     if need_batch_stats:
-      mean, var = channel_mean_var(x)
+      # Statistics in at least float32, also under bfloat16 compute (mixed precision).
+      mean, var = channel_mean_var(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
     if capture_stats:
       self.sow(BN_STATS, "mean_var", (mean, var))
     if use_ra:
@@ -64,7 +65,9 @@ class BatchNorm(nn.Module):
       ra_mean.value = (1 - m) * ra_mean.value + m * jax.lax.stop_gradient(mean)
       ra_var.value = (1 - m) * ra_var.value + m * jax.lax.stop_gradient(unbiased)
     inv = jax.lax.rsqrt(var + self.epsilon) * scale
-    return (x - mean) * inv + bias
+    # Normalised in (at least) float32, returned in the input's dtype so that bfloat16
+    # activations stay bfloat16 for the next convolution (float32 and float64: unchanged).
+    return ((x - mean) * inv + bias).astype(x.dtype)
 
 
 def torch_padding(pad: int) -> Sequence[tuple[int, int]]:
