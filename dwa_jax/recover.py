@@ -2,8 +2,9 @@
 
 Each synthetic batch (one image per class, or a chunk of classes) starts from real images or
 noise and is optimised against the teacher as synthesis.py describes (SPEC.md); batches are
-keyed by (seed, ipc index, class chunk), so the output does not depend on how many devices or
-processes share them.
+keyed by (seed, ipc index, class chunk), so the output does not depend on how many processes
+share them, nor (bit for bit) on the device count once it is 2 or more; one device gives the
+same images within float32 rounding (device_dispatch.py).
 
 The stage lives here; its parts live in modules named after them and are re-exported here:
 the pure maths in synthesis.py, device dispatch in device_dispatch.py, progress persistence in

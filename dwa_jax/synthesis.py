@@ -479,7 +479,7 @@ def delta_theta(model, variables, x, labels, offset, *, image_shape, cfg: Synthe
 # ============================================================================= the recover stage
 # Batches (ipc index i, class chunk j) are independent and keyed by (seed, i, j): whichever
 # process or device runs one, it gives the same bytes. Each process owns ipc indices
-# i ≡ process_index (mod process_count); within a process, groups of one batch per local device
-# run concurrently (see GroupRunner). Progress lives in <workdir>/progress/<method>/:
+# i ≡ process_index (mod process_count); within a process, groups of batches_per_device batches
+# per local device run as one program (see GroupRunner). Progress lives in <workdir>/progress/<method>/:
 # every finished batch as an .npz, and the in-flight group's pixels + Adam state as an Orbax
 # checkpoint every `checkpoint_every` iterations, so a killed run resumes bit-identically.

@@ -25,22 +25,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dwa_jax import convert, files, presets, squeeze
+from dwa_jax import convert, presets, squeeze
 from dwa_jax import main as main_lib
+from test_errors import tiny  # the same tiny run (tests/ is on sys.path under pytest)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Files a failed run may add or append to: logs, and resumable progress.
 LOGS = ("metrics.jsonl", "tensorboard/")
 PROGRESS = ("progress/", "squeeze/checkpoints/", "relabel/")
-
-
-def tiny() -> ml_collections.ConfigDict:
-  c = presets.demo_digits()
-  c.methods, c.ipc = ("dwa",), 1
-  c.teacher.epochs = 1
-  c.recover.iterations, c.recover.adjust_steps = 2, 1
-  c.relabel.epochs, c.relabel.seeds, c.relabel.random_real_baseline = 1, (0,), False
-  return c
 
 
 # ----------------------------------------------------------------------------- mutations
@@ -137,12 +129,17 @@ def data_npz_cases() -> list[Case]:
                                                         "std": np.ones(3)})
   variants["std zero"] = npz_bytes({**base, "mean": np.zeros(1), "std": np.zeros(1)})
 
+  return data_file_cases("npz data", "data.npz", "npz", "recover", variants)
+
+
+def data_file_cases(kind: str, filename: str, source: str, stage: str, variants: dict):
+  """One case per variant: its bytes written to scratch/<filename>, read as `source:PATH`."""
   def case(name, blob):
     def prepare(workdir, scratch):
-      path = scratch / "data.npz"
+      path = scratch / filename
       path.write_bytes(blob)
-      return {"dataset": f"npz:{path}", "stage": "recover"}
-    return Case("npz data", name, prepare, lambda w, s: str(s / "data.npz"))
+      return {"dataset": f"{source}:{path}", "stage": stage}
+    return Case(kind, name, prepare, lambda w, s: str(s / filename))
   return [case(n, b) for n, b in variants.items()]
 
 
@@ -223,13 +220,7 @@ def cifar10_jpeg_cases() -> list[Case]:
   damaged[offsets[3]:offsets[4]] = 0
   variants["one JPEG zeroed"] = npz_bytes({**base, "train_jpeg": damaged})
 
-  def case(name, blob):
-    def prepare(workdir, scratch):
-      path = scratch / "cifar.npz"
-      path.write_bytes(blob)
-      return {"dataset": f"cifar10_jpeg:{path}", "stage": "squeeze"}
-    return Case("CIFAR-10 JPEG file", name, prepare, lambda w, s: str(s / "cifar.npz"))
-  return [case(n, b) for n, b in variants.items()]
+  return data_file_cases("CIFAR-10 JPEG file", "cifar.npz", "cifar10_jpeg", "squeeze", variants)
 
 
 @pytest.fixture(scope="module")
