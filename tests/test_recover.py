@@ -342,6 +342,20 @@ def test_bfloat16_compute_stays_close_to_float32(teacher, batch):
   assert convs and all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in convs)
 
 
+def run_packed(model, variables, cfg, x0, labels, keys, draws, per_device):
+  """The batches of x0 through a one-device GroupRunner, `per_device` at a time; returns the
+  runner and the final images."""
+  runner = recover.GroupRunner(model, variables, IMAGE, MEAN, STD, cfg, jax.devices()[:1],
+                               per_device)
+  out = []
+  for g in range(0, len(x0), per_device):
+    sel = slice(g, g + per_device)
+    group, _ = runner.start(x0[sel], labels[sel], [k[1] for k in keys[sel]], draws[sel])
+    runner.advance(group, cfg.iterations)
+    out += [group.x(k) for k in range(group.count)]
+  return runner, np.stack(out)
+
+
 def test_packed_batches_match_one_by_one(teacher):
   """batches_per_device = P: P batches in one vmapped program per device give the images of
   running them one at a time, within float32 rounding (measured max |Δ| 3.1e-6 here)."""
@@ -353,15 +367,8 @@ def test_packed_batches_match_one_by_one(teacher):
   draws = [recover.batch_draws(0, i, 0, cfg, IMAGE[:2]) for i in range(4)]
   images = {}
   for per_device in (1, 4):
-    runner = recover.GroupRunner(model, variables, IMAGE, MEAN, STD, cfg, jax.devices()[:1],
-                                 per_device)
-    out = []
-    for g in range(0, 4, per_device):
-      sel = slice(g, g + per_device)
-      group, _ = runner.start(x0[sel], labels[sel], [k[1] for k in keys[sel]], draws[sel])
-      runner.advance(group, cfg.iterations)
-      out += [group.x(k) for k in range(group.count)]
-    images[per_device] = np.stack(out)
+    runner, images[per_device] = run_packed(model, variables, cfg, x0, labels, keys, draws,
+                                            per_device)
     assert runner.compilations() == {"start": 1, "advance": 2}  # blocks of 4 and 1 iterations
   print(f"packed vs one by one: max |Δ| {np.abs(images[4] - images[1]).max():.3g}")
   np.testing.assert_allclose(images[4], images[1], atol=1e-4)
@@ -380,16 +387,7 @@ def test_packed_batches_compute_the_same_maths_in_float64(teacher):
                    for k in keys])
     labels = np.tile(np.arange(NUM_CLASSES), (2, 1))
     draws = [recover.batch_draws(0, i, 0, cfg, IMAGE[:2]) for i in range(2)]
-    images = {}
-    for per_device in (1, 2):
-      runner = recover.GroupRunner(model, variables64, IMAGE, MEAN, STD, cfg, jax.devices()[:1],
-                                   per_device)
-      out = []
-      for g in range(0, 2, per_device):
-        sel = slice(g, g + per_device)
-        group, _ = runner.start(x0[sel], labels[sel], [k[1] for k in keys[sel]], draws[sel])
-        runner.advance(group, cfg.iterations)
-        out += [group.x(k) for k in range(group.count)]
-      images[per_device] = np.stack(out)
+    images = {p: run_packed(model, variables64, cfg, x0, labels, keys, draws, p)[1]
+              for p in (1, 2)}
   assert images[1].dtype == np.float64
   np.testing.assert_allclose(images[2], images[1], atol=1e-9)
