@@ -50,6 +50,10 @@ class DataError(files.InputError):
   """A data set cannot be found or read."""
 
 
+class NotRowReadable(DataError):
+  """An .npy member that is compressed or Fortran-ordered: loaded whole instead of row by row."""
+
+
 # ----------------------------------------------------------------------------- random access
 
 class ImageSource:
@@ -103,7 +107,7 @@ def decode_image(blob_or_path, size: int | None = None, mode: str = "RGB",
       array = np.asarray(_fit(image.convert(mode), size, resize))
   except Exception as e:  # pylint: disable=broad-except  (PIL raises OSError, SyntaxError, ...)
     where = "" if isinstance(blob_or_path, bytes) else f" {blob_or_path}"
-    raise DataError(f"Cannot decode image{where}: {files._reason(e)}") from None
+    raise DataError(f"Cannot decode image{where}: {files.describe_error(e)}") from None
   return array[..., None] if array.ndim == 2 else array
 
 
@@ -172,8 +176,8 @@ class NpyRows(ImageSource):
     self.path, self.key = pathlib.Path(path), key
     offset, dtype, shape = _npy_layout(self.path, key)
     if offset is None:
-      raise DataError(f"{path}{':' + key if key else ''} is compressed or Fortran-ordered and "
-                      "cannot be read row by row.")
+      raise NotRowReadable(f"{path}{':' + key if key else ''} is compressed or Fortran-ordered "
+                           "and cannot be read row by row.")
     self.offset, self.dtype, self.shape = offset, dtype, tuple(shape)
     self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     self._fd, self._pid = None, None
@@ -204,11 +208,17 @@ class Dataset:
   name: str
 
 
-def _stats(images) -> tuple[tuple, tuple]:
-  """Per-channel mean and std in [0, 1] units, over at most STATS_SAMPLE evenly spaced images."""
+def _even_sample(images) -> np.ndarray:
+  """At most STATS_SAMPLE evenly spaced images (all of them when there are fewer), as an array:
+  what statistics and checks read so that a large set is not read whole."""
   n = len(images)
   idx = np.unique(np.linspace(0, n - 1, min(n, STATS_SAMPLE)).round().astype(np.int64))
-  sample = np.asarray(images[idx] if len(idx) < n else images[:])
+  return np.asarray(images[idx] if len(idx) < n else images[:])
+
+
+def _stats(images) -> tuple[tuple, tuple]:
+  """Per-channel mean and std in [0, 1] units, over at most STATS_SAMPLE evenly spaced images."""
+  sample = _even_sample(images)
   x = sample.reshape(-1, sample.shape[-1]).astype(np.float64)
   x = x / 255.0 if sample.dtype == np.uint8 else x
   return tuple(float(v) for v in x.mean(0)), tuple(float(v) for v in x.std(0))
@@ -374,7 +384,7 @@ class TfdsImages(ImageSource):
       return decode_image(self.source()[i]["image"], self.size, resize=self.resize)
     except Exception as e:  # pylint: disable=broad-except  (a damaged record file)
       raise DataError(f"tfds data set in {self.builder_dir}: {self.split} record {i}: "
-                      f"{files._reason(e)}") from None  # pylint: disable=protected-access
+                      f"{files.describe_error(e)}") from None
 
   def labels(self, chunk: int = 4096, cache: bool = True) -> np.ndarray:
     """Every label, without decoding an image: records are read in chunks with the image left
@@ -522,9 +532,7 @@ def _load_npz(path: pathlib.Path, split: str | None, allow_float: bool) -> Datas
     mean_std = (f["mean"], f["std"]) if "mean" in f.files and "std" in f.files else None
   try:
     images = NpyRows(path, f"{prefix}images")
-  except DataError as e:
-    if "truncated" in str(e):
-      raise
+  except NotRowReadable:
     with np.load(path, allow_pickle=False) as f:
       images = f[f"{prefix}images"]
   floating = allow_float and np.issubdtype(images.dtype, np.floating)
@@ -546,9 +554,7 @@ def _load_npz(path: pathlib.Path, split: str | None, allow_float: bool) -> Datas
 def _check_unit_range(images, path) -> None:
   """Float images must be finite and in [0, 1]; checked on up to STATS_SAMPLE images, evenly
   spaced, so a large set is not read whole here."""
-  n = len(images)
-  idx = np.unique(np.linspace(0, n - 1, min(n, STATS_SAMPLE)).round().astype(np.int64))
-  sample = np.asarray(images[idx] if len(idx) < n else images[:])
+  sample = _even_sample(images)
   if not np.all(np.isfinite(sample)):
     raise DataError(f"{path}: images hold NaN or infinite pixels.")
   if sample.size and (sample.min() < 0 or sample.max() > 1):

@@ -38,7 +38,7 @@ class InputError(ValueError):
   convert.StateDictError."""
 
 
-def _reason(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
   """An exception as a short phrase: its type and the first line of its message."""
   text = str(error).strip().splitlines()
   return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
@@ -56,7 +56,7 @@ def reading(path, what: str, hint: str = "", error: type = InputError):
   except FileNotFoundError:
     raise error(f"{what} not found: {os.fspath(path)}{hint}") from None
   except Exception as e:  # pylint: disable=broad-except  (each parser raises its own types)
-    raise error(f"cannot read {what} {os.fspath(path)}: {_reason(e)}{hint}") from None
+    raise error(f"cannot read {what} {os.fspath(path)}: {describe_error(e)}{hint}") from None
 
 
 @contextlib.contextmanager

@@ -241,7 +241,7 @@ def _bad_config_file(argv, error: BaseException):
   """A config file that cannot be loaded (syntax error, no get_config, get_config raising)."""
   lines = [line.strip() for line in str(error).splitlines()]
   errno = next((line for line in lines if "Errno" in line), None)  # a file that is not there
-  detail = errno or files._reason(error)  # pylint: disable=protected-access
+  detail = errno or files.describe_error(error)
   _flag_error(f"--config={_config_file(argv)}: cannot load the config file: {detail}")
 
 

@@ -19,6 +19,7 @@ import pytest
 from dwa_jax import (data, data_parallel, files, input_pipeline, presets, relabel, squeeze,
                      train_lib, train_loop)
 from dwa_jax.models import build_model
+from test_scale import wait_for_saved_step  # (tests/ is on sys.path under pytest)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -179,22 +180,13 @@ def test_two_processes_give_the_same_results_as_one(reference, tmp_path):
   assert ref_stages == {s: {"devices": 2, "processes": 1} for s in ("squeeze", "recover", "relabel")}
 
 
-def saved_step(directory: pathlib.Path) -> bool:
-  """Whether the Orbax manager in `directory` has finished saving a step (renamed from tmp)."""
-  steps = directory.glob("*") if directory.is_dir() else ()
-  return any(step.name.isdigit() for step in steps)
-
-
 def test_sigkill_at_random_points_resumes_squeeze_and_relabel_bit_identically(reference, tmp_path):
   rng = random.Random(7)
   kills = 0
   for attempt in range(12):
     proc = run_main(tmp_path)
     if attempt == 0:  # the first kill comes after a squeeze checkpoint: a resume is certain
-      deadline = time.time() + 300
-      while (not saved_step(tmp_path / "squeeze" / "checkpoints" / "epochs")
-             and proc.poll() is None and time.time() < deadline):
-        time.sleep(0.05)
+      wait_for_saved_step(proc, tmp_path / "squeeze" / "checkpoints" / "epochs")
     else:
       time.sleep(rng.uniform(0.3, 0.95) * REFERENCE_SECONDS[0])
     if proc.poll() is None:

@@ -121,6 +121,14 @@ def saved_step(directory: pathlib.Path) -> bool:
     return False
 
 
+def wait_for_saved_step(proc, directory: pathlib.Path, timeout: float = 300) -> None:
+  """Waits until the Orbax manager in `directory` has saved a step (or `proc` ends): a kill
+  after it is certain to leave something to resume from."""
+  deadline = time.time() + timeout
+  while not saved_step(directory) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+
+
 def test_sigkill_at_random_points_resumes_bit_identically(teacher_dir, tmp_path, reference):
   workdir = workdir_with(teacher_dir, tmp_path / "killed")
   rng = random.Random(1234)
@@ -128,10 +136,7 @@ def test_sigkill_at_random_points_resumes_bit_identically(teacher_dir, tmp_path,
   for attempt in range(12):
     proc = run_main(workdir)
     if attempt == 0:  # the first kill comes after an in-flight checkpoint: a resume is certain
-      deadline = time.time() + 300
-      while (not saved_step(workdir / "progress" / "dwa" / "inflight_p0")
-             and proc.poll() is None and time.time() < deadline):
-        time.sleep(0.05)
+      wait_for_saved_step(proc, workdir / "progress" / "dwa" / "inflight_p0")
     else:
       time.sleep(rng.uniform(0.35, 0.9) * REFERENCE_SECONDS[0])
     if proc.poll() is None:
