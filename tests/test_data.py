@@ -135,3 +135,20 @@ def test_labels_and_classes_are_checked_up_front(tmp_path, labels, class_names, 
 def test_a_test_split_may_lack_classes(tmp_path):
   spec = _npz(tmp_path / "d.npz", [0, 1, 1, 0], ["a", "b", "c"])
   assert data.load_dataset(spec, "test").num_classes == 3
+
+
+def test_staged_dir_replaces_whole_or_not_at_all(tmp_path):
+  from dwa_jax import files
+  target = tmp_path / "set"
+  target.mkdir()
+  (target / "old.txt").write_text("old")
+  with pytest.raises(RuntimeError):
+    with files.staged_dir(target) as staging:
+      (staging / "new.txt").write_text("half")
+      raise RuntimeError("failed while writing")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no staging folder left
+  assert [p.name for p in target.iterdir()] == ["old.txt"]
+  with files.staged_dir(target) as staging:
+    (staging / "new.txt").write_text("whole")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+  assert [p.name for p in target.iterdir()] == ["new.txt"]
