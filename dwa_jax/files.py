@@ -1,4 +1,17 @@
-"""Files the pipeline writes: atomic writes, JSON-lines metrics, PNG image sets and grids."""
+"""Files the pipeline writes: atomic writes, JSON-lines metrics, PNG image sets and grids.
+
+Every path under the work directory goes through `etils.epath`, so a `gs://` (or `s3://`)
+workdir works wherever the cloud file-system libraries are installed (gcsfs, or TensorFlow's
+gfile). What atomic means there (object stores have no rename):
+  * one file (`atomic_path`, `write_json`, `save_npz`, `NpzWriter`): written to a local temporary
+    file, then uploaded as one object; an object appears whole or not at all, so readers never see
+    half a file, as with the local rename;
+  * a folder replaced as a whole (`staged_dir`, recover's synthetic set): locally two renames;
+    on an object store a copy of each object, so a kill during the copy can leave a folder with
+    some of the new files. Recover keeps its progress until the copy has finished, so rerunning it
+    writes the folder again; relabel refuses a set whose images do not match its manifest;
+  * appending to the metrics log (`MetricsLog`) rewrites the object (no append on object stores).
+"""
 
 import contextlib
 import hashlib
@@ -7,27 +20,70 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import tempfile
 import time
 import zipfile
 from typing import Any, Iterator
 
 import numpy as np
+from etils import epath
 from PIL import Image
+
+# Path prefixes of object stores (etils.epath): no rename, no append, no flock.
+REMOTE_PREFIXES = ("gs://", "s3://", "az://", "hf://")
+
+
+def as_path(path) -> epath.Path:
+  """A work-directory path: local, or `gs://...` and the other stores of etils.epath."""
+  return epath.Path(path)
+
+
+def is_remote(path) -> bool:
+  return os.fspath(path).startswith(REMOTE_PREFIXES)
+
+
+def absolute(path) -> epath.Path:
+  """`path` made absolute (Orbax requires it); object-store paths already are."""
+  path = as_path(path)
+  return path if is_remote(path) else path.absolute()
+
+
+def local_copy(path, digest: str) -> pathlib.Path:
+  """`path` itself when local; an object-store file downloaded once into the local temporary
+  folder (named by its sha256 `digest`), so it can be read row by row (data.NpyRows)."""
+  if not is_remote(path):
+    return pathlib.Path(path)
+  cached = pathlib.Path(tempfile.gettempdir()) / "dwa_jax_cache" / f"{digest}{as_path(path).suffix}"
+  if not cached.exists():
+    with atomic_path(cached) as tmp:
+      as_path(path).copy(epath.Path(tmp), overwrite=True)
+  return cached
+
+
+@contextlib.contextmanager
+def open_npz(path) -> Iterator[Any]:
+  """np.load of an .npz anywhere epath reads (local or object store)."""
+  with as_path(path).open("rb") as f, np.load(f, allow_pickle=False) as npz:
+    yield npz
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
-  """Yields a temporary path in the same folder; renames it over `path` only on success."""
-  path = pathlib.Path(path)
+  """Yields a local temporary path; only on success it becomes `path`: renamed over it (local,
+  the same folder), or uploaded to it as one object (object stores)."""
+  path = as_path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  remote = is_remote(path)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                             dir=None if remote else os.fspath(path.parent))
   os.close(fd)
   tmp = pathlib.Path(tmp)
   try:
     yield tmp
-    os.replace(tmp, path)
+    if remote:
+      epath.Path(tmp).copy(path, overwrite=True)
+    else:
+      os.replace(tmp, path)
   finally:
     tmp.unlink(missing_ok=True)
 
@@ -59,24 +115,32 @@ def reading(path, what: str, hint: str = "", error: type = InputError):
     raise error(f"cannot read {what} {os.fspath(path)}: {describe_error(e)}{hint}") from None
 
 
+def remove_tree(path) -> None:
+  """Deletes a folder and everything in it, if it exists (local or object store)."""
+  path = as_path(path)
+  if path.exists():
+    path.rmtree(missing_ok=True)
+
+
 @contextlib.contextmanager
-def staged_dir(path) -> Iterator[pathlib.Path]:
+def staged_dir(path) -> Iterator[epath.Path]:
   """Yields an empty folder beside `path`; on success it replaces `path` (two renames: the old
-  folder is moved aside first, then deleted), on failure it is deleted and `path` is untouched."""
-  path = pathlib.Path(path)
-  staging = path.with_name(f".{path.name}.partial")
-  old = path.with_name(f".{path.name}.old")
+  folder is moved aside first, then deleted), on failure it is deleted and `path` is untouched.
+  On an object store the renames are copies of every object (not atomic; module docstring)."""
+  path = as_path(path)
+  staging = path.parent / f".{path.name}.partial"
+  old = path.parent / f".{path.name}.old"
   for leftover in (staging, old):
-    shutil.rmtree(leftover, ignore_errors=True)
+    remove_tree(leftover)
   staging.mkdir(parents=True)
   try:
     yield staging
     if path.exists():
-      os.replace(path, old)
-    os.replace(staging, path)
-    shutil.rmtree(old, ignore_errors=True)
+      path.rename(old)
+    staging.rename(path)
+    remove_tree(old)
   finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_tree(staging)
 
 
 def write_bytes(path, data: bytes) -> None:
@@ -88,11 +152,17 @@ def write_json(path, obj: Any) -> None:
   write_bytes(path, (json.dumps(obj, indent=1, default=_to_builtin) + "\n").encode())
 
 
+def as_json(obj: Any) -> Any:
+  """`obj` as it reads back from JSON (tuples become lists, numpy numbers builtins): what a
+  stamp written with write_json is compared against."""
+  return json.loads(json.dumps(obj, default=_to_builtin))
+
+
 def read_json(path, what: str = "JSON file", hint: str = "", keys: tuple = ()) -> Any:
   """A JSON object from `path`; damaged (not JSON, not an object, without one of `keys`) is an
   InputError naming the file."""
   with reading(path, what, hint):
-    obj = json.loads(pathlib.Path(path).read_bytes().decode("utf-8"))
+    obj = json.loads(as_path(path).read_bytes().decode("utf-8"))
   if not isinstance(obj, dict):
     raise InputError(f"{what} {os.fspath(path)} holds a JSON {type(obj).__name__}, not an "
                      f"object{hint}")
@@ -159,7 +229,7 @@ class NpzWriter:
 
 def sha256(path, chunk: int = 1 << 24) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with as_path(path).open("rb") as f:
     for block in iter(lambda: f.read(chunk), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -177,15 +247,20 @@ class MetricsLog:
   event files in `<path's folder>/tensorboard/`, one file per process)."""
 
   def __init__(self, path, tensorboard: bool = True):
-    self.path = pathlib.Path(path)
+    self.path = as_path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self.tensorboard = tensorboard
     self._writer = None
 
   def write(self, stage: str, step: int, **values) -> None:
     record = {"stage": stage, "step": int(step), "time": round(time.time(), 3), **values}
-    with self.path.open("a") as f:
-      f.write(json.dumps(record, default=_to_builtin) + "\n")
+    line = json.dumps(record, default=_to_builtin) + "\n"
+    if is_remote(self.path):  # object stores cannot append: the object is written again
+      before = self.path.read_text() if self.path.exists() else ""
+      write_bytes(self.path, (before + line).encode())
+    else:
+      with self.path.open("a") as f:
+        f.write(line)
     if self.tensorboard:
       self._scalars(stage, int(step), values)
 
@@ -251,7 +326,7 @@ def _png_bytes(image_uint8: np.ndarray) -> bytes:
 def save_image_folder(root, images01: np.ndarray, labels: np.ndarray, ids=None) -> list[str]:
   """Writes `root/class{c:03d}/class{c:03d}_id{i:03d}.png` (8-bit PNG); returns the files. `ids`
   gives each image's i; by default images are numbered per class in order."""
-  root = pathlib.Path(root)
+  root = as_path(root)
   counts: dict[int, int] = {}
   files = []
   for k, (image, label) in enumerate(zip(to_uint8(images01), np.asarray(labels))):

@@ -33,9 +33,10 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, images, results
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def prepare_workdir(workdir: str) -> pathlib.Path:
-  """Creates the work directory and checks it is writable before any work starts."""
-  path = pathlib.Path(workdir)
+def prepare_workdir(workdir: str):
+  """Creates the work directory (local, or gs:// and the other stores of etils.epath) and checks
+  it is writable before any work starts."""
+  path = files.as_path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
     # One probe file per process: processes of a multi-process run share the workdir.
@@ -43,7 +44,8 @@ def prepare_workdir(workdir: str) -> pathlib.Path:
     files.write_bytes(probe, b"ok")
     probe.unlink()
   except OSError as e:
-    raise PermissionError(f"workdir {workdir!r} is not writable: {e.strerror}") from None
+    raise PermissionError(f"workdir {workdir!r} is not writable: "
+                          f"{e.strerror or files.describe_error(e)}") from None
   return path
 
 
@@ -52,11 +54,15 @@ class WorkdirInUse(OSError):
 
 
 @contextlib.contextmanager
-def workdir_lock(path: pathlib.Path):
+def workdir_lock(path):
   """Holds an exclusive lock on the work directory for the run (process 0 of it): a second run
   started on the same directory refuses instead of writing the same files. The lock is the
   kernel's (flock on the directory itself), so a killed run never leaves it stuck and nothing
-  is written into the directory; on file systems without flock the run goes unguarded."""
+  is written into the directory; on file systems without flock, and on object stores (gs://),
+  the run goes unguarded."""
+  if files.is_remote(path):
+    yield
+    return
   fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
   try:
     try:
@@ -96,7 +102,7 @@ def run_stages(config, workdir) -> dict:
     return _run_stages(config, workdir, lead)
 
 
-def _run_stages(config, workdir: pathlib.Path, lead: bool) -> dict:
+def _run_stages(config, workdir, lead: bool) -> dict:
   out = {}
   if config.stage in ("squeeze", "all"):
     out = squeeze.run(config, workdir)

@@ -1,8 +1,6 @@
 """Progress persistence of recover: finished batches (.npz), the compat_q2 chain carries and the
 in-flight group's Orbax checkpoint, so a killed run resumes where it stopped."""
 
-import pathlib
-import shutil
 import time
 
 import jax
@@ -15,13 +13,14 @@ from dwa_jax.synthesis import BatchState, ChainCarry
 class Progress:
   """Finished batches (.npz, atomic) and the in-flight group (Orbax) of one method's run."""
 
-  def __init__(self, root: pathlib.Path, fingerprint: dict):
-    self.root = root
+  def __init__(self, root, fingerprint: dict):
+    self.root = root = files.as_path(root)
     stamp = root / "fingerprint.json"
     self.hint = f"; delete {root} to start this synthesis over"
+    fingerprint = files.as_json(fingerprint)
     if stamp.exists() and files.read_json(stamp, "recover progress stamp", self.hint) != fingerprint:
       print(f"recover: settings changed since the progress in {root} was saved; starting over")
-      shutil.rmtree(root)
+      files.remove_tree(root)
     root.mkdir(parents=True, exist_ok=True)
     files.write_json(stamp, fingerprint)
     # One in-flight checkpoint per process, each written by its own process alone.
@@ -29,12 +28,12 @@ class Progress:
     self.marker = root / f"inflight_p{process}.json"
     (root / f"inflight_p{process}").mkdir(exist_ok=True)
     self.manager = ocp.CheckpointManager(
-        (root / f"inflight_p{process}").absolute(), options=ocp.CheckpointManagerOptions(
+        files.absolute(root / f"inflight_p{process}"), options=ocp.CheckpointManagerOptions(
             max_to_keep=1, create=False, enable_async_checkpointing=False,
             multiprocessing_options=ocp.options.MultiprocessingOptions(
                 primary_host=process, active_processes={process})))
 
-  def done_path(self, i: int, j: int) -> pathlib.Path:
+  def done_path(self, i: int, j: int):
     return self.root / "done" / f"batch_{i:05d}_{j:03d}.npz"
 
   def is_done(self, i: int, j: int) -> bool:
@@ -48,7 +47,7 @@ class Progress:
     names), so a damaged file is reported now rather than after the remaining batches."""
     path = self.done_path(i, j)
     with files.reading(path, "finished recover batch", "; delete it to recompute that batch"):
-      with np.load(path, allow_pickle=False) as f:
+      with files.open_npz(path) as f:
         if "x" not in f.files:
           raise ValueError(f"no pixels 'x' (holds {sorted(f.files)})")
 
@@ -56,7 +55,7 @@ class Progress:
     """The pixels and summary of finished batch (i, j); `shape` the pixels' expected shape."""
     path = self.done_path(i, j)
     with files.reading(path, "finished recover batch", "; delete it to recompute that batch"):
-      with np.load(path, allow_pickle=False) as f:
+      with files.open_npz(path) as f:
         x, summary = f["x"], {k: f[k].item() for k in f.files if k != "x"}
       if shape is not None and x.shape != tuple(shape):
         raise ValueError(f"pixels of shape {x.shape}, expected {tuple(shape)}")
@@ -64,7 +63,7 @@ class Progress:
         raise ValueError("non-finite pixels")
     return x, summary
 
-  def carry_path(self, i: int, j: int) -> pathlib.Path:
+  def carry_path(self, i: int, j: int):
     return self.root / "carry" / f"batch_{i:05d}_{j:03d}.npz"
 
   def save_carry(self, i: int, j: int, chain: ChainCarry) -> None:
@@ -78,7 +77,7 @@ class Progress:
     template = ChainCarry(params, params)
     path = self.carry_path(i, j)
     with files.reading(path, "recover chain carry", self.hint):
-      with np.load(path, allow_pickle=False) as f:
+      with files.open_npz(path) as f:
         leaves = [f[f"leaf_{n:04d}"] for n in range(len(f.files))]
       return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
@@ -90,7 +89,7 @@ class Progress:
       try:
         self.manager.delete(step)
       except Exception:  # pylint: disable=broad-except
-        shutil.rmtree(self.manager.directory / str(step), ignore_errors=True)
+        files.remove_tree(self.manager.directory / str(step))
 
   def save_inflight(self, group_id: str, state: BatchState) -> None:
     """Replaces the in-flight checkpoint of a group (`state` stacked over its batches); the

@@ -12,8 +12,6 @@ progress.py and output writing in synthetic_outputs.py.
 """
 
 import dataclasses
-import pathlib
-import shutil
 import time
 
 import jax
@@ -155,13 +153,13 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
                  "classes_per_batch": rc.classes_per_batch, "teacher": meta,
                  "normalisation": [list(mean), list(std)], "dtype": str(dtype),
                  "teacher_sha256": files.tree_digest(variables)}
-  progress = Progress(pathlib.Path(workdir) / "progress" / method, fingerprint)
+  progress = Progress(files.as_path(workdir) / "progress" / method, fingerprint)
   owned = owned_batches(config.ipc, len(chunks), process_index, process_count)
   todo = [b for b in owned if not progress.is_done(*b)]
   for b in owned:
     if b not in todo:
       progress.check_done(*b)
-  log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
+  log = files.MetricsLog(files.as_path(workdir) / "metrics.jsonl")
   if len(todo) < len(owned):
     print(f"recover: {method}: resuming, {len(owned) - len(todo)} of {len(owned)} batches done")
     log.write(f"recover/{method}/resume", 0, finished_batches=len(owned) - len(todo))
@@ -255,7 +253,7 @@ def run(config, workdir, method: str, devices=None) -> dict | None:
   if p != 0:
     return None
   wait_for_batches(progress, config.ipc, len(chunks), config.recover.wait_timeout_s)
-  out_dir = pathlib.Path(workdir) / "synthetic" / method
+  out_dir = files.as_path(workdir) / "synthetic" / method
   # Every process runs on `devices` (default: all its local devices).
   stage = {"devices": len(devices or jax.local_devices()) * n, "processes": n}
   synthesis = dataclasses.asdict(engine_config(synthesis_config(config.recover, method),
@@ -264,6 +262,6 @@ def run(config, workdir, method: str, devices=None) -> dict | None:
   with files.staged_dir(out_dir) as staging:
     summary = write_outputs(staging, progress, config, method, meta, train.num_classes, chunks,
                             synthesis, init_kind(config.recover, method), stage)
-  shutil.rmtree(progress.root)  # everything is in the outputs now
+  files.remove_tree(progress.root)  # everything is in the outputs now
   print(f"recover: {method} wrote {summary['num_images']} images to {out_dir}")
   return summary

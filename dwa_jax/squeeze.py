@@ -5,7 +5,6 @@ The teacher is saved as an Orbax checkpoint `<workdir>/teacher/variables` plus `
 """
 
 import math
-import pathlib
 
 import jax
 import ml_collections
@@ -23,8 +22,8 @@ class TeacherError(files.InputError):
   """The teacher checkpoint is missing, corrupt or does not fit the data."""
 
 
-def teacher_path(workdir) -> pathlib.Path:
-  return pathlib.Path(workdir).absolute() / TEACHER_DIR
+def teacher_path(workdir):
+  return files.absolute(workdir) / TEACHER_DIR
 
 
 def save_teacher(workdir, variables, meta: dict) -> None:
@@ -74,7 +73,7 @@ def load_teacher(workdir, dataset: data.Dataset | None = None):
 TEACHER_META_KEYS = ("model", "num_classes", "image_shape", "mean", "std", "test_accuracy")
 
 
-def read_teacher_meta(path: pathlib.Path) -> dict:
+def read_teacher_meta(path) -> dict:
   """teacher.json, checked: what the later stages read from it is there and well-formed."""
   from dwa_jax.models import MODELS  # pylint: disable=g-import-not-at-top
   hint = "; run the squeeze stage again (--config.stage=squeeze) to rewrite the teacher"
@@ -162,7 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
   `<workdir>/squeeze/checkpoints` (every `teacher.save_every_epochs` epochs)."""
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   test = data.load_dataset(config.dataset, "test", config.data_dir)
-  log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
+  log = files.MetricsLog(files.as_path(workdir) / "metrics.jsonl")
   pipeline = input_pipeline.PipelineConfig.from_config(config)
   layout = data_parallel.Layout.from_config(config, devices)
   image_shape = train.images.shape[1:]
@@ -174,7 +173,7 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
   else:
     if config.teacher.save_every_epochs:
       checkpoints = train_checkpoints.TrainCheckpoints(
-          pathlib.Path(workdir) / "squeeze" / "checkpoints", checkpoint_fingerprint(config),
+          files.as_path(workdir) / "squeeze" / "checkpoints", checkpoint_fingerprint(config),
           config.teacher.save_every_epochs)
     model, variables, accuracy = train_teacher(config.teacher, train, test, config.seed, log,
                                                layout, pipeline, checkpoints)

@@ -4,8 +4,6 @@ optimizer state, step), the PRNG key, the input pipeline's position (grain's ite
 file per process) and the evaluations so far. Restoring it and going on gives the same bits as a
 run that was never stopped (on the same devices)."""
 
-import pathlib
-import shutil
 
 import grain
 import jax
@@ -21,8 +19,9 @@ class TrainCheckpoints:
   run) is stamped beside them, and a run with other settings starts over."""
 
   def __init__(self, directory, fingerprint: dict, every_epochs: int):
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = files.absolute(directory)
     self.every = every_epochs
+    fingerprint = files.as_json(fingerprint)
     stamp = self.directory / "fingerprint.json"
     self.hint = f"; delete {self.directory} to start this training over"
     if jax.process_index() == 0:
@@ -30,7 +29,7 @@ class TrainCheckpoints:
                                             self.hint) != fingerprint:
         print(f"settings changed since the checkpoints in {self.directory} were saved; "
               "starting over")
-        shutil.rmtree(self.directory)
+        files.remove_tree(self.directory)
       self.directory.mkdir(parents=True, exist_ok=True)
       files.write_json(stamp, fingerprint)
     data_parallel.barrier(f"checkpoints:{self.directory}")
@@ -77,4 +76,4 @@ class TrainCheckpoints:
     self.manager.close()
     data_parallel.barrier(f"checkpoints-done:{self.directory}")
     if jax.process_index() == 0:
-      shutil.rmtree(self.directory, ignore_errors=True)
+      files.remove_tree(self.directory)
