@@ -85,10 +85,11 @@ def time_steps(stage: str, num_devices: int, sync: bool, args) -> dict:
     prepare, loss = squeeze.teacher_input("crop_flip", mean, std), squeeze.cross_entropy
   else:
     teacher = build_model(args.model, 10)
-    aux = layout.replicate(teacher.init(jax.random.key(1), np.zeros((1, size, size, channels),
-                                                                   np.float32)))
-    prepare = relabel.student_input(c.relabel, teacher, mean, std)
-    loss = lambda s, t: relabel.kd_loss(s, t, 4.0, False)
+    aux = layout.replicate((teacher.init(jax.random.key(1), np.zeros((1, size, size, channels),
+                                                                    np.float32)),))
+    c.relabel.temperature = 4.0
+    prepare = relabel.student_input(c.relabel, (teacher,), mean, std, 10)
+    loss = relabel.student_loss(c.relabel)
   trainer = train_loop.Trainer(model, recipe, prepare=prepare, loss=loss, mean=mean, std=std,
                                layout=layout, pipeline=input_pipeline.PipelineConfig())
   state = layout.replicate(train_loop.create_state(model, jax.random.key(0), images.shape[1:],

@@ -87,6 +87,19 @@ def base_config() -> ml_collections.ConfigDict:
   v.mix_alpha = 0.8
   v.temperature = 30.0
   v.t2_factor = False
+  # The evaluation protocol (written as a card into results.json / results.md); the defaults
+  # are the official CIFAR relabel's, the other values those of later papers (README).
+  v.labels = "teacher"       # teacher: online soft labels from the teacher(s) | hard: plain
+                             # cross-entropy on the set's own labels, no teacher
+  v.loss = "kl"              # kl: KL at `temperature` (t2_factor: x T²) | mse_ce: EDC's MSE on
+                             # the logits + ce_weight x cross-entropy on the set's labels
+  v.ce_weight = 0.025        # γ of loss=mse_ce (EDC)
+  v.teacher_ensemble = ()    # more teachers (squeeze workdirs): logits averaged with this
+                             # workdir's teacher (EDC uses several)
+  v.ema_decay = 0.0          # student EMA of weights and BN statistics (0: none); when > 0 the
+                             # EMA weights are evaluated
+  v.lr_floor = 0.0           # cosine down to lr_floor x lr (0: to zero; RDED: 0.5)
+  v.headline = "best"        # the reported number: best over the evaluations | final
   v.eval_every = 10
   v.save_every_epochs = 10   # per-student resume checkpoint (<workdir>/relabel/...) every N epochs
   v.seeds = (0, 1, 2)
@@ -145,6 +158,9 @@ CHOICES = {
     ("relabel", "optimizer"): ("sgd", "adamw"),
     ("relabel", "augment"): ("crop_flip", "rrc_flip", "none"),
     ("relabel", "mixing"): ("mixup", "cutmix", "none"),
+    ("relabel", "labels"): ("teacher", "hard"),
+    ("relabel", "loss"): ("kl", "mse_ce"),
+    ("relabel", "headline"): ("best", "final"),
 }
 # Numeric fields must be finite and >= 0; these must be >= 1.
 POSITIVE_INTS = {"": ("ipc",),
@@ -152,7 +168,8 @@ POSITIVE_INTS = {"": ("ipc",),
                  "recover": ("iterations", "batches_per_device"),
                  "relabel": ("epochs", "batch_size", "eval_every")}
 # Numeric fields with an upper bound (inclusive).
-AT_MOST = {("teacher", "momentum"): 1.0, ("relabel", "momentum"): 1.0}
+AT_MOST = {("teacher", "momentum"): 1.0, ("relabel", "momentum"): 1.0,
+           ("relabel", "lr_floor"): 1.0, ("relabel", "ema_decay"): 1.0}
 
 
 def _leaves(tree, prefix: str = ""):
@@ -266,6 +283,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   spec = c.relabel.synthetic_set
   if spec and not (spec.partition(":")[0] in ("folder", "npz") and spec.partition(":")[2]):
     errors.append(f"relabel.synthetic_set must be '', 'folder:PATH' or 'npz:PATH', got {spec!r}")
+  if c.relabel.ema_decay == 1:
+    errors.append("relabel.ema_decay must be < 1 (an EMA with decay 1 never moves; 0: no EMA)")
+  if not all(isinstance(t, str) and t for t in c.relabel.teacher_ensemble):
+    errors.append("relabel.teacher_ensemble must be squeeze workdirs (non-empty strings), got "
+                  f"{tuple(c.relabel.teacher_ensemble)!r}")
   if not c.relabel.seeds:
     errors.append("relabel.seeds is empty")
   elif not all(_is_int(s) and s >= 0 for s in c.relabel.seeds):

@@ -1,14 +1,17 @@
-"""Relabel + validate: train fresh students on a synthetic set with online teacher soft labels.
+"""Relabel + validate: train fresh students on a synthetic set and report top-1 on real data.
 
-Every augmented (and mixed) batch is labelled by the frozen teacher on the fly; the student
-minimises KL(softmax(t/T) || softmax(s/T)) (batch mean, optional T² factor). Top-1 on the real
-test split is reported at the final epoch AND as the best over the periodic evaluations (what the
-official scripts print), each as mean ± std over seeds. A random real subset of the same size,
-trained with the same recipe, is the baseline.
+The evaluation protocol is explicit (config `relabel.*`, written as a card into results.json and
+results.md). By default, the official CIFAR recipe: every augmented (and mixed) batch is labelled
+by the frozen teacher on the fly; the student minimises KL(softmax(t/T) || softmax(s/T)) (batch
+mean, optional T² factor). Alternatives: a teacher ensemble (logits averaged), EDC's MSE on
+logits + γ·CE on the set's labels, a student EMA, a learning-rate floor, and hard labels (plain
+cross-entropy on the set's own labels, no teacher), which tells image quality from label
+quality. Top-1 on the real test split is reported at the final epoch AND as the best over the
+periodic evaluations (what the official scripts print), each as mean ± std over seeds. A random
+real subset of the same size, trained with the same protocol, is the baseline.
 """
 
-import functools
-import pathlib
+import os
 import re
 
 import jax
@@ -32,53 +35,87 @@ def kd_loss(student_logits, teacher_logits, temperature: float, t2_factor: bool)
   return kl * temperature**2 if t2_factor else kl
 
 
+def soft_cross_entropy(logits, target_probs):
+  """Cross-entropy against a distribution (one-hot labels, or mixed ones), batch mean."""
+  return -jnp.sum(target_probs * jax.nn.log_softmax(logits)) / logits.shape[0]
+
+
+def mse_ce_loss(student_logits, teacher_logits, label_probs, ce_weight: float):
+  """EDC's loss: mean squared error between the logits + γ · cross-entropy on the set's labels."""
+  return (jnp.mean(jnp.square(student_logits - teacher_logits))
+          + ce_weight * soft_cross_entropy(student_logits, label_probs))
+
+
 def mix(key, x, kind: str, alpha: float):
-  """Mixup or CutMix of the images only: the teacher labels the mixed images directly."""
+  """Mixup or CutMix of the images: (mixed, perm, λ), with λ the share of x (1 without mixing).
+  The teacher labels the mixed images directly; hard labels are mixed with the same λ."""
   if kind == "mixup":
-    return augment.mixup(key, x, alpha)[0]
+    return augment.mixup(key, x, alpha)
   if kind == "cutmix":
-    return augment.cutmix(key, x, alpha)[0]
+    return augment.cutmix(key, x, alpha)
   if kind == "none":
-    return x
+    return x, jnp.arange(x.shape[0]), jnp.ones((), x.dtype)
   raise ValueError(f"Unknown mixing {kind!r}; use 'mixup', 'cutmix' or 'none'.")
 
 
-def student_input(rc, teacher, mean, std) -> train_loop.Prepare:
-  """A student batch: augmented (and mixed) images, and the frozen teacher's logits on exactly
-  those images as the target (`aux` = the teacher's variables)."""
+def student_input(rc, teachers, mean, std, num_classes: int) -> train_loop.Prepare:
+  """A student batch: augmented (and mixed) images, and the target: the set's labels mixed as
+  the images were ("hard", a distribution) and, unless relabel.labels='hard', the frozen
+  teachers' logits on exactly those images, averaged over the ensemble ("teacher"). `aux` = the
+  teachers' variables, one per model in `teachers`."""
 
   def prepare(key, images, labels, teacher_vars):
-    del labels  # the teacher labels every batch
     aug_key, mix_key = jax.random.split(key)
     x = train_lib.augment_views(aug_key, train_lib.normalize(images, mean, std), rc.augment)
-    x = mix(mix_key, x, rc.mixing, rc.mix_alpha)
-    if rc.teacher_train_mode:  # official CIFAR quirk: teacher BN on batch statistics
-      t_logits, _ = teacher.apply(teacher_vars, x, train=True, mutable=["batch_stats"])
-    else:
-      t_logits = teacher.apply(teacher_vars, x, train=False)
-    return x, jax.lax.stop_gradient(t_logits)
+    x, perm, lam = mix(mix_key, x, rc.mixing, rc.mix_alpha)
+    one_hot = jax.nn.one_hot(labels, num_classes, dtype=x.dtype)
+    target = {"hard": lam * one_hot + (1 - lam) * one_hot[perm]}
+    if rc.labels == "hard":
+      return x, target
+    logits = []
+    for teacher, variables in zip(teachers, teacher_vars):
+      if rc.teacher_train_mode:  # official CIFAR quirk: teacher BN on batch statistics
+        logits.append(teacher.apply(variables, x, train=True, mutable=["batch_stats"])[0])
+      else:
+        logits.append(teacher.apply(variables, x, train=False))
+    target["teacher"] = jax.lax.stop_gradient(sum(logits) / len(logits))
+    return x, target
 
   return prepare
 
 
-def student_trainer(rc: ml_collections.ConfigDict, teacher, num_classes: int, mean, std,
+def student_loss(rc) -> train_loop.Loss:
+  """The loss of relabel.labels / relabel.loss, on prepare's target."""
+  if rc.labels == "hard":
+    return lambda logits, target: soft_cross_entropy(logits, target["hard"])
+  if rc.loss == "mse_ce":
+    return lambda logits, target: mse_ce_loss(logits, target["teacher"], target["hard"],
+                                              rc.ce_weight)
+  return lambda logits, target: kd_loss(logits, target["teacher"], rc.temperature, rc.t2_factor)
+
+
+def student_trainer(rc: ml_collections.ConfigDict, teachers, num_classes: int, mean, std,
                     layout: data_parallel.Layout,
                     pipeline: input_pipeline.PipelineConfig) -> train_loop.Trainer:
-  """The students' trainer: built once per run, it compiles once for every set and seed."""
+  """The students' trainer: built once per run, it compiles once for every set and seed.
+  `teachers`: the teacher model, or a tuple of them (an ensemble)."""
+  teachers = teachers if isinstance(teachers, tuple) else (teachers,)
   return train_loop.Trainer(
-      build_model(rc.student, num_classes), rc, prepare=student_input(rc, teacher, mean, std),
-      loss=functools.partial(kd_loss, temperature=rc.temperature, t2_factor=rc.t2_factor),
+      build_model(rc.student, num_classes), rc,
+      prepare=student_input(rc, teachers, mean, std, num_classes), loss=student_loss(rc),
       mean=mean, std=std, layout=layout, pipeline=pipeline)
 
 
-def train_student(trainer: train_loop.Trainer, teacher_vars, images, test: data.Dataset,
-                  seed: int, desc: str, log: files.MetricsLog, checkpoints=None) -> dict:
+def train_student(trainer: train_loop.Trainer, teacher_vars, images, labels,
+                  test: data.Dataset, seed: int, desc: str, log: files.MetricsLog,
+                  checkpoints=None) -> dict:
   """Trains one student on `images` (N, H, W, C: uint8, or float in [0, 1]; an array or an
-  ImageSource, read through the input pipeline); returns final/best top-1 (%)."""
+  ImageSource, read through the input pipeline) and their `labels`; returns final/best top-1
+  (%). `teacher_vars`: one teacher's variables, or a tuple of them (an ensemble)."""
   rc = trainer.recipe
-  # The teacher labels every batch, so the set's own labels are never read.
+  teacher_vars = teacher_vars if isinstance(teacher_vars, tuple) else (teacher_vars,)
   _, history = trainer.train(
-      images, np.zeros((len(images),), np.int32), test, seed=seed, aux=teacher_vars,
+      images, np.asarray(labels, np.int32), test, seed=seed, aux=teacher_vars,
       evaluate_after=train_loop.eval_epochs(rc.epochs, rc.eval_every, bool(rc.compat_eval_epochs)),
       log=log, log_name=f"relabel/{desc}", desc=desc, checkpoints=checkpoints, leave_bar=False)
   return {"final": history[-1][1], "best": max(a for _, a in history),
@@ -109,16 +146,20 @@ def open_synthetic_set(spec: str, image_shape, num_classes: int) -> data.Dataset
 
 
 def synthetic_set(workdir, method: str):
-  """The set `recover` wrote for `method`, read row by row from its images.npz."""
-  path = pathlib.Path(workdir) / "synthetic" / method / "images.npz"
+  """The set `recover` wrote for `method` (images read row by row from its images.npz, and
+  labels)."""
+  path = files.as_path(workdir) / "synthetic" / method / "images.npz"
   if not path.exists():
     raise FileNotFoundError(f"No synthetic set at {path}: run the recover stage for {method!r} "
                             "first (--config.stage=recover).")
   expected = set_identity(workdir, method)
-  if expected != method and files.sha256(path) != expected:
+  digest = files.sha256(path)
+  if expected != method and digest != expected:
     raise data.DataError(f"{path} does not match its manifest (sha256 differs): it changed after "
                          f"recover wrote it; rerun the recover stage for {method!r}.")
-  return data.load_npz(path, allow_float=True).images
+  # Students read the set row by row: from an object store, a local copy first.
+  dataset = data.load_npz(files.local_copy(path, digest), allow_float=True)
+  return dataset.images, dataset.labels
 
 
 def random_real_indices(train: data.Dataset, ipc: int, seed: int) -> np.ndarray:
@@ -128,8 +169,9 @@ def random_real_indices(train: data.Dataset, ipc: int, seed: int) -> np.ndarray:
 
 
 def random_real_set(train: data.Dataset, ipc: int, seed: int):
-  """The random real baseline's images (uint8), read through the training set."""
-  return data.SubsetImages(train.images, random_real_indices(train, ipc, seed))
+  """The random real baseline's images (uint8, read through the training set) and labels."""
+  indices = random_real_indices(train, ipc, seed)
+  return data.SubsetImages(train.images, indices), train.labels[indices]
 
 
 def stage_devices(workdir, teacher_meta: dict, methods, relabel_stage: dict) -> dict:
@@ -139,7 +181,7 @@ def stage_devices(workdir, teacher_meta: dict, methods, relabel_stage: dict) -> 
   if "stage" in teacher_meta:
     stages["squeeze"] = teacher_meta["stage"]
   recovered = [files.read_json(p, "synthetic set summary").get("stage") for p in (
-      pathlib.Path(workdir) / "synthetic" / m / "recover.json" for m in methods) if p.exists()]
+      files.as_path(workdir) / "synthetic" / m / "recover.json" for m in methods) if p.exists()]
   recovered = [s for s in recovered if s]
   if recovered:
     stages["recover"] = max(recovered, key=lambda s: (s["devices"], s["processes"]))
@@ -150,7 +192,7 @@ def stage_devices(workdir, teacher_meta: dict, methods, relabel_stage: dict) -> 
 def set_identity(workdir, name: str) -> str:
   """What identifies a set's images for resuming: a recovered set's images.npz digest (from its
   manifest), else the name (random real subsets are a function of the data and seed)."""
-  manifest = pathlib.Path(workdir) / "synthetic" / name / "manifest.json"
+  manifest = files.as_path(workdir) / "synthetic" / name / "manifest.json"
   if manifest.exists():
     listed = files.read_json(manifest, "synthetic set manifest", keys=("files",))["files"]
     if not isinstance(listed, dict):
@@ -165,17 +207,18 @@ def seed_fingerprint(config, name: str, identity: str, num_images: int, seed: in
   """What determines one student run; finished runs and checkpoints with another are redone."""
   recipe = {k: v for k, v in config.relabel.to_dict().items()
             if k not in ("seeds", "random_real_baseline", "synthetic_set", "save_every_epochs")}
-  return {"set": name, "images": identity, "num_images": num_images, "seed": seed,
-          "relabel": recipe, "teacher": teacher_digest, "dataset": config.dataset,
-          "sync_batch_norm": config.get("sync_batch_norm"), "processes": jax.process_count()}
+  return files.as_json(
+      {"set": name, "images": identity, "num_images": num_images, "seed": seed,
+       "relabel": recipe, "teacher": teacher_digest, "dataset": config.dataset,
+       "sync_batch_norm": config.get("sync_batch_norm"), "processes": jax.process_count()})
 
 
-def run_dir(workdir, name: str, seed: int) -> pathlib.Path:
+def run_dir(workdir, name: str, seed: int):
   slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-  return pathlib.Path(workdir) / "relabel" / slug / f"seed_{seed}"
+  return files.as_path(workdir) / "relabel" / slug / f"seed_{seed}"
 
 
-def student_run(trainer, config, workdir, name, images, identity, seed, teacher_vars,
+def student_run(trainer, config, workdir, name, images, labels, identity, seed, teacher_vars,
                 teacher_digest, test, log) -> dict:
   """One student, resumable: its result is written to `relabel/<set>/seed_<s>/result.json` as
   soon as it finishes (and reused by a rerun with the same settings); while it trains, a
@@ -196,7 +239,7 @@ def student_run(trainer, config, workdir, name, images, identity, seed, teacher_
   every = config.relabel.save_every_epochs
   checkpoints = (train_checkpoints.TrainCheckpoints(directory / "checkpoints", fingerprint, every)
                  if every else None)
-  result = train_student(trainer, teacher_vars, images, test, seed,
+  result = train_student(trainer, teacher_vars, images, labels, test, seed,
                          f"relabel: {name} seed {seed}", log, checkpoints)
   if jax.process_index() == 0:
     files.write_json(done, {"fingerprint": fingerprint, "result": result})
@@ -221,6 +264,60 @@ def results_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def load_teachers(workdir, rc, train: data.Dataset):
+  """This workdir's teacher and those of relabel.teacher_ensemble: (models, variables, metas),
+  tuples in that order. Every teacher must take the same normalised input."""
+  loaded = [squeeze.load_teacher(path, train) for path in (workdir, *rc.teacher_ensemble)]
+  models, variables, metas = (tuple(column) for column in zip(*loaded))
+  for path, meta in zip(rc.teacher_ensemble, metas[1:]):
+    if (meta["mean"], meta["std"]) != (metas[0]["mean"], metas[0]["std"]):
+      raise squeeze.TeacherError(
+          f"relabel.teacher_ensemble: the teacher in {path} normalises its input with mean "
+          f"{meta['mean']} and std {meta['std']}, this workdir's with {metas[0]['mean']} and "
+          f"{metas[0]['std']}; an ensemble needs one normalisation.")
+  return models, variables, metas
+
+
+def protocol_card(config, teacher_dirs, metas, evaluated_after) -> dict:
+  """Everything that decides an evaluation's number besides the images: written beside the
+  results, so numbers from different protocols are never compared unknowingly."""
+  rc = config.relabel
+  soft = rc.labels == "teacher"
+  return {
+      "labels": "online teacher soft labels" if soft else "hard labels (no teacher)",
+      "teacher_mode": ("train (batch statistics)" if rc.teacher_train_mode else "eval")
+                      if soft else None,
+      "teachers": [{"workdir": os.fspath(d), "model": m["model"],
+                    "test_accuracy": m["test_accuracy"], "source": m.get("source")}
+                   for d, m in zip(teacher_dirs, metas)] if soft else [],
+      "loss": ("cross-entropy" if not soft else
+               f"KL at T={rc.temperature:g}" + (" x T²" if rc.t2_factor else "")
+               if rc.loss == "kl" else f"MSE(logits) + {rc.ce_weight:g} x CE"),
+      "student": rc.student, "epochs": rc.epochs, "batch_size": rc.batch_size,
+      "optimizer": rc.optimizer, "lr": rc.lr, "lr_floor": rc.lr_floor,
+      "weight_decay": rc.weight_decay, "warmup_epochs": rc.warmup_epochs,
+      "augment": rc.augment, "mixing": rc.mixing,
+      "mix_alpha": rc.mix_alpha if rc.mixing != "none" else None,
+      "ema_decay": rc.ema_decay or None,
+      "evaluated_after_epochs": sorted(evaluated_after), "headline": rc.headline,
+      "seeds": list(rc.seeds), "synthesis_seed": config.seed,
+      "random_real_seed": config.seed + 1 if rc.random_real_baseline else None}
+
+
+def protocol_markdown(card: dict) -> str:
+  """The protocol card as a two-column markdown table."""
+  lines = ["| protocol | |", "|---|---|"]
+  for key, value in card.items():
+    if key == "teachers":
+      value = "; ".join(f"{t['model']} {t['test_accuracy']:.2f}% ({t['workdir']})"
+                        for t in value) or None
+    elif key == "evaluated_after_epochs":
+      value = ", ".join(map(str, value))
+    if value is not None:
+      lines.append(f"| {key} | {value} |")
+  return "\n".join(lines)
+
+
 def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
   """Validates every synthetic set of `config.methods`, or the set `relabel.synthetic_set` names
   instead, (+ the random real baseline) over seeds, data-parallel over every device of every
@@ -231,46 +328,54 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
   rc = config.relabel
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   test = data.load_dataset(config.dataset, "test", config.data_dir)
-  teacher, teacher_vars, meta = squeeze.load_teacher(workdir, train)
+  teachers, teacher_vars, metas = (((), (), ()) if rc.labels == "hard" else
+                                    load_teachers(workdir, rc, train))
+  meta = metas[0] if metas else squeeze.read_teacher_meta(
+      squeeze.teacher_path(workdir) / "teacher.json")
   mean, std = compat.pixel_normalisation(config, meta)
-  log = files.MetricsLog(pathlib.Path(workdir) / "metrics.jsonl")
+  log = files.MetricsLog(files.as_path(workdir) / "metrics.jsonl")
   pipeline = input_pipeline.PipelineConfig.from_config(config)
   layout = data_parallel.Layout.from_config(config, devices)
   lead = jax.process_index() == 0
   if rc.synthetic_set:
-    sets = {rc.synthetic_set: open_synthetic_set(rc.synthetic_set, meta["image_shape"],
-                                                 meta["num_classes"]).images}
+    external = open_synthetic_set(rc.synthetic_set, meta["image_shape"], meta["num_classes"])
+    sets = {rc.synthetic_set: (external.images, external.labels)}
   else:
     sets = {m: synthetic_set(workdir, m) for m in config.methods}
   if rc.random_real_baseline:
     sets[RANDOM_REAL] = random_real_set(train, config.ipc, config.seed)
   relabel_stage = {"devices": layout.num_devices, "processes": jax.process_count()}
+  evaluated_after = train_loop.eval_epochs(rc.epochs, rc.eval_every, bool(rc.compat_eval_epochs))
+  # The run's own teacher is named "." (this workdir): results do not depend on where it lies.
+  card = protocol_card(config, (".", *rc.teacher_ensemble), metas, evaluated_after)
   results = {"dataset": config.dataset, "ipc": config.ipc, "student": rc.student,
-             "teacher_test_accuracy": meta["test_accuracy"], "compat": compat.settings(config),
+             "teacher_test_accuracy": meta["test_accuracy"], "protocol": card,
+             "compat": compat.settings(config),
              "normalisation": {"mean": list(mean), "std": list(std)},
              "stages": stage_devices(workdir, meta, [] if rc.synthetic_set else config.methods,
                                      relabel_stage),
              "sets": {}}
-  trainer = student_trainer(rc, teacher, test.num_classes, mean, std, layout, pipeline)
+  trainer = student_trainer(rc, teachers, test.num_classes, mean, std, layout, pipeline)
   teacher_digest = files.tree_digest(teacher_vars)
-  for name, images in sets.items():
+  for name, (images, labels) in sets.items():
     identity = set_identity(workdir, name)
-    runs = [student_run(trainer, config, workdir, name, images, identity, seed, teacher_vars,
-                        teacher_digest, test, log)
+    runs = [student_run(trainer, config, workdir, name, images, labels, identity, seed,
+                        teacher_vars, teacher_digest, test, log)
             for seed in tqdm.tqdm(rc.seeds, desc=f"relabel: {name}", unit="seed",
                                   disable=not lead)]
     final_mean, final_std = mean_std([r["final"] for r in runs])
     best_mean, best_std = mean_std([r["best"] for r in runs])
     results["sets"][name] = {"seeds": list(rc.seeds), "runs": runs, "num_images": len(images),
                              "final_mean": final_mean, "final_std": final_std,
-                             "best_mean": best_mean, "best_std": best_std}
+                             "best_mean": best_mean, "best_std": best_std,
+                             "headline_mean": best_mean if rc.headline == "best" else final_mean}
   table = results_table(results)
   if lead:
     log.write("relabel/compilations", 0, **trainer.compilations())
-    files.write_json(pathlib.Path(workdir) / "results.json", results)
-    files.write_bytes(pathlib.Path(workdir) / "results.md",
+    files.write_json(files.as_path(workdir) / "results.json", results)
+    files.write_bytes(files.as_path(workdir) / "results.md",
                       (f"Teacher {meta['model']}: {meta['test_accuracy']:.2f}% test top-1\n\n"
-                       + table + "\n").encode())
+                       + table + "\n\n" + protocol_markdown(card) + "\n").encode())
     print(f"\nStudents ({rc.student}, {rc.epochs} epochs) on {config.dataset}, "
           f"teacher {meta['test_accuracy']:.2f}%:\n{table}")
   return results

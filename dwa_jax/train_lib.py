@@ -11,10 +11,10 @@ from dwa_jax import augment, data_parallel, input_pipeline
 
 
 def epoch_schedule(base_lr: float, epochs: int, steps_per_epoch: int,
-                   warmup_epochs: int = 0) -> Callable:
+                   warmup_epochs: int = 0, floor: float = 0.0) -> Callable:
   """Stepped once per epoch (torch schedulers called per epoch): `warmup_cosine`."""
   def schedule(step):
-    return warmup_cosine(base_lr, epochs, warmup_epochs, step // steps_per_epoch)
+    return warmup_cosine(base_lr, epochs, warmup_epochs, step // steps_per_epoch, floor)
   return schedule
 
 
@@ -116,12 +116,15 @@ def make_accuracy_fn(model, mean, std, layout: data_parallel.Layout, batch_size:
   return accuracy
 
 
-def warmup_cosine(base_lr: float, epochs: int, warmup_epochs: int, epoch):
+def warmup_cosine(base_lr: float, epochs: int, warmup_epochs: int, epoch, floor: float = 0.0):
   """The per-epoch learning rate: linear from 0.01·lr over `warmup_epochs` (torch LinearLR with
-  start_factor 0.01, the authors' Tiny-ImageNet recipe), then cosine over the remaining epochs."""
+  start_factor 0.01, the authors' Tiny-ImageNet recipe), then cosine over the remaining epochs,
+  from lr down to floor·lr (floor 0: to zero, the official recipes; RDED's decays to half)."""
   epoch = jnp.asarray(epoch, jnp.float32)
   decay_epochs = max(epochs - warmup_epochs, 1)
   cosine = 0.5 * base_lr * (1 + jnp.cos(jnp.pi * (epoch - warmup_epochs) / decay_epochs))
+  if floor:
+    cosine = floor * base_lr + (1 - floor) * cosine
   if warmup_epochs == 0:
     return cosine
   warm = base_lr * (0.01 + 0.99 * epoch / warmup_epochs)

@@ -29,11 +29,37 @@ class TrainState(train_state.TrainState):
   def variables(self) -> dict:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
+  @property
+  def evaluated_variables(self) -> dict:
+    """The variables that are evaluated."""
+    return self.variables
 
-def create_state(model, key, image_shape, tx: optax.GradientTransformation) -> TrainState:
+
+class EmaTrainState(TrainState):
+  """A TrainState with the exponential moving average of the parameters and BatchNorm
+  statistics (`ema`), which is what is evaluated. (A subclass, so that runs without an EMA keep
+  the checkpoint layout they always had.)"""
+  ema: Any = None
+
+  @property
+  def evaluated_variables(self) -> dict:
+    return self.ema
+
+
+def create_state(model, key, image_shape, tx: optax.GradientTransformation,
+                 ema: bool = False) -> TrainState:
   variables = model.init(key, np.zeros((1, *image_shape), np.float32))
-  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                           batch_stats=variables["batch_stats"])
+  fields = dict(apply_fn=model.apply, params=variables["params"], tx=tx,
+                batch_stats=variables["batch_stats"])
+  if ema:
+    return EmaTrainState.create(**fields, ema=jax.tree.map(np.copy, variables))
+  return TrainState.create(**fields)
+
+
+def update_ema(ema, variables, decay: float):
+  """ema ← decay·ema + (1 − decay)·variables, over parameters and BatchNorm statistics alike
+  (timm's ModelEmaV2, which EDC uses, averages the buffers too)."""
+  return jax.tree.map(lambda e, v: decay * e + (1 - decay) * v, ema, variables)
 
 
 # prepare(key, images, labels, aux) -> (model input, loss target); loss(logits, target) -> scalar
@@ -42,8 +68,8 @@ Loss = Callable[[Any, Any], Any]
 
 
 def train_step(state: TrainState, images, labels, key, aux, learning_rate=None, *,
-               prepare: Prepare, loss: Loss, groups: int = 1, group_sharding=None
-               ) -> tuple[TrainState, Any]:
+               prepare: Prepare, loss: Loss, groups: int = 1, group_sharding=None,
+               ema_decay: float = 0.0) -> tuple[TrainState, Any]:
   """One optimizer step on one (global) batch; `aux` carries what `prepare` needs besides the
   batch (the teacher's variables in relabel), `learning_rate` this step's rate (None: the one
   in the optimizer state). Students with dropout or stochastic depth draw it from
@@ -79,7 +105,10 @@ def train_step(state: TrainState, images, labels, key, aux, learning_rate=None, 
       return values.mean(), jax.tree.map(lambda s: s.mean(0), stats)
 
   (value, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  return state.apply_gradients(grads=grads, batch_stats=batch_stats), value
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if isinstance(state, EmaTrainState):
+    state = state.replace(ema=update_ema(state.ema, state.variables, ema_decay))
+  return state, value
 
 
 class Trainer:
@@ -98,8 +127,10 @@ class Trainer:
     self.tx = train_lib.make_optimizer(recipe.optimizer, recipe.weight_decay, recipe.momentum,
                                        recipe.get("decay_bn_and_bias", True))
     # The state is donated (updated in place) and stays replicated.
+    self.ema_decay = float(recipe.get("ema_decay", 0.0))
     self._step = jax.jit(
-        functools.partial(train_step, prepare=prepare, loss=loss, group_sharding=layout.sharded),
+        functools.partial(train_step, prepare=prepare, loss=loss, group_sharding=layout.sharded,
+                          ema_decay=self.ema_decay),
         static_argnames="groups", donate_argnums=0,
         out_shardings=(layout.replicated, layout.replicated))
     self.accuracy = train_lib.make_accuracy_fn(model, mean, std, layout, pipeline=pipeline)
@@ -129,13 +160,15 @@ class Trainer:
     key = self.layout.replicate(jax.random.key(seed))
     steps = input_pipeline.steps_per_epoch(n, batch_size)
     state = self.layout.replicate(
-        create_state(self.model, jax.random.key(seed), images.shape[1:], self.tx))
+        create_state(self.model, jax.random.key(seed), images.shape[1:], self.tx,
+                     ema=self.ema_decay > 0))
     batches = input_pipeline.train_batches(images, labels, batch_size=batch_size, seed=seed,
                                            epochs=rc.epochs, pipeline=self.pipeline,
                                            shard_multiple=self.layout.num_devices)
     aux = None if aux is None else self.layout.replicate(aux)
     return fit(self, state, batches, key=key, aux=aux, epochs=rc.epochs, steps_per_epoch=steps,
-               learning_rate=train_lib.epoch_schedule(rc.lr, rc.epochs, steps, rc.warmup_epochs),
+               learning_rate=train_lib.epoch_schedule(rc.lr, rc.epochs, steps, rc.warmup_epochs,
+                                                      rc.get("lr_floor", 0.0)),
                evaluate=lambda v: self.accuracy(v, test.images, test.labels),
                evaluate_after=evaluate_after, log=log, log_name=log_name, desc=desc,
                checkpoints=checkpoints, leave_bar=leave_bar)
@@ -178,7 +211,7 @@ def fit(trainer: Trainer, state: TrainState, batches, *, key, aux, epochs: int,
               "images_per_second": images / (time.perf_counter() - started),
               "learning_rate": float(rate)}
     if epoch + 1 in evaluate_after:
-      values["test_accuracy"] = evaluate(state.variables)
+      values["test_accuracy"] = evaluate(state.evaluated_variables)
       history.append((epoch + 1, values["test_accuracy"]))
     bar.set_postfix(loss=f"{values['train_loss']:.3f}",
                     **({"test_acc": f"{history[-1][1]:.2f}"} if history else {}))

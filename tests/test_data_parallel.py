@@ -44,9 +44,10 @@ def loss_curve(num_devices: int, sync: bool, student: bool, replicas: int = 0):
   aux = None
   if student:  # the frozen teacher: a fixed random ConvNet (its logits are what matters here)
     teacher = build_model("convnet", 10)
-    aux = layout.replicate(teacher.init(jax.random.key(5), train.images[:1].astype(np.float32)))
-    prepare = relabel.student_input(c.relabel, teacher, train.mean, train.std)
-    loss = functools.partial(relabel.kd_loss, temperature=4.0, t2_factor=False)
+    aux = layout.replicate((teacher.init(jax.random.key(5), train.images[:1].astype(np.float32)),))
+    c.relabel.temperature = 4.0
+    prepare = relabel.student_input(c.relabel, (teacher,), train.mean, train.std, 10)
+    loss = relabel.student_loss(c.relabel)
   else:
     prepare, loss = squeeze.teacher_input("crop_flip", train.mean, train.std), squeeze.cross_entropy
   model = build_model("convnet", 10)

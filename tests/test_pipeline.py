@@ -196,10 +196,10 @@ def test_student_step_trains_with_dropout_like_torch():
   rc.augment, rc.mixing = "none", "none"
   state = train_loop.TrainState.create(apply_fn=student.apply, params=variables["params"],
                                        tx=optax.sgd(0.0), batch_stats={})
-  prepare = relabel.student_input(rc, teacher, (0.0,), (1.0,))
-  loss = lambda s, t: relabel.kd_loss(s, t, rc.temperature, rc.t2_factor)
-  step = lambda key: train_loop.train_step(state, x, None, key, teacher_vars, prepare=prepare,
-                                           loss=loss)[1]
+  prepare = relabel.student_input(rc, (teacher,), (0.0,), (1.0,), 3)
+  loss = relabel.student_loss(rc)
+  step = lambda key: train_loop.train_step(state, x, jnp.zeros(4, jnp.int32), key, (teacher_vars,),
+                                           prepare=prepare, loss=loss)[1]
   t_logits = teacher.apply(teacher_vars, x)
   no_dropout = relabel.kd_loss(student.apply(variables, x, train=False), t_logits,
                                rc.temperature, rc.t2_factor)
