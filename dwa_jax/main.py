@@ -46,6 +46,8 @@ def prepare_workdir(workdir: str):
   except OSError as e:
     raise PermissionError(f"workdir {workdir!r} is not writable: "
                           f"{e.strerror or files.describe_error(e)}") from None
+  except ImportError as e:  # gs:// and the like without their file-system library
+    raise files.InputError(f"workdir {workdir!r} cannot be opened here: {e}") from None
   return path
 
 

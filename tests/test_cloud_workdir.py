@@ -6,6 +6,7 @@ does. The object-store branches of dwa_jax.files (upload instead of rename, rewr
 append, a local copy for row-by-row reading) run for real; Orbax's own gs:// support (tensorstore)
 is not exercised here."""
 
+import importlib.util
 import json
 import os
 
@@ -15,6 +16,7 @@ from etils import epath
 from etils.epath import testing as epath_testing
 
 from dwa_jax import files, progress
+from dwa_jax import main as main_lib
 from dwa_jax.synthesis import BatchState  # noqa: F401  (progress's types import cleanly)
 
 
@@ -114,3 +116,15 @@ def test_recover_progress_files_on_an_object_store(bucket, monkeypatch):
   assert (bucket / "bucket/run/progress/dwa/done/batch_00000_000.npz").is_file()
   progress.Progress(root, {"seed": 1})  # other settings: the old progress is removed
   assert not (bucket / "bucket/run/progress/dwa/done").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None,
+                    reason="gcsfs is installed: a gs:// workdir would go to the network")
+def test_a_gs_workdir_without_gcsfs_is_one_error_line(tmp_path, monkeypatch, capsys):
+  from test_errors import tiny  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  assert main_lib.execute(tiny(), "gs://bucket/run") == 2
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if line.startswith("dwa_jax: error:")]
+  assert len(lines) == 1 and "gs://bucket/run" in lines[0] and "gcsfs" in lines[0], err
+  assert "Traceback" not in err and not any(tmp_path.iterdir())
