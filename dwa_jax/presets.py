@@ -61,7 +61,12 @@ def base_config() -> ml_collections.ConfigDict:
   r.rho = 0.015
   r.jitter = 4
   r.augment = "roll"         # roll | crop_flip_roll
-  r.init = "auto"            # auto (real for DWA, noise for SRe2L) | real | noise
+  r.init = "auto"            # auto (real for DWA, noise for SRe2L) | real | noise | scored
+                             # (teacher-scored real crops, RDED's selector: dwa_jax/real_init.py)
+  r.init_candidates = 5      # scored: real images per synthetic image
+  r.init_crops = 5           # scored: random resized crops per candidate
+  r.init_min_scale = 0.5     # scored: smallest crop area, as a fraction of the image (<= 1)
+  r.init_quantile = 0.0      # scored: which crop by the teacher's CE, 0 easiest .. 1 hardest
   r.classes_per_batch = 0    # 0: all classes in one batch (ImageNet: 100)
   r.scalars_every = 10       # TensorBoard: CE and BN loss of every N-th iteration (0: none)
   r.checkpoint_every = 100   # save in-flight pixels + Adam state every N iterations (0: per batch)
@@ -153,7 +158,7 @@ CHOICES = {
     ("teacher", "optimizer"): ("sgd", "adamw"),
     ("teacher", "augment"): ("crop_flip", "rrc_flip", "none"),
     ("recover", "augment"): ("roll", "crop_flip_roll"),
-    ("recover", "init"): ("auto", "real", "noise"),
+    ("recover", "init"): ("auto", "real", "noise", "scored"),
     ("recover", "precision"): ("float32", "bfloat16"),
     ("relabel", "optimizer"): ("sgd", "adamw"),
     ("relabel", "augment"): ("crop_flip", "rrc_flip", "none"),
@@ -165,11 +170,12 @@ CHOICES = {
 # Numeric fields must be finite and >= 0; these must be >= 1.
 POSITIVE_INTS = {"": ("ipc",),
                  "teacher": ("epochs", "batch_size", "eval_every"),
-                 "recover": ("iterations", "batches_per_device"),
+                 "recover": ("iterations", "batches_per_device", "init_candidates", "init_crops"),
                  "relabel": ("epochs", "batch_size", "eval_every")}
 # Numeric fields with an upper bound (inclusive).
 AT_MOST = {("teacher", "momentum"): 1.0, ("relabel", "momentum"): 1.0,
-           ("relabel", "lr_floor"): 1.0, ("relabel", "ema_decay"): 1.0}
+           ("relabel", "lr_floor"): 1.0, ("relabel", "ema_decay"): 1.0,
+           ("recover", "init_min_scale"): 1.0, ("recover", "init_quantile"): 1.0}
 
 
 def _leaves(tree, prefix: str = ""):
@@ -283,6 +289,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   spec = c.relabel.synthetic_set
   if spec and not (spec.partition(":")[0] in ("folder", "npz") and spec.partition(":")[2]):
     errors.append(f"relabel.synthetic_set must be '', 'folder:PATH' or 'npz:PATH', got {spec!r}")
+  if c.recover.init_min_scale == 0:
+    errors.append("recover.init_min_scale must be > 0 (a crop's area fraction)")
   if c.relabel.ema_decay == 1:
     errors.append("relabel.ema_decay must be < 1 (an EMA with decay 1 never moves; 0: no EMA)")
   if not all(isinstance(t, str) and t for t in c.relabel.teacher_ensemble):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import auto as tqdm
 
-from dwa_jax import compat, data, files, input_pipeline, squeeze
+from dwa_jax import compat, data, files, input_pipeline, real_init, squeeze
 # The parts of the stage, re-exported: recover.X keeps working for every X below.
 from dwa_jax.device_dispatch import GroupRunner, batch_groups  # noqa: F401
 from dwa_jax.progress import Progress, wait_for_batches  # noqa: F401
@@ -45,29 +45,49 @@ def engine_config(cfg: SynthesisConfig, num_chunks: int) -> SynthesisConfig:
 
 
 def init_kind(rc, method: str) -> str:
-  """'real' (DWA and the random ablation) or 'noise' (SRe2L), unless the config forces one."""
-  if rc.init in ("real", "noise"):
+  """'real' (DWA and the random ablation) or 'noise' (SRe2L), unless the config forces one of
+  them or 'scored' (teacher-scored real crops, dwa_jax/real_init.py)."""
+  if rc.init in ("real", "noise", "scored"):
     return rc.init
   return "noise" if method == "sre2l" else "real"
 
 
-def initial_rows(dataset, ipc: int, seed: int, kind: str) -> np.ndarray | None:
+def init_description(rc, method: str):
+  """The initialisation as recorded (fingerprint, recover.json): its kind, and for 'scored' the
+  selector's settings."""
+  kind = init_kind(rc, method)
+  if kind != "scored":
+    return kind
+  return {"kind": kind, **dataclasses.asdict(real_init.ScoredInit.from_config(rc))}
+
+
+def initial_rows(dataset, ipc: int, seed: int, kind: str,
+                 candidates: int = 1) -> np.ndarray | None:
   """'real': the (ipc, num_classes) training-image indices the batches start from,
-  `data.sample_per_class(dataset, ipc, seed)` (labels only: nothing is decoded); 'noise': None."""
+  `data.sample_per_class(dataset, ipc, seed)` (labels only: nothing is decoded); 'scored':
+  (ipc, candidates, num_classes) candidates (real_init.candidate_rows); 'noise': None."""
+  if kind == "scored":
+    return real_init.candidate_rows(dataset, ipc, candidates, seed)
   return data.sample_per_class(dataset, ipc, seed) if kind == "real" else None
 
 
 def initial_batch(dataset, rows, ipc_index: int, classes, seed: int, mean, std,
-                  dtype=np.float32) -> np.ndarray:
+                  dtype=np.float32, scorer=None) -> np.ndarray:
   """(len(classes), H, W, C) normalised starting images of batch (ipc_index, classes) in
   `dtype`, read when the batch starts so no stage holds the whole starting set.
 
   Real (`rows` from `initial_rows`): those training images, read through the data set and
   normalised as torchvision's ToTensor + Normalize do it: (u8 / 255 − mean) / std in `dtype`.
-  Noise (`rows` None, SRe2L): N(0, 1) in normalised space, one draw per (ipc index, class) from
-  jax.random.key(seed), so a batch's noise does not depend on which others exist.
+  Scored (3-d `rows`, `scorer` from real_init.make_scorer): per class, the crop of its
+  candidates the rule of real_init picks. Noise (`rows` None, SRe2L): N(0, 1) in normalised
+  space, one draw per (ipc index, class) from jax.random.key(seed), so a batch's noise does not
+  depend on which others exist.
   """
   classes = np.asarray(classes)
+  if rows is not None and rows.ndim == 3:
+    chosen = [scorer(np.asarray(input_pipeline.read(dataset.images, rows[ipc_index, :, c])),
+                     int(c), real_init.crop_key(seed, ipc_index, int(c)))[0] for c in classes]
+    return np.stack([np.asarray(x) for x in chosen]).astype(dtype)
   if rows is not None:
     mean, std = np.asarray(mean, dtype), np.asarray(std, dtype)
     pixels = input_pipeline.read(dataset.images, rows[ipc_index, classes])
@@ -149,7 +169,7 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
                      f"{train.num_classes} classes.")
   cfg = engine_config(cfg, len(chunks))
   fingerprint = {"synthesis": dataclasses.asdict(cfg), "seed": config.seed, "ipc": config.ipc,
-                 "dataset": config.dataset, "init": init_kind(rc, method),
+                 "dataset": config.dataset, "init": init_description(rc, method),
                  "classes_per_batch": rc.classes_per_batch, "teacher": meta,
                  "normalisation": [list(mean), list(std)], "dtype": str(dtype),
                  "teacher_sha256": files.tree_digest(variables)}
@@ -170,7 +190,10 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
   # depends on the device count (1 vs more, in the last bits), so a resumed run keeps it.
   devices = list(devices or jax.local_devices())
   runner = GroupRunner(model, variables, image_shape, mean, std, cfg, devices, per_device)
-  rows = initial_rows(train, config.ipc, config.seed, init_kind(rc, method))
+  kind = init_kind(rc, method)
+  scored = real_init.ScoredInit.from_config(rc) if kind == "scored" else None
+  rows = initial_rows(train, config.ipc, config.seed, kind, scored.candidates if scored else 1)
+  scorer = (real_init.make_scorer(model, variables, mean, std, scored) if scored else None)
   every = rc.checkpoint_every or cfg.iterations
   chained = cfg.chained
   with tqdm.tqdm(total=len(todo) * cfg.iterations, desc=f"recover: {method}",
@@ -180,8 +203,8 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
       aug_keys = [jax.random.split(batch_key(config.seed, i, j))[1] for i, j in batches]
       draws = [batch_draws(config.seed, i, j, cfg, image_shape[:2]) for i, j in batches]
       labels = np.stack([chunks[j] for _, j in batches])
-      x_init = np.stack([initial_batch(train, rows, i, chunks[j], config.seed, mean, std, dtype)
-                         for i, j in batches])
+      x_init = np.stack([initial_batch(train, rows, i, chunks[j], config.seed, mean, std, dtype,
+                                       scorer) for i, j in batches])
       chains = ([progress.load_carry(i, j - 1, variables["params"]) if j > 0 else None
                  for i, j in batches] if chained else None)
       # The batches, and the group size (the in-flight state's shape) they ran in.
@@ -261,7 +284,7 @@ def run(config, workdir, method: str, devices=None) -> dict | None:
   # Written beside the set and swapped in when complete: a failure leaves the old set whole.
   with files.staged_dir(out_dir) as staging:
     summary = write_outputs(staging, progress, config, method, meta, train.num_classes, chunks,
-                            synthesis, init_kind(config.recover, method), stage)
+                            synthesis, init_description(config.recover, method), stage)
   files.remove_tree(progress.root)  # everything is in the outputs now
   print(f"recover: {method} wrote {summary['num_images']} images to {out_dir}")
   return summary
