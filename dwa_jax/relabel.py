@@ -98,12 +98,16 @@ def student_trainer(rc: ml_collections.ConfigDict, teachers, num_classes: int, m
                     layout: data_parallel.Layout,
                     pipeline: input_pipeline.PipelineConfig) -> train_loop.Trainer:
   """The students' trainer: built once per run, it compiles once for every set and seed.
-  `teachers`: the teacher model, or a tuple of them (an ensemble)."""
-  teachers = teachers if isinstance(teachers, tuple) else (teachers,)
+  `teachers`: a tuple of teacher models (one, an ensemble, or none for hard labels)."""
   return train_loop.Trainer(
       build_model(rc.student, num_classes), rc,
       prepare=student_input(rc, teachers, mean, std, num_classes), loss=student_loss(rc),
       mean=mean, std=std, layout=layout, pipeline=pipeline)
+
+
+def evaluation_epochs(rc) -> set[int]:
+  """The epochs after which students are evaluated (relabel.eval_every, compat_eval_epochs)."""
+  return train_loop.eval_epochs(rc.epochs, rc.eval_every, bool(rc.compat_eval_epochs))
 
 
 def train_student(trainer: train_loop.Trainer, teacher_vars, images, labels,
@@ -111,12 +115,10 @@ def train_student(trainer: train_loop.Trainer, teacher_vars, images, labels,
                   checkpoints=None) -> dict:
   """Trains one student on `images` (N, H, W, C: uint8, or float in [0, 1]; an array or an
   ImageSource, read through the input pipeline) and their `labels`; returns final/best top-1
-  (%). `teacher_vars`: one teacher's variables, or a tuple of them (an ensemble)."""
-  rc = trainer.recipe
-  teacher_vars = teacher_vars if isinstance(teacher_vars, tuple) else (teacher_vars,)
+  (%). `teacher_vars`: a tuple of the teachers' variables, as `trainer`'s teachers."""
   _, history = trainer.train(
       images, np.asarray(labels, np.int32), test, seed=seed, aux=teacher_vars,
-      evaluate_after=train_loop.eval_epochs(rc.epochs, rc.eval_every, bool(rc.compat_eval_epochs)),
+      evaluate_after=evaluation_epochs(trainer.recipe),
       log=log, log_name=f"relabel/{desc}", desc=desc, checkpoints=checkpoints, leave_bar=False)
   return {"final": history[-1][1], "best": max(a for _, a in history),
           "history": [list(h) for h in history]}
@@ -278,6 +280,15 @@ def load_teachers(workdir, rc, train: data.Dataset):
   return models, variables, metas
 
 
+def loss_description(rc) -> str:
+  """The students' loss in words, for the protocol card."""
+  if rc.labels == "hard":
+    return "cross-entropy"
+  if rc.loss == "mse_ce":
+    return f"MSE(logits) + {rc.ce_weight:g} x CE"
+  return f"KL at T={rc.temperature:g}" + (" x T²" if rc.t2_factor else "")
+
+
 def protocol_card(config, teacher_dirs, metas, evaluated_after) -> dict:
   """Everything that decides an evaluation's number besides the images: written beside the
   results, so numbers from different protocols are never compared unknowingly."""
@@ -290,9 +301,7 @@ def protocol_card(config, teacher_dirs, metas, evaluated_after) -> dict:
       "teachers": [{"workdir": os.fspath(d), "model": m["model"],
                     "test_accuracy": m["test_accuracy"], "source": m.get("source")}
                    for d, m in zip(teacher_dirs, metas)] if soft else [],
-      "loss": ("cross-entropy" if not soft else
-               f"KL at T={rc.temperature:g}" + (" x T²" if rc.t2_factor else "")
-               if rc.loss == "kl" else f"MSE(logits) + {rc.ce_weight:g} x CE"),
+      "loss": loss_description(rc),
       "student": rc.student, "epochs": rc.epochs, "batch_size": rc.batch_size,
       "optimizer": rc.optimizer, "lr": rc.lr, "lr_floor": rc.lr_floor,
       "weight_decay": rc.weight_decay, "warmup_epochs": rc.warmup_epochs,
@@ -345,7 +354,7 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
   if rc.random_real_baseline:
     sets[RANDOM_REAL] = random_real_set(train, config.ipc, config.seed)
   relabel_stage = {"devices": layout.num_devices, "processes": jax.process_count()}
-  evaluated_after = train_loop.eval_epochs(rc.epochs, rc.eval_every, bool(rc.compat_eval_epochs))
+  evaluated_after = evaluation_epochs(rc)
   # The run's own teacher is named "." (this workdir): results do not depend on where it lies.
   card = protocol_card(config, (".", *rc.teacher_ensemble), metas, evaluated_after)
   results = {"dataset": config.dataset, "ipc": config.ipc, "student": rc.student,
