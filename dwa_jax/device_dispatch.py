@@ -23,7 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dwa_jax.synthesis import (BatchState, SynthesisConfig, as_draws, bn_layer_paths,
-                               empty_chain, iteration_blocks, run_iterations, start_batch)
+                               empty_chain, first_teacher, iteration_blocks, run_iterations,
+                               start_batch)
 
 BATCH_AXIS = "batches"
 
@@ -87,7 +88,7 @@ class GroupRunner:
     self._stacked = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
     self._variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
     self._traces = {"start": 0, "advance": 0}
-    bn_paths = bn_layer_paths(model, variables, image_shape)
+    bn_paths = bn_layer_paths(model, first_teacher(variables, cfg), image_shape)
 
     def start(variables, x, labels, key_data, draws, chain):
       self._traces["start"] += 1  # runs once per compilation (at trace time)

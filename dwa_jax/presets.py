@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
   r.init_crops = 5           # scored: random resized crops per candidate
   r.init_min_scale = 0.5     # scored: smallest crop area, as a fraction of the image (<= 1)
   r.init_quantile = 0.0      # scored: which crop by the teacher's CE, 0 easiest .. 1 hardest
+  r.committee = ()           # more teachers of the same architecture (squeeze workdirs): with
+                             # this workdir's, a committee whose mean CE + BN loss drives the
+                             # pixels, Δθ per teacher (vmapped; each iteration costs x members)
   r.classes_per_batch = 0    # 0: all classes in one batch (ImageNet: 100)
   r.scalars_every = 10       # TensorBoard: CE and BN loss of every N-th iteration (0: none)
   r.checkpoint_every = 100   # save in-flight pixels + Adam state every N iterations (0: per batch)
@@ -296,6 +299,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not all(isinstance(t, str) and t for t in c.relabel.teacher_ensemble):
     errors.append("relabel.teacher_ensemble must be squeeze workdirs (non-empty strings), got "
                   f"{tuple(c.relabel.teacher_ensemble)!r}")
+  if not all(isinstance(t, str) and t for t in c.recover.committee):
+    errors.append("recover.committee must be squeeze workdirs (non-empty strings), got "
+                  f"{tuple(c.recover.committee)!r}")
+  elif c.recover.committee and c.compat in compat.MODES:
+    resolved = compat.resolve(c).recover
+    quirks = [f"recover.{q}" for q in ("compat_q1", "compat_q2") if resolved[q]]
+    if quirks and "dwa" in c.methods:
+      errors.append(f"recover.committee: {' and '.join(quirks)} (on under compat="
+                    f"{c.compat!r}) act on a single teacher's Δθ; set them False for a committee")
   if not c.relabel.seeds:
     errors.append("relabel.seeds is empty")
   elif not all(_is_int(s) and s >= 0 for s in c.relabel.seeds):

@@ -24,7 +24,8 @@ from dwa_jax import compat, data, files, input_pipeline, real_init, squeeze
 from dwa_jax.device_dispatch import GroupRunner, batch_groups  # noqa: F401
 from dwa_jax.progress import Progress, wait_for_batches  # noqa: F401
 from dwa_jax.synthesis import *  # noqa: F401,F403  pylint: disable=wildcard-import
-from dwa_jax.synthesis import SynthesisConfig, bn_layer_weights, draw_augmentation
+from dwa_jax.synthesis import (SynthesisConfig, bn_layer_weights, draw_augmentation,
+                               first_teacher, stack_teachers)
 from dwa_jax.synthetic_outputs import write_outputs  # noqa: F401
 
 def synthesis_config(rc, method: str) -> SynthesisConfig:
@@ -35,7 +36,34 @@ def synthesis_config(rc, method: str) -> SynthesisConfig:
       first_bn_weight=rc.first_bn_weight, adjust_steps=rc.adjust_steps, rho=rc.rho,
       jitter=rc.jitter, augment=rc.augment, compat_q1=bool(rc.compat_q1),
       compat_q2=bool(rc.compat_q2) and method == "dwa",
-      compute_dtype=None if rc.get("precision", "float32") == "float32" else rc.precision)
+      compute_dtype=None if rc.get("precision", "float32") == "float32" else rc.precision,
+      committee=1 + len(rc.get("committee", ())))
+
+
+def load_committee(workdir, rc, train):
+  """This workdir's teacher, stacked with those of recover.committee (squeeze workdirs) when
+  it names any: (model, variables, meta). A committee's meta names each member teacher
+  (`committee`: workdir, model, test accuracy); its members must share the architecture and
+  the input normalisation, since they all see the same pixels."""
+  model, variables, meta = squeeze.load_teacher(workdir, train)
+  if not rc.get("committee", ()):
+    return model, variables, meta
+  members = [squeeze.load_teacher(path, train) for path in rc.committee]
+  for path, (_, _, other) in zip(rc.committee, members):
+    if other["model"] != meta["model"]:
+      raise squeeze.TeacherError(
+          f"recover.committee: the teacher in {path} is a {other['model']}, this workdir's is a "
+          f"{meta['model']}; a committee stacks teachers of one architecture.")
+    if not (np.allclose(other["mean"], meta["mean"]) and np.allclose(other["std"], meta["std"])):
+      raise squeeze.TeacherError(
+          f"recover.committee: the teacher in {path} normalises its input with mean "
+          f"{other['mean']} / std {other['std']}, this workdir's with {meta['mean']} / "
+          f"{meta['std']}; committee members see the same pixels.")
+  stacked = stack_teachers([variables] + [v for _, v, _ in members])
+  described = [{"workdir": str(path), "model": m["model"], "test_accuracy": m["test_accuracy"]}
+               for path, (_, _, m) in zip((".", *rc.committee), [(model, variables, meta),
+                                                                   *members])]
+  return model, stacked, {**meta, "committee": described}
 
 
 def engine_config(cfg: SynthesisConfig, num_chunks: int) -> SynthesisConfig:
@@ -193,7 +221,9 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
   kind = init_kind(rc, method)
   scored = real_init.ScoredInit.from_config(rc) if kind == "scored" else None
   rows = initial_rows(train, config.ipc, config.seed, kind, scored.candidates if scored else 1)
-  scorer = (real_init.make_scorer(model, variables, mean, std, scored) if scored else None)
+  # A committee's first teacher (this workdir's) scores the real crops.
+  scorer = (real_init.make_scorer(model, first_teacher(variables, cfg), mean, std, scored)
+            if scored else None)
   every = rc.checkpoint_every or cfg.iterations
   chained = cfg.chained
   with tqdm.tqdm(total=len(todo) * cfg.iterations, desc=f"recover: {method}",
@@ -266,7 +296,7 @@ def run(config, workdir, method: str, devices=None) -> dict | None:
     raise ValueError(f"ipc must be >= 1, got {config.ipc}.")
   config = compat.resolve(config)
   train = data.load_dataset(config.dataset, "train", config.data_dir)
-  model, variables, meta = squeeze.load_teacher(workdir, train)
+  model, variables, meta = load_committee(workdir, config.recover, train)
   chunks = class_chunks(train.num_classes, config.recover.classes_per_batch)
   if config.ipc > np.min(np.bincount(train.labels, minlength=train.num_classes)):
     data.sample_per_class(train, config.ipc, config.seed)  # raises the clear DataError

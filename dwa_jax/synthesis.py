@@ -52,6 +52,10 @@ class SynthesisConfig:
   # 'bfloat16': the teacher's convolutions and matmuls in bfloat16; BN statistics, losses,
   # pixels, Δθ and Adam stay float32 (`forward_with_bn_stats`). None: the teacher's dtype.
   compute_dtype: str | None = None
+  # A committee of this many teachers of one architecture (the variables' leaves then carry a
+  # leading teacher axis, `stack_teachers`): the CE and BN-matching loss is the mean over the
+  # teachers, each under its own Δθ, vmapped. 1: the usual single teacher.
+  committee: int = 1
 
   @property
   def chained(self) -> bool:
@@ -74,6 +78,11 @@ class SynthesisConfig:
     if self.compute_dtype not in (None, "bfloat16", "float32"):
       errors.append(f"compute_dtype must be None, 'float32' or 'bfloat16', got "
                     f"{self.compute_dtype!r}")
+    if self.committee < 1:
+      errors.append(f"committee must be >= 1, got {self.committee}")
+    if self.committee > 1 and self.method == "dwa" and (self.compat_q1 or self.compat_q2):
+      errors.append("the authors' quirks Q1/Q2 are single-teacher behaviours: turn them off "
+                    "for a committee of teachers")
     if errors:
       raise ValueError("Invalid synthesis config: " + "; ".join(errors))
 
@@ -106,6 +115,30 @@ def _at(tree, path):
   for name in path:
     tree = tree[name]
   return tree
+
+
+def stack_teachers(teachers: Sequence[Any]) -> Any:
+  """Variables of teachers of one architecture -> one pytree whose leaves carry a leading
+  teacher axis (a committee, SynthesisConfig.committee = len(teachers))."""
+  first = jax.tree.structure(teachers[0])
+  for k, other in enumerate(teachers[1:], 1):
+    shapes = jax.tree.map(lambda a, b: a.shape == b.shape, teachers[0], other)
+    if jax.tree.structure(other) != first or not all(jax.tree.leaves(shapes)):
+      raise ValueError(f"committee teacher {k} does not have the first teacher's architecture "
+                       "(its variables differ in names or shapes)")
+  return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *teachers)
+
+
+def first_teacher(variables, cfg: "SynthesisConfig"):
+  """The committee's first teacher (or the single teacher): the layout every teacher shares."""
+  return jax.tree.map(lambda a: a[0], variables) if cfg.committee > 1 else variables
+
+
+def committee_norm(delta, cfg: "SynthesisConfig"):
+  """‖Δθ‖ of the single teacher, or the mean over a committee of each teacher's ‖Δθ_m‖."""
+  if cfg.committee > 1:
+    return jnp.mean(jax.vmap(optax.tree.norm)(delta))
+  return optax.tree.norm(delta)
 
 
 def forward_with_bn_stats(model, params, batch_stats, x, bn_paths, compute_dtype=None):
@@ -285,12 +318,21 @@ def random_weight_adjustment(key, params, rho):
 
 def synthesis_loss(model, params, batch_stats, x_view, labels, bn_paths, layer_weights,
                    cfg: SynthesisConfig):
-  """CE + r_bn·Σ_l w_l·term_l on an augmented view; returns (loss, (ce, per-layer terms))."""
-  logits, stats = forward_with_bn_stats(model, params, batch_stats, x_view, bn_paths,
-                                        cfg.compute_dtype)
-  ce = cross_entropy(logits, labels)
-  terms = bn_matching_terms(stats, batch_stats, bn_paths, cfg.r_var)
-  return ce + cfg.r_bn * jnp.dot(layer_weights, terms), (ce, terms)
+  """CE + r_bn·Σ_l w_l·term_l on an augmented view; returns (loss, (ce, per-layer terms)).
+
+  A committee (cfg.committee > 1, leading teacher axis on params and batch_stats): each
+  teacher's loss, CE and terms on the same view, averaged over the teachers."""
+
+  def one_teacher(params, batch_stats):
+    logits, stats = forward_with_bn_stats(model, params, batch_stats, x_view, bn_paths,
+                                          cfg.compute_dtype)
+    ce = cross_entropy(logits, labels)
+    terms = bn_matching_terms(stats, batch_stats, bn_paths, cfg.r_var)
+    return ce + cfg.r_bn * jnp.dot(layer_weights, terms), (ce, terms)
+
+  if cfg.committee == 1:
+    return one_teacher(params, batch_stats)
+  return jax.tree.map(lambda a: a.mean(0), jax.vmap(one_teacher)(params, batch_stats))
 
 
 class BatchState(NamedTuple):
@@ -330,16 +372,25 @@ def start_batch(model, variables, x_init, labels, key, draws, *, bn_paths,
     chain = empty_chain(params)
   if cfg.method == "dwa":
     view0 = lambda x: synthesis_view(x, draws.at(0), cfg.augment)
-    delta, extra, adjust = directed_weight_adjustment(model, params, batch_stats, x_init, view0,
-                                                      labels, bn_paths, cfg, chain)
+    adjust_one = lambda params, batch_stats: directed_weight_adjustment(
+        model, params, batch_stats, x_init, view0, labels, bn_paths, cfg, chain)
+    if cfg.committee == 1:
+      delta, extra, adjust = adjust_one(params, batch_stats)
+    else:  # Δθ per teacher; the ascent's image gradient is zeros (Q1 is refused for committees)
+      delta, _, adjust = jax.vmap(adjust_one)(params, batch_stats)
+      adjust = jax.tree.map(lambda a: a.mean(0), adjust)
     metrics = {"adjust_ce": adjust["ce"], "adjust_bn_terms": adjust["bn_terms"]}
     if cfg.chained:
       metrics["delta_norm_chunk"] = optax.tree.norm(jax.tree.map(jnp.subtract, delta, chain.delta))
   elif cfg.method == "random":
-    delta = random_weight_adjustment(jax.random.split(key, cfg.iterations + 1)[-1], params,
-                                     cfg.rho)
+    random_key = jax.random.split(key, cfg.iterations + 1)[-1]
+    if cfg.committee == 1:
+      delta = random_weight_adjustment(random_key, params, cfg.rho)
+    else:
+      delta = jax.vmap(lambda k, p: random_weight_adjustment(k, p, cfg.rho))(
+          jax.random.split(random_key, cfg.committee), params)
   metrics["delta_norm"] = (jnp.zeros((), x_init.dtype) if delta is None
-                           else optax.tree.norm(delta))
+                           else committee_norm(delta, cfg))
   weight_grad_sum = jax.tree.map(jnp.zeros_like, params) if cfg.chained else None
   state = BatchState(x_init, _adam(cfg).init(x_init), delta, extra, jnp.zeros((), jnp.int32),
                      weight_grad_sum)
@@ -444,7 +495,7 @@ def make_synthesizer(model, variables, image_shape, pixel_mean, pixel_std, cfg: 
   jitted blocks of `block` unrolled iterations. Under compat_q2, metrics['chain'] is the
   `ChainCarry` to pass to the next class-chunk of the same ipc index.
   """
-  bn_paths = bn_layer_paths(model, variables, image_shape)
+  bn_paths = bn_layer_paths(model, first_teacher(variables, cfg), image_shape)
   start = jax.jit(functools.partial(start_batch, model, bn_paths=bn_paths, cfg=cfg))
   advance = functools.lru_cache()(lambda n: jax.jit(
       functools.partial(run_iterations, model, num_steps=n, bn_paths=bn_paths,
