@@ -9,6 +9,7 @@ imported only then). Command line, writing a verified .npz for `--config.teacher
 
 import argparse
 import json
+import os
 import pathlib
 import pickle
 import re
@@ -237,17 +238,31 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   return strip_prefix({k: to_numpy(v) for k, v in obj.items() if isinstance(v, torch.Tensor)})
 
 
+def load_workdir_state_dict(path: str) -> dict[str, np.ndarray]:
+  """The teacher a squeeze stage saved in workdir `path`, as a torchvision-layout state dict
+  (to export our own teachers into the same .npz an import reads)."""
+  from dwa_jax import squeeze  # pylint: disable=g-import-not-at-top  (squeeze imports us)
+  try:
+    _, variables, _ = squeeze.load_teacher(path)
+  except squeeze.TeacherError as e:
+    raise StateDictError(str(e)) from None
+  return variables_to_state_dict(variables)
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A torchvision-layout state dict from .npz, .safetensors, or .pth/.pt (needs torch)."""
+  """A torchvision-layout state dict from .npz, .safetensors, .pth/.pt (needs torch), or a
+  squeeze workdir (a folder holding teacher/teacher.json)."""
   path = str(path)
+  if os.path.isdir(path):
+    return load_workdir_state_dict(path)
   if path.endswith(".npz"):
     return load_npz_state_dict(path)
   if path.endswith(".safetensors"):
     return load_safetensors_state_dict(path)
   if path.endswith((".pth", ".pt")):
     return load_torch_state_dict(path)
-  raise StateDictError(f"Unsupported state dict format {path!r}: use .npz, .safetensors, .pth "
-                       "or .pt.")
+  raise StateDictError(f"Unsupported state dict format {path!r}: use .npz, .safetensors, .pth, "
+                       ".pt or a squeeze workdir.")
 
 
 def default_image_size(model_name: str) -> int:
@@ -302,7 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       "usable as --config.teacher.checkpoint."))
   parser.add_argument("--model", required=True, help="zoo name, e.g. resnet18, mobilenet_v2")
   parser.add_argument("--num_classes", required=True, type=int)
-  parser.add_argument("--input", required=True, help="state dict: .pth, .pt, .safetensors, .npz")
+  parser.add_argument("--input", required=True,
+                      help="state dict: .pth, .pt, .safetensors, .npz, or a squeeze workdir "
+                           "(exports the teacher it trained)")
   parser.add_argument("--output", required=True, help="output .npz (torchvision names/layout)")
   parser.add_argument("--image_size", type=int, default=None,
                       help="side of the verification input (default 32 for convnet/*_cifar, "

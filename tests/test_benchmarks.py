@@ -99,3 +99,53 @@ def test_data_parallel_benchmark_quick(tmp_path):
   # 2 sets x 3 seeds: one step program per input dtype, one evaluation program.
   assert result["relabel_run"]["train_step"] == 2 and result["relabel_run"]["evaluation"] == 1
   assert "| relabel | 2 | sync |" in proc.stdout
+
+
+TINY_DIGITS = ["--config=configs/demo_digits.py", "--config.teacher.epochs=2",
+               "--config.recover.iterations=8", "--config.ipc=2", "--config.relabel.epochs=2",
+               "--config.relabel.eval_every=1", "--config.relabel.seeds=(0,1)"]
+
+
+@pytest.mark.slow
+def test_protocol_benchmark_rows_reuse_and_merge(tmp_path):
+  """benchmarks/protocol_cifar10.py on tiny digits: a base run, then rows that change one
+  protocol control or one synthesis option; the official row reuses the base run's students,
+  rows are merged across invocations, and a bad row is refused before anything runs."""
+  base = tmp_path / "base"
+  proc = subprocess.run([sys.executable, "-m", "dwa_jax.main", *TINY_DIGITS,
+                         f"--workdir={base}"], cwd=REPO, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  command = [sys.executable, "benchmarks/protocol_cifar10.py", *TINY_DIGITS,
+             f"--base_workdir={base}", f"--workdir={tmp_path / 'w'}",
+             f"--results_dir={tmp_path / 'r'}"]
+  proc = subprocess.run(command + ["--rows=official/base,hard/base,official/dwa_scored,custom/base",
+                                   "--custom=relabel.lr_floor=0.5;relabel.ema_decay=0.5"],
+                        cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((tmp_path / "r" / "protocol_cifar10.json").read_text())
+  rows = report["rows"]
+  base_results = json.loads((base / "results.json").read_text())
+  official = rows["official/base"]
+  assert set(official["sets"]) == {"sre2l", "dwa", "random_real"}
+  for name, r in official["sets"].items():  # the base run's students, reused as they were
+    assert [x["final"] for x in r["runs"]] == [x["final"] for x in base_results["sets"][name]["runs"]]
+  log = (tmp_path / "w" / "runs" / "official" / "base" / "metrics.jsonl").read_text()
+  assert log.count('"finished_seed": true') == 6
+  assert rows["hard/base"]["card"]["labels"] == "hard labels (no teacher)"
+  assert set(rows["official/dwa_scored"]["sets"]) == {"dwa_scored"}
+  assert rows["official/dwa_scored"]["sets"]["dwa_scored"]["init"]["kind"] == "scored"
+  assert rows["custom/base"]["overrides"] == {"relabel.lr_floor": 0.5, "relabel.ema_decay": 0.5}
+  assert rows["custom/base"]["card"]["ema_decay"] == 0.5
+  assert "| official | base | dwa |" in proc.stdout
+  # A bad row is refused up front; a later invocation keeps the earlier rows.
+  proc = subprocess.run(command + ["--rows=lr_floor/base,official/nope"], cwd=REPO,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode != 0 and "unknown images 'nope'" in proc.stderr
+  proc = subprocess.run(command + ["--rows=lr_floor/base"], cwd=REPO, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((tmp_path / "r" / "protocol_cifar10.json").read_text())["rows"]
+  assert set(rows) == {"official/base", "hard/base", "official/dwa_scored", "custom/base",
+                       "lr_floor/base"}
+  assert rows["lr_floor/base"]["card"]["lr_floor"] == 0.5

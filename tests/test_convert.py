@@ -179,3 +179,26 @@ def test_cli_bad_input_is_one_line_and_status_2(convnet_state_dict, tmp_path, ca
   assert status == 2 and message in err
   assert err.count("\n") == 1 and err.startswith("dwa_jax: error: ")
   assert not (tmp_path / "out.npz").exists()
+
+
+def test_a_squeeze_workdir_exports_and_imports_back(tmp_path, capsys):
+  """Our own trained teacher, exported from its workdir into the .npz that
+  --config.teacher.checkpoint imports: the imported teacher is the same network."""
+  from dwa_jax import main as main_lib, squeeze  # pylint: disable=g-import-not-at-top
+  from test_errors import tiny  # pylint: disable=g-import-not-at-top
+  trained = tmp_path / "trained"
+  c = tiny()
+  c.stage = "squeeze"
+  assert main_lib.execute(c, trained) == 0
+  out = tmp_path / "teacher.npz"
+  assert convert.main(["--model=convnet", "--num_classes=10", f"--input={trained}",
+                       "--image_size=8", "--channels=1", f"--output={out}"]) == 0
+  imported = tmp_path / "imported"
+  c.teacher.checkpoint = str(out)
+  assert main_lib.execute(c, imported) == 0
+  (_, a, meta_a), (_, b, meta_b) = (squeeze.load_teacher(trained), squeeze.load_teacher(imported))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert meta_b["test_accuracy"] == meta_a["test_accuracy"]
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(convert.StateDictError, match="No complete teacher checkpoint"):
+    convert.load_state_dict(str(tmp_path / "empty"))
