@@ -66,12 +66,6 @@ def variant_config(base, name: str):
   return compat.resolve(c)
 
 
-def copy_teacher(teacher_dir: pathlib.Path, workdir: pathlib.Path) -> None:
-  if not (workdir / squeeze.TEACHER_DIR / "teacher.json").exists():
-    shutil.copytree(teacher_dir / squeeze.TEACHER_DIR, workdir / squeeze.TEACHER_DIR,
-                    dirs_exist_ok=True)
-
-
 def to_jpeg(out: pathlib.Path) -> None:
   """A lossless synthetic set turned into the authors' format: images.npz then holds the
   decoded JPEGs (compat.jpeg_roundtrip), images_lossless.npz the last iterate."""
@@ -92,7 +86,7 @@ def run_variant(base, name: str, root: pathlib.Path, teacher_dir: pathlib.Path) 
   _, reuse, methods = VARIANTS[name]
   workdir = root / name
   workdir.mkdir(parents=True, exist_ok=True)
-  copy_teacher(teacher_dir, workdir)
+  reproduce_cifar10.copy_teacher(teacher_dir, workdir)
   cache = reproduce_cifar10.StageCache(workdir)
   seconds = {}
   for method in methods:
@@ -169,9 +163,7 @@ def summarise(name: str, run: dict) -> dict:
   results = files.read_json(workdir / "results.json")
   sets = {}
   for set_name, r in results["sets"].items():
-    row = {k: r[k] for k in ("final_mean", "final_std", "best_mean", "best_std")}
-    row["runs"] = [{"seed": s, "final": x["final"], "best": x["best"]}
-                   for s, x in zip(r["seeds"], r["runs"])]
+    row = reproduce_cifar10.set_row(r)
     if set_name != relabel.RANDOM_REAL:
       summary = files.read_json(workdir / "synthetic" / set_name / "recover.json")
       stats = summary["pixel_statistics"]
@@ -197,8 +189,9 @@ def table(report: dict) -> str:
                 f"{ll['std']:.3f}", f"{100 * ll['clipped_fraction']:.1f} %"]
                if px else ["—"] * 4)
       d = r.get("d_fea_relative_to_real")
-      lines.append(f"| {name} | {set_name} | {r['final_mean']:.2f} ± {r['final_std']:.2f} | "
-                   f"{r['best_mean']:.2f} ± {r['best_std']:.2f} | " + " | ".join(cells)
+      lines.append(f"| {name} | {set_name} | "
+                   f"{reproduce_cifar10.fmt(r['final_mean'], r['final_std'])} | "
+                   f"{reproduce_cifar10.fmt(r['best_mean'], r['best_std'])} | " + " | ".join(cells)
                    + f" | {'—' if d is None else f'{d:.3f}'} |")
   return "\n".join(lines)
 

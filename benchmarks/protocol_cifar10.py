@@ -30,7 +30,6 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
-import numpy as np
 
 from dwa_jax import compat, files, presets, recover, relabel, squeeze
 
@@ -121,11 +120,6 @@ def image_overrides(name: str) -> dict:
   return IMAGE_VARIANTS[name]
 
 
-def copy_tree(source: pathlib.Path, target: pathlib.Path) -> None:
-  if not target.exists():
-    shutil.copytree(source, target)
-
-
 def reuse_finished_students(base_workdir: pathlib.Path, workdir: pathlib.Path) -> int:
   """Copies the base run's finished-student results that this row lacks; relabel reuses those
   whose fingerprint (settings, images, teacher, seed) is this row's and retrains the others.
@@ -146,7 +140,7 @@ def synthesise_variant(base, name: str, root: pathlib.Path, base_workdir: pathli
   config = with_overrides(base, image_overrides(name))
   workdir = root / "images" / name
   workdir.mkdir(parents=True, exist_ok=True)
-  copy_tree(base_workdir / squeeze.TEACHER_DIR, workdir / squeeze.TEACHER_DIR)
+  reproduce_cifar10.copy_teacher(base_workdir, workdir)
   cache = reproduce_cifar10.StageCache(workdir)
   key = reproduce_cifar10.fingerprint(config.recover.to_dict(), config.seed, config.ipc,
                                       config.compat_cifar10_std)
@@ -166,7 +160,7 @@ def run_row(base, protocol: str, images: str, root: pathlib.Path,
   config = with_overrides(base, overrides)
   workdir = root / "runs" / protocol / images
   workdir.mkdir(parents=True, exist_ok=True)
-  copy_tree(base_workdir / squeeze.TEACHER_DIR, workdir / squeeze.TEACHER_DIR)
+  reproduce_cifar10.copy_teacher(base_workdir, workdir)
   seconds = {}
   if images == "base":
     sets = {m: base_workdir / "synthetic" / m for m in base.methods}
@@ -181,8 +175,9 @@ def run_row(base, protocol: str, images: str, root: pathlib.Path,
     if not (folder / "manifest.json").exists():
       raise app.UsageError(f"no finished synthetic set in {folder}")
     target = workdir / "synthetic" / method
-    if files.read_json(folder / "manifest.json") != (
-        files.read_json(target / "manifest.json") if (target / "manifest.json").exists() else None):
+    same = ((target / "manifest.json").exists() and files.read_json(target / "manifest.json")
+            == files.read_json(folder / "manifest.json"))
+    if not same:  # a missing copy, or the set was synthesised again
       shutil.rmtree(target, ignore_errors=True)
       shutil.copytree(folder, target)
   reuse_finished_students(base_workdir, workdir)
@@ -192,9 +187,7 @@ def run_row(base, protocol: str, images: str, root: pathlib.Path,
   sets_out = {}
   for set_name, r in results["sets"].items():
     name = images if (images != "base" and set_name == "dwa") else set_name
-    sets_out[name] = {**{k: r[k] for k in ("final_mean", "final_std", "best_mean", "best_std")},
-                      "runs": [{"seed": s, "final": x["final"], "best": x["best"]}
-                               for s, x in zip(r["seeds"], r["runs"])]}
+    sets_out[name] = reproduce_cifar10.set_row(r)
     if set_name != relabel.RANDOM_REAL:
       summary = files.read_json(workdir / "synthetic" / set_name / "recover.json")
       sets_out[name]["init"] = summary["init"]

@@ -63,6 +63,14 @@ class StageCache:
     files.write_json(self.path, self.done)
 
 
+def copy_teacher(teacher_dir: pathlib.Path, workdir: pathlib.Path) -> None:
+  """The teacher of squeeze workdir `teacher_dir` into `workdir`, unless it holds a complete
+  one (teacher.json is written last)."""
+  if not (workdir / squeeze.TEACHER_DIR / "teacher.json").exists():
+    shutil.copytree(teacher_dir / squeeze.TEACHER_DIR, workdir / squeeze.TEACHER_DIR,
+                    dirs_exist_ok=True)
+
+
 def run_pipeline(config, workdir: pathlib.Path) -> dict:
   """squeeze, recover (per method) and relabel, each skipped when cached; returns seconds each."""
   cache, seconds = StageCache(workdir), {}
@@ -158,6 +166,15 @@ def portable(obj):
   text = json.dumps(obj)
   text = text.replace(str(REPO) + "/", "").replace(str(REPO.parent) + "/", "../")
   return json.loads(text)
+
+
+def set_row(result: dict) -> dict:
+  """One set of a relabel results.json, as the benchmarks' JSON keeps it: top-1 final and best
+  (mean, std over seeds) and each seed's final and best."""
+  row = {k: result[k] for k in ("final_mean", "final_std", "best_mean", "best_std")}
+  row["runs"] = [{"seed": s, "final": x["final"], "best": x["best"]}
+                 for s, x in zip(result["seeds"], result["runs"])]
+  return row
 
 
 def fmt(mean: float, std: float) -> str:

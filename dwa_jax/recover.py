@@ -45,25 +45,20 @@ def load_committee(workdir, rc, train):
   it names any: (model, variables, meta). A committee's meta names each member teacher
   (`committee`: workdir, model, test accuracy); its members must share the architecture and
   the input normalisation, since they all see the same pixels."""
-  model, variables, meta = squeeze.load_teacher(workdir, train)
-  if not rc.get("committee", ()):
-    return model, variables, meta
-  members = [squeeze.load_teacher(path, train) for path in rc.committee]
-  for path, (_, _, other) in zip(rc.committee, members):
+  committee = tuple(rc.get("committee", ()))
+  models, variables, metas = squeeze.load_teachers(
+      workdir, committee, train, "recover.committee", "committee members see the same pixels")
+  meta = metas[0]
+  if not committee:
+    return models[0], variables[0], meta
+  for path, other in zip(committee, metas[1:]):
     if other["model"] != meta["model"]:
       raise squeeze.TeacherError(
           f"recover.committee: the teacher in {path} is a {other['model']}, this workdir's is a "
           f"{meta['model']}; a committee stacks teachers of one architecture.")
-    if not (np.allclose(other["mean"], meta["mean"]) and np.allclose(other["std"], meta["std"])):
-      raise squeeze.TeacherError(
-          f"recover.committee: the teacher in {path} normalises its input with mean "
-          f"{other['mean']} / std {other['std']}, this workdir's with {meta['mean']} / "
-          f"{meta['std']}; committee members see the same pixels.")
-  stacked = stack_teachers([variables] + [v for _, v, _ in members])
   described = [{"workdir": str(path), "model": m["model"], "test_accuracy": m["test_accuracy"]}
-               for path, (_, _, m) in zip((".", *rc.committee), [(model, variables, meta),
-                                                                   *members])]
-  return model, stacked, {**meta, "committee": described}
+               for path, m in zip((".", *committee), metas)]
+  return models[0], stack_teachers(variables), {**meta, "committee": described}
 
 
 def engine_config(cfg: SynthesisConfig, num_chunks: int) -> SynthesisConfig:

@@ -269,15 +269,8 @@ def results_table(results: dict) -> str:
 def load_teachers(workdir, rc, train: data.Dataset):
   """This workdir's teacher and those of relabel.teacher_ensemble: (models, variables, metas),
   tuples in that order. Every teacher must take the same normalised input."""
-  loaded = [squeeze.load_teacher(path, train) for path in (workdir, *rc.teacher_ensemble)]
-  models, variables, metas = (tuple(column) for column in zip(*loaded))
-  for path, meta in zip(rc.teacher_ensemble, metas[1:]):
-    if (meta["mean"], meta["std"]) != (metas[0]["mean"], metas[0]["std"]):
-      raise squeeze.TeacherError(
-          f"relabel.teacher_ensemble: the teacher in {path} normalises its input with mean "
-          f"{meta['mean']} and std {meta['std']}, this workdir's with {metas[0]['mean']} and "
-          f"{metas[0]['std']}; an ensemble needs one normalisation.")
-  return models, variables, metas
+  return squeeze.load_teachers(workdir, rc.teacher_ensemble, train, "relabel.teacher_ensemble",
+                               "an ensemble needs one normalisation")
 
 
 def loss_description(rc) -> str:

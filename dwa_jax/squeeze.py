@@ -70,6 +70,21 @@ def load_teacher(workdir, dataset: data.Dataset | None = None):
   return model, variables, meta
 
 
+def load_teachers(workdir, more, train: data.Dataset, field: str, why: str):
+  """This workdir's teacher and those of the squeeze workdirs `more`: (models, variables,
+  metas), tuples in that order. Every teacher must take the same normalised input; otherwise
+  a TeacherError names the config `field` and `why` it needs one normalisation."""
+  loaded = [load_teacher(path, train) for path in (workdir, *more)]
+  models, variables, metas = (tuple(column) for column in zip(*loaded))
+  for path, meta in zip(more, metas[1:]):
+    if (meta["mean"], meta["std"]) != (metas[0]["mean"], metas[0]["std"]):
+      raise TeacherError(
+          f"{field}: the teacher in {path} normalises its input with mean {meta['mean']} and "
+          f"std {meta['std']}, this workdir's with {metas[0]['mean']} and {metas[0]['std']}; "
+          f"{why}.")
+  return models, variables, metas
+
+
 TEACHER_META_KEYS = ("model", "num_classes", "image_shape", "mean", "std", "test_accuracy")
 
 
