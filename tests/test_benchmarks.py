@@ -149,3 +149,22 @@ def test_protocol_benchmark_rows_reuse_and_merge(tmp_path):
   assert set(rows) == {"official/base", "hard/base", "official/dwa_scored", "custom/base",
                        "lr_floor/base"}
   assert rows["lr_floor/base"]["card"]["lr_floor"] == 0.5
+
+
+def test_compat_ablation_jpeg_variant_keeps_its_manifest_true(tmp_path):
+  """The `jpeg` variant rewrites a recovered set as the authors' JPEGs; relabel must still
+  accept it (its manifest names the new digests) and train on the decoded JPEGs."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import compat_ablation_cifar10  # pylint: disable=g-import-not-at-top
+  from dwa_jax import main as main_lib, relabel  # pylint: disable=g-import-not-at-top
+  from test_errors import tiny  # pylint: disable=g-import-not-at-top
+  c = tiny()
+  workdir = tmp_path / "w"
+  assert main_lib.execute(c, workdir) == 0
+  out = workdir / "synthetic" / "dwa"
+  lossless = np.load(out / "images.npz")["images"]
+  compat_ablation_cifar10.to_jpeg(out)
+  images, _ = relabel.synthetic_set(workdir, "dwa")  # raises if the manifest disagrees
+  images = np.asarray(images[np.arange(len(lossless))])
+  assert not np.array_equal(images, lossless)  # the decoded JPEGs, not the last iterate
+  np.testing.assert_array_equal(np.load(out / "images_lossless.npz")["images"], lossless)
