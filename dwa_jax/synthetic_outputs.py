@@ -90,6 +90,12 @@ def _finish_outputs(out_dir, config, method, meta, grid, stats, batches, written
              "stage": stage, "batches": batches}
   files.write_json(out_dir / "recover.json", summary)
   written.append("recover.json")
-  files.write_json(out_dir / "manifest.json",
-                   {"files": {name: files.sha256(out_dir / name) for name in written}})
+  write_manifest(out_dir, written)
   return summary
+
+
+def write_manifest(out_dir, names) -> None:
+  """manifest.json: the sha256 of each file `names` in `out_dir`. Written last, so that its
+  presence marks a finished set; relabel checks the images against it."""
+  files.write_json(out_dir / "manifest.json",
+                   {"files": {name: files.sha256(out_dir / name) for name in names}})
