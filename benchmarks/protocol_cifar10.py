@@ -9,7 +9,8 @@ and, for the `official` protocol, its students); `--config` must be that run's c
 PROTOCOL/IMAGES:
 
 * PROTOCOL: the config's relabel settings with one control changed (PROTOCOLS below), or
-  `official` (none changed) or `custom` (the `--custom` overrides, for combinations);
+  `official` (none changed) or `custom` / `custom.NAME` (the `--custom` overrides, for
+  combinations; `--custom` may be given once per combination, `NAME:FIELD=VALUE;...`);
 * IMAGES: `base` (the base run's DWA and SRe2L sets plus the random real subset), or a DWA set
   synthesised here with one synthesis option (IMAGE_VARIANTS: `dwa_scored`, `dwa_committee`).
 
@@ -55,7 +56,7 @@ PROTOCOLS = {
     "no_mixing": {"relabel.mixing": "none"},
     "ensemble": {},  # relabel.teacher_ensemble = --ensemble_dirs
     "hard": {"relabel.labels": "hard"},
-    "custom": {},    # --custom
+    "custom": {},    # --custom (also custom.NAME)
 }
 
 # A DWA set made with one synthesis option (the base run's recover settings otherwise).
@@ -94,18 +95,38 @@ def with_overrides(base, overrides: dict):
   return compat.resolve(c)
 
 
+def custom_protocols(values) -> dict:
+  """--custom values by protocol name: 'FIELD=VALUE;...' is protocol `custom`,
+  'NAME:FIELD=VALUE;...' protocol `custom.NAME` (several combinations in one invocation, each
+  row in its own folder and JSON entry)."""
+  out = {}
+  for text in values:
+    head, colon, rest = text.partition(":")
+    named = bool(colon) and "=" not in head
+    name = f"custom.{head.strip()}" if named else "custom"
+    if named and not head.strip().isidentifier():
+      raise app.UsageError(f"--custom: a combination's name must be a word, got {head!r}")
+    if name in out:
+      raise app.UsageError(f"--custom: protocol {name!r} given twice")
+    out[name] = parse_overrides(rest if named else text)
+  return out
+
+
 def protocol_overrides(name: str) -> dict:
   """The config fields protocol `name` changes (ensemble and custom: from the flags)."""
+  if name == "custom" or name.startswith("custom."):
+    customs = custom_protocols(FLAGS.custom)
+    if name not in customs:
+      raise app.UsageError(f"protocol {name!r} needs --custom='"
+                           + ("" if name == "custom" else name[len("custom."):] + ":")
+                           + "FIELD=VALUE;FIELD=VALUE'")
+    return customs[name]
   if name not in PROTOCOLS:
     raise app.UsageError(f"unknown protocol {name!r}: one of {', '.join(PROTOCOLS)}")
   if name == "ensemble":
     if not FLAGS.ensemble_dirs:
       raise app.UsageError("protocol 'ensemble' needs --ensemble_dirs (squeeze workdirs)")
     return {"relabel.teacher_ensemble": tuple(FLAGS.ensemble_dirs)}
-  if name == "custom":
-    if not FLAGS.custom:
-      raise app.UsageError("protocol 'custom' needs --custom='FIELD=VALUE;FIELD=VALUE'")
-    return parse_overrides(FLAGS.custom)
   return PROTOCOLS[name]
 
 
@@ -266,7 +287,9 @@ def define_flags() -> None:
                       + ", ".join(PROTOCOLS) + "; images: base, " + ", ".join(IMAGE_VARIANTS))
   flags.DEFINE_list("ensemble_dirs", [], "Squeeze workdirs of more teachers (protocol ensemble).")
   flags.DEFINE_list("committee_dirs", [], "Squeeze workdirs of more teachers (dwa_committee).")
-  flags.DEFINE_string("custom", "", "Overrides of protocol 'custom': FIELD=VALUE;FIELD=VALUE")
+  flags.DEFINE_multi_string("custom", [], "Overrides of protocol 'custom' (FIELD=VALUE;FIELD="
+                            "VALUE) or, given as NAME:FIELD=VALUE;..., of protocol custom.NAME; "
+                            "repeat the flag for several combinations")
   flags.DEFINE_string("results_dir", str(REPO / "benchmarks" / "results"), "Where the JSON goes.")
   flags.mark_flags_as_required(["base_workdir"])
 

@@ -119,8 +119,9 @@ def test_protocol_benchmark_rows_reuse_and_merge(tmp_path):
   command = [sys.executable, "benchmarks/protocol_cifar10.py", *TINY_DIGITS,
              f"--base_workdir={base}", f"--workdir={tmp_path / 'w'}",
              f"--results_dir={tmp_path / 'r'}"]
-  proc = subprocess.run(command + ["--rows=official/base,hard/base,official/dwa_scored,custom/base",
-                                   "--custom=relabel.lr_floor=0.5;relabel.ema_decay=0.5"],
+  proc = subprocess.run(command + ["--rows=official/base,hard/base,official/dwa_scored,"
+                                   "custom.lr_ema/base",
+                                   "--custom=lr_ema:relabel.lr_floor=0.5;relabel.ema_decay=0.5"],
                         cwd=REPO, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "r" / "protocol_cifar10.json").read_text())
@@ -135,8 +136,9 @@ def test_protocol_benchmark_rows_reuse_and_merge(tmp_path):
   assert rows["hard/base"]["card"]["labels"] == "hard labels (no teacher)"
   assert set(rows["official/dwa_scored"]["sets"]) == {"dwa_scored"}
   assert rows["official/dwa_scored"]["sets"]["dwa_scored"]["init"]["kind"] == "scored"
-  assert rows["custom/base"]["overrides"] == {"relabel.lr_floor": 0.5, "relabel.ema_decay": 0.5}
-  assert rows["custom/base"]["card"]["ema_decay"] == 0.5
+  assert rows["custom.lr_ema/base"]["overrides"] == {"relabel.lr_floor": 0.5,
+                                                     "relabel.ema_decay": 0.5}
+  assert rows["custom.lr_ema/base"]["card"]["ema_decay"] == 0.5
   assert "| official | base | dwa |" in proc.stdout
   # A bad row is refused up front; a later invocation keeps the earlier rows.
   proc = subprocess.run(command + ["--rows=lr_floor/base,official/nope"], cwd=REPO,
@@ -146,9 +148,26 @@ def test_protocol_benchmark_rows_reuse_and_merge(tmp_path):
                         text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = json.loads((tmp_path / "r" / "protocol_cifar10.json").read_text())["rows"]
-  assert set(rows) == {"official/base", "hard/base", "official/dwa_scored", "custom/base",
-                       "lr_floor/base"}
+  assert set(rows) == {"official/base", "hard/base", "official/dwa_scored",
+                       "custom.lr_ema/base", "lr_floor/base"}
   assert rows["lr_floor/base"]["card"]["lr_floor"] == 0.5
+
+
+def test_protocol_benchmark_names_its_custom_combinations():
+  """--custom given once per combination: unnamed is protocol `custom`, `NAME:...` is
+  `custom.NAME`; a value may hold ':' and '='; a repeated or badly named one is refused."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import protocol_cifar10  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  customs = protocol_cifar10.custom_protocols([
+      "ema_small: relabel.ema_decay=0.9;relabel.lr_floor=0.5",
+      "relabel.loss=a:b"])  # unnamed: '=' before the ':'
+  assert customs == {"custom": {"relabel.loss": "a:b"},
+                     "custom.ema_small": {"relabel.ema_decay": 0.9, "relabel.lr_floor": 0.5}}
+  with pytest.raises(app.UsageError, match="given twice"):
+    protocol_cifar10.custom_protocols(["x:relabel.epochs=2", "x:relabel.epochs=3"])
+  with pytest.raises(app.UsageError, match="must be a word"):
+    protocol_cifar10.custom_protocols(["two words:relabel.epochs=2"])
 
 
 def test_compat_ablation_jpeg_variant_keeps_its_manifest_true(tmp_path):
