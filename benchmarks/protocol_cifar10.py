@@ -17,7 +17,9 @@ PROTOCOL/IMAGES:
 Every row trains students over the config's seeds (3) in `<workdir>/runs/<protocol>/<images>/`;
 finished students (any run's, with the same settings) are reused, so a rerun or a row shared
 with the base run costs nothing. Rows are merged into `<results_dir>/protocol_cifar10.json`
-(rows of earlier invocations are kept) and the whole table is printed.
+(rows of earlier invocations, or of one running beside it, are kept) and the whole table is
+printed. A row's `seconds` and `students_trained` are those of the invocation that trained its
+students (a rerun that reuses them all keeps them).
 """
 
 import ast
@@ -205,6 +207,8 @@ def run_row(base, protocol: str, images: str, root: pathlib.Path,
   start = time.time()
   results = relabel.run(config, workdir)
   seconds["relabel"] = time.time() - start
+  trained = sum(p.stat().st_mtime >= start
+                for p in (workdir / "relabel").glob("*/seed_*/result.json"))
   sets_out = {}
   for set_name, r in results["sets"].items():
     name = images if (images != "base" and set_name == "dwa") else set_name
@@ -216,7 +220,20 @@ def run_row(base, protocol: str, images: str, root: pathlib.Path,
   return {"protocol": protocol, "images": images, "overrides": overrides,
           "image_overrides": {} if images == "base" else image_overrides(images),
           "card": results["protocol"], "teacher_test_accuracy": results["teacher_test_accuracy"],
-          "sets": sets_out, "seconds": seconds}
+          "sets": sets_out, "seconds": seconds, "students_trained": trained}
+
+
+def merge_row(out: pathlib.Path, report: dict, row: str, record: dict) -> dict:
+  """`report` with `row` set to `record`, over the rows now in `out` (read again, so rows that
+  another invocation wrote meanwhile are kept). A row whose students were all reused keeps the
+  seconds and student count of the invocation that trained them."""
+  merged = files.read_json(out) if out.exists() else {"rows": {}}
+  merged.update({k: v for k, v in report.items() if k != "rows"})
+  old = merged["rows"].get(row)
+  if old is not None and record["students_trained"] == 0 and "students_trained" in old:
+    record = {**record, "seconds": old["seconds"], "students_trained": old["students_trained"]}
+  merged["rows"][row] = record
+  return merged
 
 
 def table(rows: dict) -> str:
@@ -266,8 +283,8 @@ def main(argv):
     protocol, _, images = row.partition("/")
     started = time.time()
     record = run_row(base, protocol, images, root, base_workdir)
-    report["rows"][row] = record
     # After every row, so that a long run keeps the rows it has.
+    report = merge_row(out, report, row, record)
     files.write_json(out, reproduce_cifar10.portable(report))
     print(f"{row}: done ({time.time() - started:.0f} s)", flush=True)
   print("\n" + table(report["rows"]))
