@@ -18,8 +18,8 @@ Every row trains students over the config's seeds (3) in `<workdir>/runs/<protoc
 finished students (any run's, with the same settings) are reused, so a rerun or a row shared
 with the base run costs nothing. Rows are merged into `<results_dir>/protocol_cifar10.json`
 (rows of earlier invocations, or of one running beside it, are kept) and the whole table is
-printed. A row's `seconds` and `students_trained` are those of the invocation that trained its
-students (a rerun that reuses them all keeps them).
+printed. A row's `seconds` and `students_trained` are those of the last invocation that trained
+any of its students (a rerun that reuses them all keeps them).
 """
 
 import ast
