@@ -28,8 +28,8 @@ pytestmark = [pytest.mark.skipif(
     not (FIXTURE / "record.json").exists(),
     reason=f"ImageNet parity fixture not found at {FIXTURE} (needs ../shared beside the "
            "repository, or DWA_SHARED_DIR)")]
-# About 5 minutes on CI (three ResNet-18 chunks at 224² in float64), yet not marked `slow`: it
-# is the ImageNet path's fidelity check and belongs in the default (CI) suite.
+# About 6 minutes (348 s in a local full run: three ResNet-18 chunks at 224² in float64), yet not
+# marked `slow`: it is the ImageNet path's fidelity check and belongs in the default (CI) suite.
 
 MEAN, STD = data.NORMALISATION["imagenet2012"]
 IMAGE_SHAPE = (224, 224, 3)
