@@ -19,7 +19,7 @@
 # repository; `pip install git+URL` brings the package and its `configs/`), checks the runtime, runs the digits demo end to end
 # (teacher → SRe2L and DWA synthesis → students with online soft labels → results table), shows
 # the synthetic images, and then explains how to run the CIFAR-100 / ImageNet configs on a GPU or
-# TPU runtime. `DWA_SMOKE=1` shrinks every size so CI can execute the notebook in a minute.
+# TPU runtime. `DWA_SMOKE=1` shrinks every size so the notebook test can run it in minutes.
 
 # %%
 import os
@@ -29,7 +29,7 @@ import sys
 SMOKE = os.environ.get("DWA_SMOKE") == "1"
 IN_COLAB = "google.colab" in sys.modules
 REPO_URL = os.environ.get("DWA_REPO_URL", "")  # the repository: a git URL (or a local folder)
-INSTALL = IN_COLAB or os.environ.get("DWA_INSTALL") == "1"  # CI installs as Colab would
+INSTALL = IN_COLAB or os.environ.get("DWA_INSTALL") == "1"  # its test installs as Colab would
 if INSTALL and REPO_URL:
   spec = REPO_URL if os.path.isdir(REPO_URL) else f"git+{REPO_URL}"
   subprocess.run([sys.executable, "-m", "pip", "install", "-q", spec], check=True)
