@@ -16,9 +16,11 @@ PROTOCOL/IMAGES:
 
 Every row trains students over the config's seeds (3) in `<workdir>/runs/<protocol>/<images>/`;
 finished students (any run's, with the same settings) are reused, so a rerun or a row shared
-with the base run costs nothing. Rows are merged into `<results_dir>/protocol_cifar10.json`
+with the base run costs nothing. Rows are merged into `<results_dir>/<results_name>.json`
 (rows of earlier invocations, or of one running beside it, are kept) and the whole table is
-printed. A row's `seconds` and `students_trained` are those of the last invocation that trained
+printed. One JSON holds rows over one base run's sets (`base_sets`: their sha256): synthesis
+differs across CPUs, so a base run rebuilt elsewhere must take the saved sets
+(`reproduce_cifar10.py --sets_from`) or write to another `--results_name`. A row's `seconds` and `students_trained` are those of the last invocation that trained
 any of its students (a rerun that reuses them all keeps them).
 """
 
@@ -215,12 +217,28 @@ def run_row(base, protocol: str, images: str, root: pathlib.Path,
     sets_out[name] = reproduce_cifar10.set_row(r)
     if set_name != relabel.RANDOM_REAL:
       summary = files.read_json(workdir / "synthetic" / set_name / "recover.json")
+      sets_out[name]["images_sha256"] = relabel.set_identity(workdir, set_name)
       sets_out[name]["init"] = summary["init"]
       sets_out[name]["committee"] = summary["synthesis"].get("committee", 1)
   return {"protocol": protocol, "images": images, "overrides": overrides,
           "image_overrides": {} if images == "base" else image_overrides(images),
           "card": results["protocol"], "teacher_test_accuracy": results["teacher_test_accuracy"],
           "sets": sets_out, "seconds": seconds, "students_trained": trained}
+
+
+def base_sets(base, base_workdir: pathlib.Path) -> dict:
+  """{method: sha256 of its images.npz} of the base run's synthetic sets."""
+  return {m: relabel.set_identity(base_workdir, m) for m in base.methods}
+
+
+def check_base_sets(out: pathlib.Path, report: dict, sets: dict) -> None:
+  """Rows of one JSON compare protocols on the same images: refuses to add rows over other
+  base sets than those its rows were measured on (synthesis differs across machines)."""
+  if report["rows"] and report.get("base_sets") != sets:
+    raise app.UsageError(
+        f"{out}: its rows were measured on other base sets ({report.get('base_sets')}) than "
+        f"{sets}; write these rows to another --results_name, or build the base run from the "
+        "saved sets of those rows (reproduce_cifar10.py --sets_from)")
 
 
 def merge_row(out: pathlib.Path, report: dict, row: str, record: dict) -> dict:
@@ -264,11 +282,12 @@ def main(argv):
     raise app.UsageError(f"no teacher in {base_workdir}: run benchmarks/reproduce_cifar10.py "
                          "with the same --config first")
   root = pathlib.Path(FLAGS.workdir)
-  out = pathlib.Path(FLAGS.results_dir) / "protocol_cifar10.json"
+  out = pathlib.Path(FLAGS.results_dir) / f"{FLAGS.results_name}.json"
   report = files.read_json(out) if out.exists() else {"rows": {}}
+  check_base_sets(out, report, base_sets(base, base_workdir))
   report.update({"command": " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
                  "jax": jax.__version__, "backend": jax.default_backend(),
-                 "config": base.to_dict(),
+                 "config": base.to_dict(), "base_sets": base_sets(base, base_workdir),
                  "teacher": squeeze.read_teacher_meta(
                      base_workdir / squeeze.TEACHER_DIR / "teacher.json")})
   rows = [r.strip() for r in FLAGS.rows.split(",") if r.strip()]
@@ -308,6 +327,8 @@ def define_flags() -> None:
                             "VALUE) or, given as NAME:FIELD=VALUE;..., of protocol custom.NAME; "
                             "repeat the flag for several combinations")
   flags.DEFINE_string("results_dir", str(REPO / "benchmarks" / "results"), "Where the JSON goes.")
+  flags.DEFINE_string("results_name", "protocol_cifar10", "The JSON's name (without .json); one "
+                      "JSON holds rows over one base run's sets.")
   flags.mark_flags_as_required(["base_workdir"])
 
 

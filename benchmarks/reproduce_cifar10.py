@@ -32,7 +32,8 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dwa_jax import data, files, presets, recover, relabel, squeeze, train_lib
+from dwa_jax import (data, files, presets, recover, relabel, squeeze, synthetic_outputs,
+                     train_lib)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Paper top-1 (%) at CIFAR-10 ipc 10 (SPEC.md); None: not reported for that student.
@@ -71,8 +72,72 @@ def copy_teacher(teacher_dir: pathlib.Path, workdir: pathlib.Path) -> None:
                     dirs_exist_ok=True)
 
 
-def run_pipeline(config, workdir: pathlib.Path) -> dict:
-  """squeeze, recover (per method) and relabel, each skipped when cached; returns seconds each."""
+# ----------------------------------------------------------------------------- saved sets
+# Synthesis is bitwise repeatable on one machine but not across machines (XLA:CPU's code differs
+# with the CPU; 1,000 Adam steps amplify the last bits into other images, and students trained
+# on them differ by about a point). Tables that compare protocols on the same sets therefore keep
+# the sets: `--save_sets` copies them beside the results, `--sets_from` uses them instead of
+# synthesising again.
+
+SETS_FILE = "sets.json"
+SAVED_FILES = ("images.npz", "grid.png", "recover.json")
+
+
+def saved_sets_keys(config, workdir: pathlib.Path) -> dict:
+  """{method: what its saved set must have been synthesised from}: the teacher's weights, the
+  data, seed, ipc and synthesis settings (paths relative to the repository, so the keys hold on
+  any clone)."""
+  train = data.load_dataset(config.dataset, "train", config.data_dir)
+  teacher = files.tree_digest(squeeze.load_teacher(workdir, train)[1])
+  return {m: fingerprint(teacher, portable([config.dataset, config.seed, config.ipc,
+                                            config.compat_cifar10_std,
+                                            config.recover.to_dict(), m]))
+          for m in config.methods}
+
+
+def save_sets(config, workdir: pathlib.Path, dest: pathlib.Path) -> None:
+  """The synthetic sets of this run (images, grid, summary) into `dest/<method>/`, with
+  `dest/sets.json` naming what they were synthesised from."""
+  record, keys = {"methods": {}}, saved_sets_keys(config, workdir)
+  for method in config.methods:
+    src, out = workdir / "synthetic" / method, dest / method
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SAVED_FILES[:2]:
+      shutil.copyfile(src / name, out / name)
+    files.write_json(out / "recover.json", portable(files.read_json(src / "recover.json")))
+    synthetic_outputs.write_manifest(out, SAVED_FILES)
+    record["methods"][method] = {"key": keys[method],
+                                 "images_sha256": files.sha256(out / "images.npz")}
+  files.write_json(dest / SETS_FILE, record)
+
+
+def restore_sets(config, workdir: pathlib.Path, src: pathlib.Path, cache: StageCache,
+                 teacher_key: str) -> None:
+  """Saved sets (`save_sets`) as this run's, marked done, after checking they were synthesised
+  from this run's teacher and settings."""
+  record = files.read_json(src / SETS_FILE, "saved synthetic sets", keys=("methods",))
+  keys = saved_sets_keys(config, workdir)
+  for method in config.methods:
+    saved = record["methods"].get(method)
+    if saved is None:
+      raise files.InputError(f"--sets_from={src}: no {method!r} set saved there")
+    if saved["key"] != keys[method]:
+      raise files.InputError(
+          f"--sets_from={src}: its {method!r} set was synthesised from another teacher, data or "
+          "synthesis settings than this config's; drop --sets_from to synthesise it here")
+    out = workdir / "synthetic" / method
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(src / method, out)
+    cache.mark(f"recover/{method}", recover_key(config, teacher_key, method))
+
+
+def recover_key(config, teacher_key: str, method: str) -> str:
+  return fingerprint(teacher_key, config.ipc, config.recover.to_dict(), method)
+
+
+def run_pipeline(config, workdir: pathlib.Path, sets_from: pathlib.Path | None = None) -> dict:
+  """squeeze, recover (per method; or the saved sets in `sets_from`) and relabel, each skipped
+  when cached; returns seconds each."""
   cache, seconds = StageCache(workdir), {}
   teacher_key = fingerprint(config.dataset, config.seed, config.teacher.to_dict())
   if not cache.fresh("squeeze", teacher_key, squeeze.teacher_path(workdir) / "teacher.json"):
@@ -80,8 +145,10 @@ def run_pipeline(config, workdir: pathlib.Path) -> dict:
     squeeze.run(config, workdir)
     seconds["squeeze"] = time.time() - start
     cache.mark("squeeze", teacher_key)
+  if sets_from is not None:
+    restore_sets(config, workdir, sets_from, cache, teacher_key)
   for method in config.methods:
-    key = fingerprint(teacher_key, config.ipc, config.recover.to_dict(), method)
+    key = recover_key(config, teacher_key, method)
     if not cache.fresh(f"recover/{method}", key,
                        workdir / "synthetic" / method / "manifest.json"):
       start = time.time()
@@ -267,7 +334,10 @@ def main(argv):
   results_dir = pathlib.Path(FLAGS.results_dir)
   results_dir.mkdir(parents=True, exist_ok=True)
   started = time.time()
-  seconds = run_pipeline(config, workdir)
+  sets_from = pathlib.Path(FLAGS.sets_from) if FLAGS.sets_from else None
+  seconds = run_pipeline(config, workdir, sets_from)
+  if FLAGS.save_sets:
+    save_sets(config, workdir, pathlib.Path(FLAGS.save_sets))
   results = files.read_json(workdir / "results.json")
   diversity = analyse(config, workdir, results_dir)
   paper = paper_numbers(config)
@@ -295,6 +365,11 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Work directory (default workdir/reproduce_cifar10_<model>).")
   flags.DEFINE_string("results_dir", str(REPO / "benchmarks" / "results"),
                       "Where the JSON and PNGs go.")
+  flags.DEFINE_string("sets_from", None, "Use the synthetic sets saved there (by --save_sets) "
+                      "instead of synthesising; refused if they came from another teacher, data "
+                      "or synthesis settings.")
+  flags.DEFINE_string("save_sets", None, "Copy this run's synthetic sets there (images, grid, "
+                      "summary and sets.json), for later runs on the same images.")
 
 
 if __name__ == "__main__":

@@ -209,3 +209,47 @@ def test_compat_ablation_jpeg_variant_keeps_its_manifest_true(tmp_path):
   images = np.asarray(images[np.arange(len(lossless))])
   assert not np.array_equal(images, lossless)  # the decoded JPEGs, not the last iterate
   np.testing.assert_array_equal(np.load(out / "images_lossless.npz")["images"], lossless)
+
+
+def test_saved_sets_restore_the_same_images_and_refuse_other_settings(tmp_path):
+  """reproduce_cifar10 --save_sets / --sets_from: a later run uses the saved images (relabel
+  accepts them against their manifest; recover is marked done) and refuses sets saved from
+  other synthesis settings."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import reproduce_cifar10  # pylint: disable=g-import-not-at-top
+  from dwa_jax import files, main as main_lib, relabel  # pylint: disable=g-import-not-at-top
+  from test_errors import tiny  # pylint: disable=g-import-not-at-top
+  c = tiny()
+  first, saved, second = tmp_path / "first", tmp_path / "saved", tmp_path / "second"
+  assert main_lib.execute(c, first) == 0
+  reproduce_cifar10.save_sets(c, first, saved)
+  assert sorted(p.name for p in (saved / "dwa").iterdir()) == [
+      "grid.png", "images.npz", "manifest.json", "recover.json"]
+  reproduce_cifar10.copy_teacher(first, second)
+  cache = reproduce_cifar10.StageCache(second)
+  reproduce_cifar10.restore_sets(c, second, saved, cache, "teacher-key")
+  images, _ = relabel.synthetic_set(second, "dwa")  # raises if the manifest disagrees
+  original, _ = relabel.synthetic_set(first, "dwa")
+  np.testing.assert_array_equal(np.asarray(images[np.arange(len(original))]),
+                                np.asarray(original[np.arange(len(original))]))
+  assert cache.fresh("recover/dwa", reproduce_cifar10.recover_key(c, "teacher-key", "dwa"),
+                     second / "synthetic" / "dwa" / "manifest.json")
+  assert files.read_json(saved / "sets.json")["methods"]["dwa"]["images_sha256"] == \
+      relabel.set_identity(first, "dwa")
+  c.recover.lr *= 2
+  with pytest.raises(files.InputError, match="another teacher, data or synthesis settings"):
+    reproduce_cifar10.restore_sets(c, second, saved, cache, "teacher-key")
+
+
+def test_protocol_benchmark_keeps_one_json_to_one_base_sets(tmp_path):
+  """Rows of one protocol JSON share their base sets: rows over other images are refused."""
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import protocol_cifar10  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "protocol_cifar10.json"
+  sets = {"dwa": "a" * 64, "sre2l": "b" * 64}
+  protocol_cifar10.check_base_sets(out, {"rows": {}}, sets)  # a new JSON takes any sets
+  protocol_cifar10.check_base_sets(out, {"rows": {"x/base": {}}, "base_sets": sets}, dict(sets))
+  for recorded in (None, {**sets, "dwa": "c" * 64}):
+    with pytest.raises(app.UsageError, match="other base sets"):
+      protocol_cifar10.check_base_sets(out, {"rows": {"x/base": {}}, "base_sets": recorded}, sets)
