@@ -20,8 +20,9 @@ with the base run costs nothing. Rows are merged into `<results_dir>/<results_na
 (rows of earlier invocations, or of one running beside it, are kept) and the whole table is
 printed. One JSON holds rows over one base run's sets (`base_sets`: their sha256): synthesis
 differs across CPUs, so a base run rebuilt elsewhere must take the saved sets
-(`reproduce_cifar10.py --sets_from`) or write to another `--results_name`. A row's `seconds` and `students_trained` are those of the last invocation that trained
-any of its students (a rerun that reuses them all keeps them).
+(`reproduce_cifar10.py --sets_from`) or write to another `--results_name`. A row's `seconds`
+and `students_trained` are those of the last invocation that trained any of its students (a
+rerun that reuses them all keeps them).
 """
 
 import ast
