@@ -285,10 +285,11 @@ def main(argv):
   root = pathlib.Path(FLAGS.workdir)
   out = pathlib.Path(FLAGS.results_dir) / f"{FLAGS.results_name}.json"
   report = files.read_json(out) if out.exists() else {"rows": {}}
-  check_base_sets(out, report, base_sets(base, base_workdir))
+  sets = base_sets(base, base_workdir)
+  check_base_sets(out, report, sets)
   report.update({"command": " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
                  "jax": jax.__version__, "backend": jax.default_backend(),
-                 "config": base.to_dict(), "base_sets": base_sets(base, base_workdir),
+                 "config": base.to_dict(), "base_sets": sets,
                  "teacher": squeeze.read_teacher_meta(
                      base_workdir / squeeze.TEACHER_DIR / "teacher.json")})
   rows = [r.strip() for r in FLAGS.rows.split(",") if r.strip()]

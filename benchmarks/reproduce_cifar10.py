@@ -73,14 +73,15 @@ def copy_teacher(teacher_dir: pathlib.Path, workdir: pathlib.Path) -> None:
 
 
 # ----------------------------------------------------------------------------- saved sets
-# Synthesis is bitwise repeatable on one machine but not across machines (XLA:CPU's code differs
-# with the CPU; 1,000 Adam steps amplify the last bits into other images, and students trained
-# on them differ by about a point). Tables that compare protocols on the same sets therefore keep
+# Synthesis repeated bit for bit on one machine but not on another CPU (float32 results that
+# differ in the last bits, carried by 1,000 Adam steps into visibly other images; students on
+# them differed by up to 2.5 points, RESULTS.md). Tables that compare protocols on the same sets therefore keep
 # the sets: `--save_sets` copies them beside the results, `--sets_from` uses them instead of
 # synthesising again.
 
 SETS_FILE = "sets.json"
-SAVED_FILES = ("images.npz", "grid.png", "recover.json")
+COPIED_FILES = ("images.npz", "grid.png")
+SAVED_FILES = (*COPIED_FILES, "recover.json")  # recover.json is rewritten without machine paths
 
 
 def saved_sets_keys(config, workdir: pathlib.Path) -> dict:
@@ -102,12 +103,12 @@ def save_sets(config, workdir: pathlib.Path, dest: pathlib.Path) -> None:
   for method in config.methods:
     src, out = workdir / "synthetic" / method, dest / method
     out.mkdir(parents=True, exist_ok=True)
-    for name in SAVED_FILES[:2]:
+    for name in COPIED_FILES:
       shutil.copyfile(src / name, out / name)
     files.write_json(out / "recover.json", portable(files.read_json(src / "recover.json")))
     synthetic_outputs.write_manifest(out, SAVED_FILES)
     record["methods"][method] = {"key": keys[method],
-                                 "images_sha256": files.sha256(out / "images.npz")}
+                                 "images_sha256": relabel.set_identity(workdir, method)}
   files.write_json(dest / SETS_FILE, record)
 
 
