@@ -49,7 +49,8 @@ def test_recover_speed_quick(tmp_path):
 
 @pytest.mark.slow
 def test_reproduce_cifar10_runs_end_to_end_on_digits(tmp_path):
-  """The reproduction script's pipeline, caching, D_fea and pictures, on tiny digits settings."""
+  """The reproduction script's pipeline, caching, D_fea, pictures and saved sets (--save_sets,
+  --sets_from), on tiny digits settings."""
   command = [sys.executable, "benchmarks/reproduce_cifar10.py", "--config=configs/demo_digits.py",
              f"--workdir={tmp_path / 'work'}", f"--results_dir={tmp_path / 'results'}",
              "--config.teacher.epochs=2", "--config.recover.iterations=8", "--config.ipc=3",
@@ -65,11 +66,24 @@ def test_reproduce_cifar10_runs_end_to_end_on_digits(tmp_path):
   assert report["diversity"]["random_real"]["relative_to_real"] == 1.0
   for png in ("pca", "dwa_grid", "sre2l_grid"):
     assert (tmp_path / "results" / f"reproduce_cifar10_convnet_{png}.png").stat().st_size > 0
-  # A second run reuses every stage.
-  proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+  # A second run reuses every stage (and saves its sets).
+  saved = tmp_path / "saved"
+  proc = subprocess.run(command + [f"--save_sets={saved}"], cwd=REPO, capture_output=True,
+                        text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads((tmp_path / "results" / "reproduce_cifar10_convnet.json").read_text())
   assert report["stage_seconds"] == {}
+  # A run in a fresh workdir from the saved sets synthesises nothing.
+  fresh = [a.replace(str(tmp_path / "work"), str(tmp_path / "fresh")) for a in command]
+  proc = subprocess.run(fresh + [f"--sets_from={saved}"], cwd=REPO, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((tmp_path / "results" / "reproduce_cifar10_convnet.json").read_text())
+  assert set(report["stage_seconds"]) == {"squeeze", "relabel"}
+  for method in ("dwa", "sre2l"):
+    assert (json.loads((saved / "sets.json").read_text())["methods"][method]["images_sha256"]
+            == json.loads((tmp_path / "fresh" / "synthetic" / method / "manifest.json")
+                          .read_text())["files"]["images.npz"])
 
 
 def test_diversity_per_class_matches_the_double_sum():
