@@ -75,11 +75,13 @@ def test_synchronised_statistics_give_the_same_loss_curve_on_one_and_eight_devic
   # Measured (relative, per step): below 1e-5 for the first steps, then float32 rounding
   # differences (gradient and BatchNorm sums in another order) compound through training to at
   # most 1e-4 (teacher, SGD) and 7.5e-4 (student, AdamW on losses near 0.03) by step 20; the
-  # final eval-mode logits differ by at most 2.4e-3 on logits up to 2.8. Per-replica statistics
-  # change the curve by 6 % (teacher) and 7 % (student) instead (the test below).
+  # final eval-mode logits (teacher: up to 2.8) differ by 2.4e-3 to 6.8e-3 on our machines and
+  # by 1.5e-2 on a CI machine: the rounding depends on the CPU, so the bound is 2 % of the logits'
+  # scale. Per-replica statistics change the curve by 6 % (teacher) and 7 % (student) instead (the
+  # test below) and the logits by 0.88 (teacher, 31 %) and 0.24 (student, 54 %).
   np.testing.assert_allclose(eight[:3], one[:3], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(eight, one, rtol=2e-3)
-  np.testing.assert_allclose(eight_logits, one_logits, atol=1e-2)
+  np.testing.assert_allclose(eight_logits, one_logits, atol=0.02 * np.abs(one_logits).max())
   assert compiled == 2  # full batches (sharded) and the partial one (whole on every device)
 
 
