@@ -20,9 +20,10 @@ with the base run costs nothing. Rows are merged into `<results_dir>/<results_na
 (rows of earlier invocations, or of one running beside it, are kept) and the whole table is
 printed. One JSON holds rows over one base run's sets (`base_sets`: their sha256): synthesis
 differs across CPUs, so a base run rebuilt elsewhere must take the saved sets
-(`reproduce_cifar10.py --sets_from`) or write to another `--results_name`. A row's `seconds`
-and `students_trained` are those of the last invocation that trained any of its students (a
-rerun that reuses them all keeps them).
+(`reproduce_cifar10.py --sets_from`) or write to another `--results_name`. A row's `seconds`,
+`students_trained` and `command` are those of the last invocation that trained any of its
+students (a rerun that reuses them all keeps them); the top-level `command` is the latest
+invocation's.
 """
 
 import ast
@@ -245,12 +246,13 @@ def check_base_sets(out: pathlib.Path, report: dict, sets: dict) -> None:
 def merge_row(out: pathlib.Path, report: dict, row: str, record: dict) -> dict:
   """`report` with `row` set to `record`, over the rows now in `out` (read again, so rows that
   another invocation wrote meanwhile are kept). A row whose students were all reused keeps the
-  seconds and student count of the invocation that trained them."""
+  seconds, student count and command of the invocation that trained them."""
   merged = files.read_json(out) if out.exists() else {"rows": {}}
   merged.update({k: v for k, v in report.items() if k != "rows"})
   old = merged["rows"].get(row)
   if old is not None and record["students_trained"] == 0 and "students_trained" in old:
-    record = {**record, "seconds": old["seconds"], "students_trained": old["students_trained"]}
+    record = {**record, "seconds": old["seconds"], "students_trained": old["students_trained"],
+              "command": old.get("command")}
   merged["rows"][row] = record
   return merged
 
@@ -303,7 +305,8 @@ def main(argv):
   for row in rows:
     protocol, _, images = row.partition("/")
     started = time.time()
-    record = run_row(base, protocol, images, root, base_workdir)
+    record = {**run_row(base, protocol, images, root, base_workdir),
+              "command": report["command"]}
     # After every row, so that a long run keeps the rows it has.
     report = merge_row(out, report, row, record)
     files.write_json(out, reproduce_cifar10.portable(report))

@@ -167,6 +167,9 @@ def test_protocol_benchmark_rows_reuse_and_merge(tmp_path):
   assert rows["lr_floor/base"]["card"]["lr_floor"] == 0.5
   assert rows["official/base"]["students_trained"] == 0  # all the base run's
   assert rows["hard/base"]["students_trained"] == 6  # 3 sets x 2 seeds
+  # Each row names the invocation that trained it, not the latest one.
+  assert "hard/base" in rows["hard/base"]["command"]
+  assert rows["lr_floor/base"]["command"].endswith("--rows=lr_floor/base")
 
 
 def test_protocol_benchmark_names_its_custom_combinations():
@@ -188,22 +191,23 @@ def test_protocol_benchmark_names_its_custom_combinations():
 
 def test_protocol_benchmark_merges_rows_written_meanwhile(tmp_path):
   """A row is merged into the JSON as it is now on disk (another invocation's rows kept), and a
-  rerun that trained no student keeps the seconds of the one that did."""
+  rerun that trained no student keeps the seconds and command of the one that did."""
   sys.path.insert(0, str(REPO / "benchmarks"))
   import protocol_cifar10  # pylint: disable=g-import-not-at-top
   from dwa_jax import files  # pylint: disable=g-import-not-at-top
   out = tmp_path / "protocol_cifar10.json"
-  trained = {"seconds": {"relabel": 900.0}, "students_trained": 9}
+  trained = {"seconds": {"relabel": 900.0}, "students_trained": 9, "command": "old"}
   files.write_json(out, {"command": "old", "rows": {"a/base": {**trained, "sets": 1},
                                                     "b/base": trained}})
   report = {"command": "new", "rows": {}}  # read before b/base was written, say
   merged = protocol_cifar10.merge_row(out, report, "a/base", {
-      "seconds": {"relabel": 0.1}, "students_trained": 0, "sets": 2})
+      "seconds": {"relabel": 0.1}, "students_trained": 0, "sets": 2, "command": "new"})
   assert set(merged["rows"]) == {"a/base", "b/base"} and merged["command"] == "new"
   assert merged["rows"]["a/base"] == {**trained, "sets": 2}
   merged = protocol_cifar10.merge_row(out, report, "b/base", {
-      "seconds": {"relabel": 300.0}, "students_trained": 3})
-  assert merged["rows"]["b/base"] == {"seconds": {"relabel": 300.0}, "students_trained": 3}
+      "seconds": {"relabel": 300.0}, "students_trained": 3, "command": "new"})
+  assert merged["rows"]["b/base"] == {"seconds": {"relabel": 300.0}, "students_trained": 3,
+                                      "command": "new"}
 
 
 def test_compat_ablation_jpeg_variant_keeps_its_manifest_true(tmp_path):
