@@ -44,6 +44,8 @@ IN_MEMORY_MAX_BYTES = 2 << 30
 # Mean/std of a set without published statistics are measured on at most this many images
 # (evenly spaced), so opening a large folder does not decode all of it.
 STATS_SAMPLE = 10_000
+# ...and read in chunks of at most this many bytes, so checking a set never holds all of it.
+CHECK_CHUNK_BYTES = 16 << 20
 
 
 class DataError(files.InputError):
@@ -208,20 +210,36 @@ class Dataset:
   name: str
 
 
-def _even_sample(images) -> np.ndarray:
-  """At most STATS_SAMPLE evenly spaced images (all of them when there are fewer), as an array:
-  what statistics and checks read so that a large set is not read whole."""
+def _sample_chunks(images):
+  """At most STATS_SAMPLE evenly spaced images (all of them when there are fewer), yielded as
+  arrays of at most CHECK_CHUNK_BYTES: what statistics and checks read, so that neither the number
+  of images read nor the memory they take grows with the set."""
   n = len(images)
   idx = np.unique(np.linspace(0, n - 1, min(n, STATS_SAMPLE)).round().astype(np.int64))
-  return np.asarray(images[idx] if len(idx) < n else images[:])
+  row_bytes = max(1, int(np.prod(images.shape[1:], dtype=np.int64)) * np.dtype(images.dtype).itemsize)
+  step = max(1, CHECK_CHUNK_BYTES // row_bytes)
+  for start in range(0, len(idx), step):
+    yield np.asarray(images[idx[start:start + step]])
 
 
 def _stats(images) -> tuple[tuple, tuple]:
-  """Per-channel mean and std in [0, 1] units, over at most STATS_SAMPLE evenly spaced images."""
-  sample = _even_sample(images)
-  x = sample.reshape(-1, sample.shape[-1]).astype(np.float64)
-  x = x / 255.0 if sample.dtype == np.uint8 else x
-  return tuple(float(v) for v in x.mean(0)), tuple(float(v) for v in x.std(0))
+  """Per-channel mean and std in [0, 1] units, over at most STATS_SAMPLE evenly spaced images,
+  read a chunk at a time (two passes: the mean, then the squared deviations from it)."""
+  channels = images.shape[-1]
+
+  def pixels(chunk):
+    x = chunk.reshape(-1, channels).astype(np.float64)
+    return x / 255.0 if chunk.dtype == np.uint8 else x
+
+  count, total = 0, np.zeros(channels, np.float64)
+  for chunk in _sample_chunks(images):
+    x = pixels(chunk)
+    count, total = count + len(x), total + x.sum(0)
+  mean = total / count
+  squares = np.zeros(channels, np.float64)
+  for chunk in _sample_chunks(images):
+    squares += np.square(pixels(chunk) - mean).sum(0)
+  return tuple(float(v) for v in mean), tuple(float(v) for v in np.sqrt(squares / count))
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, name: str) -> None:
@@ -553,13 +571,16 @@ def _load_npz(path: pathlib.Path, split: str | None, allow_float: bool) -> Datas
 
 def _check_unit_range(images, path) -> None:
   """Float images must be finite and in [0, 1]; checked on up to STATS_SAMPLE images, evenly
-  spaced, so a large set is not read whole here."""
-  sample = _even_sample(images)
-  if not np.all(np.isfinite(sample)):
-    raise DataError(f"{path}: images hold NaN or infinite pixels.")
-  if sample.size and (sample.min() < 0 or sample.max() > 1):
+  spaced, a chunk at a time, so a large set is neither read whole nor held here."""
+  low, high = np.inf, -np.inf
+  for chunk in _sample_chunks(images):
+    if not np.all(np.isfinite(chunk)):
+      raise DataError(f"{path}: images hold NaN or infinite pixels.")
+    if chunk.size:
+      low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+  if low < 0 or high > 1:
     raise DataError(f"{path}: float images must be in [0, 1], found values in "
-                    f"[{float(sample.min()):.3g}, {float(sample.max()):.3g}].")
+                    f"[{low:.3g}, {high:.3g}].")
 
 
 def _check_mean_std(mean, std, channels: int, path) -> tuple[tuple, tuple]:
