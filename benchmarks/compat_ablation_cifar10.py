@@ -27,7 +27,8 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from dwa_jax import compat, data, files, presets, recover, relabel, squeeze, synthetic_outputs
+from dwa_jax import (compat, data, files, presets, provenance, recover, relabel, squeeze,
+                     synthetic_outputs)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -212,7 +213,8 @@ def main(argv):
                          "`python -m dwa_jax.main --config=... --config.stage=squeeze`")
   names = [n.strip() for n in FLAGS.variants.split(",")] if FLAGS.variants else list(VARIANTS)
   started = time.time()
-  report = {"command": " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
+  report = {"provenance": provenance.record(),
+            "command": " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
             "jax": jax.__version__, "backend": jax.default_backend(), "variants": {}}
   report["config"] = base.to_dict()
   report["teacher_test_accuracy"] = teacher_accuracy(base, teacher_dir)

@@ -154,7 +154,9 @@ def main():
     rows.append(time_steps(stage, counts[-1], True, args))
   run = relabel_run(args)
   device = jax.devices()[0]
-  result = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+  from dwa_jax import provenance  # pylint: disable=g-import-not-at-top
+  result = {"provenance": provenance.record(), "date": time.strftime("%Y-%m-%d"),
+            "jax": jax.__version__,
             "device": f"{device.platform}: {getattr(device, 'device_kind', '')}",
             "forced_cpu_devices": args.cpu_devices, "xla_flags": os.environ.get("XLA_FLAGS", ""), "machine": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "model": args.model, "global_batch": args.batch,

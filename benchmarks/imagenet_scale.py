@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import shutil
 import subprocess
 import sys
@@ -111,7 +110,7 @@ def main():
   parser.add_argument("--iterations", type=int, default=2)
   parser.add_argument("--keep", default="", help="keep the data and work directories here")
   args = parser.parse_args()
-  from dwa_jax import fake_tfds  # pylint: disable=g-import-not-at-top
+  from dwa_jax import fake_tfds, provenance  # pylint: disable=g-import-not-at-top
 
   root = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="imagenet_scale_"))
   data_dir = root / "tfds"
@@ -145,9 +144,7 @@ def main():
   growth = {stage: round(v["ipc4"] / v["ipc1"] - 1, 4) for stage, v in peak.items()}
   result = {
       "benchmark": "imagenet_scale",
-      "date": time.strftime("%Y-%m-%d"),
-      "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
-               "python": platform.python_version()},
+      "provenance": provenance.record(),
       "data": {"classes": 1000, "train_per_class": args.per_class, "validation_per_class": 1,
                "image": "224x224 JPEG (quality 90)", "format": "tfds ArrayRecord",
                "build_seconds": round(build_seconds, 1)},

@@ -38,7 +38,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from dwa_jax import compat, files, presets, recover, relabel, squeeze
+from dwa_jax import compat, files, presets, provenance, recover, relabel, squeeze
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -289,7 +289,8 @@ def main(argv):
   report = files.read_json(out) if out.exists() else {"rows": {}}
   sets = base_sets(base, base_workdir)
   check_base_sets(out, report, sets)
-  report.update({"command": " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
+  report.update({"provenance": provenance.record(),
+                 "command": " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
                  "jax": jax.__version__, "backend": jax.default_backend(),
                  "config": base.to_dict(), "base_sets": sets,
                  "teacher": squeeze.read_teacher_meta(
@@ -306,7 +307,7 @@ def main(argv):
     protocol, _, images = row.partition("/")
     started = time.time()
     record = {**run_row(base, protocol, images, root, base_workdir),
-              "command": report["command"]}
+              "command": report["command"], "commit": report["provenance"]["commit"]}
     # After every row, so that a long run keeps the rows it has.
     report = merge_row(out, report, row, record)
     files.write_json(out, reproduce_cifar10.portable(report))

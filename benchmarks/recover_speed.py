@@ -293,6 +293,7 @@ def main():
   parser.add_argument("--engine-child", help=argparse.SUPPRESS)
   args = parser.parse_args()
   import dwa_jax  # pylint: disable=unused-import  (applies the tuned XLA options before JAX starts)
+  from dwa_jax import provenance  # pylint: disable=g-import-not-at-top
   if args.scaling_child:
     return scaling_child(args.scaling_child)
   if args.engine_child:
@@ -313,6 +314,7 @@ def main():
       results["packing"] = packing[10]  # CIFAR-10's batch (the issue's key), and per batch:
       results["packing_by_batch"] = packing
       results["packing_backend"] = jax.default_backend()
+      results["packing_provenance"] = provenance.record()
       out.write_text(json.dumps(results, indent=1, default=float) + "\n")
       print(f"wrote {out}")
       return None
@@ -322,7 +324,8 @@ def main():
   print(f"jax {jax.__version__} on {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; median of {repeats}")
   peak = matmul_peak_gflops(repeats)
-  results = {"jax": jax.__version__, "cpu_count": os.cpu_count(), "repeats": repeats,
+  results = {"provenance": provenance.record(),
+             "jax": jax.__version__, "cpu_count": os.cpu_count(), "repeats": repeats,
              "xla_flags": os.environ.get("XLA_FLAGS", ""), "matmul_peak_gflops": peak,
              "engine": {}, "engine_stock_xla": {}, "torch": {}}
   print(f"fp32 matmul peak: {peak:.0f} GFLOP/s")

@@ -32,8 +32,8 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dwa_jax import (data, files, presets, recover, relabel, squeeze, synthetic_outputs,
-                     train_lib)
+from dwa_jax import (data, files, presets, provenance, recover, relabel, squeeze,
+                     synthetic_outputs, train_lib)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Paper top-1 (%) at CIFAR-10 ipc 10 (SPEC.md); None: not reported for that student.
@@ -99,7 +99,7 @@ def saved_sets_keys(config, workdir: pathlib.Path) -> dict:
 def save_sets(config, workdir: pathlib.Path, dest: pathlib.Path) -> None:
   """The synthetic sets of this run (images, grid, summary) into `dest/<method>/`, with
   `dest/sets.json` naming what they were synthesised from."""
-  record, keys = {"methods": {}}, saved_sets_keys(config, workdir)
+  record, keys = {"provenance": provenance.record(), "methods": {}}, saved_sets_keys(config, workdir)
   for method in config.methods:
     src, out = workdir / "synthetic" / method, dest / method
     out.mkdir(parents=True, exist_ok=True)
@@ -343,7 +343,8 @@ def main(argv):
   diversity = analyse(config, workdir, results_dir)
   paper = paper_numbers(config)
   table = report_table(paper, config.relabel.student, results, diversity)
-  report = {"command": " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
+  report = {"provenance": provenance.record(),
+            "command": " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
             "jax": jax.__version__, "backend": jax.default_backend(),
             "teacher_test_accuracy": results["teacher_test_accuracy"],
             "teacher_epochs": config.teacher.epochs, "stage_seconds": seconds,

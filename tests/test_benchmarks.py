@@ -1,4 +1,5 @@
-"""The speed benchmark runs (tiny mode) and writes its JSON; timings are not asserted."""
+"""The benchmarks run (tiny modes) and write their JSON; timings are not asserted. Every
+committed result names the code and the command that produced it."""
 
 import json
 import os
@@ -10,6 +11,30 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def committed_results():
+  """Every results JSON under benchmarks/results, but the stage outputs kept inside saved
+  synthetic sets (sets/<name>/<method>/: byte-checked against their manifests)."""
+  return [p for p in sorted(RESULTS.rglob("*.json"))
+          if not (p.parent.parent.parent.name == "sets" and p.parent.parent.parent.parent == RESULTS)]
+
+
+@pytest.mark.parametrize("path", committed_results(), ids=lambda p: str(p.relative_to(RESULTS)))
+def test_committed_results_name_their_commit_and_command(path):
+  provenance = json.loads(path.read_text())["provenance"]
+  assert len(provenance["commit"]) == 40 and int(provenance["commit"], 16) >= 0
+  assert provenance["command"].startswith("python ")
+
+
+def test_provenance_records_this_checkout():
+  from dwa_jax import provenance  # pylint: disable=g-import-not-at-top
+  record = provenance.record(["benchmarks/imagenet_scale.py", "--per_class", "2"])
+  assert record["command"] == "python benchmarks/imagenet_scale.py --per_class 2"
+  if (REPO / ".git").exists():
+    assert len(record["commit"]) == 40 and isinstance(record["uncommitted"], list)
+  assert str(REPO) not in json.dumps(record)
 
 
 @pytest.mark.slow
