@@ -20,7 +20,7 @@ def _git(*args: str) -> str | None:
                          check=True)
   except (OSError, subprocess.SubprocessError):
     return None
-  return out.stdout.strip()
+  return out.stdout.rstrip()
 
 
 def command(argv=None) -> str:
@@ -42,7 +42,7 @@ def record(argv=None) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   changed = _git("status", "--porcelain", "--untracked-files=no")
   return {
-      "commit": _git("rev-parse", "HEAD"),
+      "commit": (_git("rev-parse", "HEAD") or "").strip() or None,
       "uncommitted": sorted(line[3:] for line in changed.splitlines()) if changed else [],
       "command": command(argv),
       "date": time.strftime("%Y-%m-%d"),
