@@ -84,15 +84,21 @@ COPIED_FILES = ("images.npz", "grid.png")
 SAVED_FILES = (*COPIED_FILES, "recover.json")  # recover.json is rewritten without machine paths
 
 
+# Recover fields that, at these values, leave a float32 synthesis on the CPU as it was before they
+# existed: left out of a saved set's key, so sets saved earlier stay usable.
+NEUTRAL_RECOVER_FIELDS = {"delta_form": "auto", "emulate_tf32": False}
+
+
 def saved_sets_keys(config, workdir: pathlib.Path) -> dict:
   """{method: what its saved set must have been synthesised from}: the teacher's weights, the
   data, seed, ipc and synthesis settings (paths relative to the repository, so the keys hold on
   any clone)."""
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   teacher = files.tree_digest(squeeze.load_teacher(workdir, train)[1])
+  recover_fields = {k: v for k, v in config.recover.to_dict().items()
+                    if NEUTRAL_RECOVER_FIELDS.get(k, object()) != v}
   return {m: fingerprint(teacher, portable([config.dataset, config.seed, config.ipc,
-                                            config.compat_cifar10_std,
-                                            config.recover.to_dict(), m]))
+                                            config.compat_cifar10_std, recover_fields, m]))
           for m in config.methods}
 
 

@@ -8,8 +8,9 @@ each with its own Δθ, jitter offsets and crops, and nothing is reduced across 
 devices. The program is compiled once per host whatever the number of devices (the device
 assignment is the mesh's, not one device's), and once per distinct block length.
 
-Iterations run as `lax.scan` on GPU and TPU; on the CPU as blocks of ITERATION_BLOCK unrolled
-iterations, because XLA:CPU runs convolutions inside loops several times slower.
+Iterations and DWA's K ascent passes run as `lax.scan` on GPU and TPU (scratch memory of one
+pass, whatever the count); on the CPU unrolled (iterations in blocks of ITERATION_BLOCK),
+because XLA:CPU runs convolutions inside loops several times slower.
 
 A group with fewer batches than devices × P (the last one) is padded with copies of its last
 batch, whose results are dropped, so every group runs the same program.
@@ -17,14 +18,15 @@ batch, whose results are dropped, so every group runs the same program.
 
 import dataclasses
 import functools
+import time
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dwa_jax.synthesis import (BatchState, SynthesisConfig, as_draws, bn_layer_paths,
-                               empty_chain, first_teacher, iteration_blocks, run_iterations,
-                               start_batch)
+from dwa_jax.synthesis import (AugmentDraws, BatchState, ChainCarry, SynthesisConfig, as_draws,
+                               bn_layer_paths, empty_chain, first_teacher, iteration_blocks,
+                               run_iterations, start_batch)
 
 BATCH_AXIS = "batches"
 
@@ -93,7 +95,7 @@ class GroupRunner:
     def start(variables, x, labels, key_data, draws, chain):
       self._traces["start"] += 1  # runs once per compilation (at trace time)
       return start_batch(model, variables, x, labels, jax.random.wrap_key_data(key_data), draws,
-                         bn_paths=bn_paths, cfg=cfg, chain=chain)
+                         bn_paths=bn_paths, cfg=cfg, chain=chain, unroll=self.unroll)
 
     def advance(n, variables, state, labels, key, draws):
       self._traces["advance"] += 1
@@ -121,6 +123,52 @@ class GroupRunner:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {key: float(cost[key]) for key in ("flops", "bytes accessed", "transcendentals")
             if key in cost}
+
+  def abstract_inputs(self, num_classes: int, image_shape, dtype=np.float32) -> dict:
+    """Shapes (jax.ShapeDtypeStruct, placed as `start` places them) of a group's inputs, for
+    compiling without data."""
+    iterations = self.cfg.iterations
+    spec = lambda shape, dt: jax.ShapeDtypeStruct((self.size, *shape), dt, sharding=self._stacked)
+    draws = [spec((iterations, 2), np.int32)]
+    if self.cfg.augment == "crop_flip_roll":
+      draws += [spec((iterations, 4), np.int32), spec((iterations,), np.bool_)]
+    return {"x": spec((num_classes, *image_shape), dtype),
+            "labels": spec((num_classes,), np.int32),
+            "key_data": spec((2,), np.uint32), "draws": AugmentDraws(*draws)}
+
+  def compile_stats(self, num_classes: int, image_shape, num_steps: int | None = None,
+                    dtype=np.float32) -> dict:
+    """Compiles, on abstract inputs, the weight adjustment (`num_steps` None) or a block of
+    `num_steps` iterations for a full group; returns XLA's memory analysis (bytes: temp,
+    arguments, outputs) and the compile seconds. Nothing runs; the counts of compilations the
+    run reports are left as they were."""
+    traces = dict(self._traces)
+    a = self.abstract_inputs(num_classes, image_shape, dtype)
+    spec_like = lambda p: jax.ShapeDtypeStruct((self.size, *p.shape), p.dtype,
+                                               sharding=self._stacked)
+    chain = None
+    if self.cfg.chained:
+      chain = jax.tree.map(lambda p: spec_like(p), ChainCarry(self._variables["params"],
+                                                              self._variables["params"]))
+    started = time.perf_counter()
+    if num_steps is None:
+      lowered = self._start.lower(self._variables, a["x"], a["labels"], a["key_data"],
+                                  a["draws"], chain)
+    else:
+      state, _ = jax.eval_shape(self._start, self._variables, a["x"], a["labels"],
+                                a["key_data"], a["draws"], chain)
+      state = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype,
+                                                          sharding=self._stacked), state)
+      lowered = self._advance(num_steps).lower(self._variables, state, a["labels"],
+                                               a["key_data"], a["draws"])
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - started
+    self._traces.update(traces)
+    memory = compiled.memory_analysis()
+    return {"temp_bytes": int(memory.temp_size_in_bytes),
+            "argument_bytes": int(memory.argument_size_in_bytes),
+            "output_bytes": int(memory.output_size_in_bytes),
+            "compile_seconds": round(seconds, 2)}
 
   def _put(self, tree):
     return jax.device_put(_pad(_stack(tree), self.size), self._stacked)

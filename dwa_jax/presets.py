@@ -72,9 +72,18 @@ def base_config() -> ml_collections.ConfigDict:
                              # pixels, Δθ per teacher (vmapped; each iteration costs x members)
   r.classes_per_batch = 0    # 0: all classes in one batch (ImageNet: 100)
   r.scalars_every = 10       # TensorBoard: CE and BN loss of every N-th iteration (0: none)
-  r.checkpoint_every = 100   # save in-flight pixels + Adam state every N iterations (0: per batch)
+  r.checkpoint_every = 100   # iterations run between chances to save the in-flight pixels + Adam
+                             # state (0: none, a batch runs whole)
+  r.checkpoint_every_s = 300.0  # ...which is saved when this many seconds have passed since the
+                             # last save (0: at every chance); each save's cost is logged
   r.batches_per_device = 1   # P: independent synthetic batches per device in one program (vmap);
                              # a GPU/TPU runs P ipc indices at once (CPU: keep 1)
+  r.delta_form = "auto"      # how DWA's Δθ enters the teacher's Conv/Dense layers: direct
+                             # (θ + Δθ) | split (layer(x; θ) + layer(x; Δθ), which keeps Δθ where
+                             # the arithmetic rounds weights) | auto: direct on the CPU in float32,
+                             # split on TPU/GPU and with bfloat16 (dwa_jax/arithmetic.py)
+  r.emulate_tf32 = False     # the authors' A100 arithmetic on any backend: every teacher Conv/Dense
+                             # reads its input and weights as TF32 (10 mantissa bits)
   r.precision = "float32"    # float32 | bfloat16 (convolutions/matmuls; BN statistics, losses,
                              # pixels and Adam stay float32)
   r.wait_timeout_s = 86400.0  # multi-process: how long process 0 waits for the others' batches
@@ -163,6 +172,7 @@ CHOICES = {
     ("recover", "augment"): ("roll", "crop_flip_roll"),
     ("recover", "init"): ("auto", "real", "noise", "scored"),
     ("recover", "precision"): ("float32", "bfloat16"),
+    ("recover", "delta_form"): ("auto", "direct", "split"),
     ("relabel", "optimizer"): ("sgd", "adamw"),
     ("relabel", "augment"): ("crop_flip", "rrc_flip", "none"),
     ("relabel", "mixing"): ("mixup", "cutmix", "none"),

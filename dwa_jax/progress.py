@@ -91,15 +91,16 @@ class Progress:
       except Exception:  # pylint: disable=broad-except
         files.remove_tree(self.manager.directory / str(step))
 
-  def save_inflight(self, group_id: str, state: BatchState) -> None:
+  def save_inflight(self, group_id: str, state: BatchState) -> int:
     """Replaces the in-flight checkpoint of a group (`state` stacked over its batches); the
     group marker is written before the state, so a kill at any point leaves either a matching
-    pair or nothing to resume from."""
+    pair or nothing to resume from. Returns the bytes of state saved."""
     self.clear_inflight()
     files.write_json(self.marker, {"group": group_id})
-    self.manager.save(int(np.asarray(state.t)[0]),
-                      args=ocp.args.StandardSave(_host_tree(state)))
+    tree = _host_tree(state)
+    self.manager.save(int(np.asarray(state.t)[0]), args=ocp.args.StandardSave(tree))
     self.manager.wait_until_finished()
+    return sum(a.nbytes for a in jax.tree.leaves(tree))
 
   def load_inflight(self, group_id: str, state: BatchState):
     """The saved pixels/Adam/t of this group as a stacked state placed like `state`, or None

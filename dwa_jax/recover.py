@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import auto as tqdm
 
-from dwa_jax import compat, data, files, input_pipeline, real_init, squeeze
+from dwa_jax import arithmetic, compat, data, files, input_pipeline, real_init, squeeze
 # The parts of the stage, re-exported: recover.X keeps working for every X below.
 from dwa_jax.device_dispatch import GroupRunner, batch_groups  # noqa: F401
 from dwa_jax.progress import Progress, wait_for_batches  # noqa: F401
@@ -28,15 +28,28 @@ from dwa_jax.synthesis import (SynthesisConfig, bn_layer_weights, draw_augmentat
                                first_teacher, stack_teachers)
 from dwa_jax.synthetic_outputs import write_outputs  # noqa: F401
 
-def synthesis_config(rc, method: str) -> SynthesisConfig:
-  """ml_collections `config.recover` -> the engine's config for `method` (SRe2L: r_var = 1)."""
+def synthesis_config(rc, method: str, platform: str | None = None) -> SynthesisConfig:
+  """ml_collections `config.recover` -> the engine's config for `method` (SRe2L: r_var = 1) on
+  `platform` (default: JAX's default backend): how Δθ enters the teacher (recover.delta_form;
+  'auto' is the exact 'direct' form where float32 runs exact, on the CPU, and the 'split' form
+  wherever the platform's arithmetic rounds the weights) and how the platform reads float32
+  weights. recover.emulate_tf32 rounds as the authors' A100s did, on top of the platform's
+  arithmetic (with the 'direct' form on the CPU, as their code adds Δθ to the weights)."""
+  platform = platform or jax.default_backend()
+  compute_dtype = None if rc.get("precision", "float32") == "float32" else rc.precision
+  emulate = bool(rc.get("emulate_tf32"))
+  platform_bits = arithmetic.matmul_input_bits(platform, compute_dtype)
+  delta_form = rc.get("delta_form", "auto")
+  if delta_form == "auto":
+    delta_form = "direct" if platform_bits is arithmetic.EXACT else "split"
   return SynthesisConfig(
       method=method, iterations=rc.iterations, lr=rc.lr, r_bn=rc.r_bn,
       r_var=rc.sre2l_r_var if method == "sre2l" else rc.r_var,
       first_bn_weight=rc.first_bn_weight, adjust_steps=rc.adjust_steps, rho=rc.rho,
       jitter=rc.jitter, augment=rc.augment, compat_q1=bool(rc.compat_q1),
       compat_q2=bool(rc.compat_q2) and method == "dwa",
-      compute_dtype=None if rc.get("precision", "float32") == "float32" else rc.precision,
+      compute_dtype=compute_dtype, delta_form=delta_form,
+      platform_bits=platform_bits, emulate_bits=arithmetic.TF32_BITS if emulate else None,
       committee=1 + len(rc.get("committee", ())))
 
 
@@ -182,7 +195,8 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
   earlier progress of the same settings. Runs in the teacher's float dtype."""
   config = compat.resolve(config)
   rc = config.recover
-  cfg = synthesis_config(rc, method)
+  devices = list(devices or jax.local_devices())
+  cfg = synthesis_config(rc, method, devices[0].platform)
   mean, std = compat.pixel_normalisation(config, meta)
   image_shape = tuple(meta["image_shape"])
   dtype = jax.tree.leaves(variables["params"])[0].dtype
@@ -211,7 +225,6 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
   per_device = rc.get("batches_per_device", 1)
   # Every local device, even when fewer batches remain (a short group is padded): the program
   # depends on the device count (1 vs more, in the last bits), so a resumed run keeps it.
-  devices = list(devices or jax.local_devices())
   runner = GroupRunner(model, variables, image_shape, mean, std, cfg, devices, per_device)
   kind = init_kind(rc, method)
   scored = real_init.ScoredInit.from_config(rc) if kind == "scored" else None
@@ -219,7 +232,11 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
   # A committee's first teacher (this workdir's) scores the real crops.
   scorer = (real_init.make_scorer(model, first_teacher(variables, cfg), mean, std, scored)
             if scored else None)
+  # Iterations run in chunks of checkpoint_every whatever the clock (the chunks decide the
+  # compiled programs, so a resumed run computes the same bytes); after a chunk the in-flight
+  # state is saved once checkpoint_every_s seconds have passed since the group's last save.
   every = rc.checkpoint_every or cfg.iterations
+  every_s = rc.get("checkpoint_every_s", 0.0)
   chained = cfg.chained
   with tqdm.tqdm(total=len(todo) * cfg.iterations, desc=f"recover: {method}",
                   unit="batch-it", mininterval=1.0) as bar:
@@ -243,7 +260,7 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
         log.write(f"recover/{method}/resume", group.t, group=group_id,
                   inflight_iteration=group.t)
       bar.update(len(batches) * group.t)
-      metrics = None
+      metrics, saved_at = None, time.time()
       while group.t < cfg.iterations:
         n = min(every, cfg.iterations - group.t)
         metrics = runner.advance(group, n)
@@ -254,17 +271,21 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
               "lower recover.lr or check the teacher checkpoint.")
         log_iterations(log, method, batches, len(chunks), cfg, group.t - n, metrics,
                        rc.get("scalars_every", 10))
-        if group.t < cfg.iterations:
-          progress.save_inflight(group_id, group.state)
+        if group.t < cfg.iterations and time.time() - saved_at >= every_s:
+          save_started = time.time()
+          saved_bytes = progress.save_inflight(group_id, group.state)
+          saved_at = time.time()
+          log.write(f"recover/{method}/checkpoint", group.t, group=group_id,
+                    seconds=saved_at - save_started, megabytes=saved_bytes / 2**20)
         bar.update(len(batches) * n)
         bar.set_postfix(ce=f"{metrics[0]['ce'][-1]:.3f}")
       if metrics is None:
         raise RuntimeError("in-flight checkpoint at the final iteration; delete progress and rerun")
       for k, (i, j) in enumerate(batches):
         summary = {"ipc_index": i, "chunk": j,
-                   **{name: float(start_metrics[k][name]) for name in ("delta_norm",
-                                                                       "delta_norm_chunk")
-                      if name in start_metrics[k]},
+                   **{name: float(start_metrics[k][name])
+                      for name in ("delta_norm", "delta_norm_chunk", "delta_norm_ratio",
+                                   "delta_cosine") if name in start_metrics[k]},
                    **_summary(metrics[k], cfg.first_bn_weight)}
         if chained:
           progress.save_carry(i, j, group.chain(k))
@@ -304,8 +325,9 @@ def run(config, workdir, method: str, devices=None) -> dict | None:
   out_dir = files.as_path(workdir) / "synthetic" / method
   # Every process runs on `devices` (default: all its local devices).
   stage = {"devices": len(devices or jax.local_devices()) * n, "processes": n}
-  synthesis = dataclasses.asdict(engine_config(synthesis_config(config.recover, method),
-                                               len(chunks)))
+  synthesis = dataclasses.asdict(engine_config(
+      synthesis_config(config.recover, method, (devices or jax.local_devices())[0].platform),
+      len(chunks)))
   # Written beside the set and swapped in when complete: a failure leaves the old set whole.
   with files.staged_dir(out_dir) as staging:
     summary = write_outputs(staging, progress, config, method, meta, train.num_classes, chunks,

@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dwa_jax import arithmetic
 from dwa_jax import augment as augment_lib
 from dwa_jax.models.layers import BN_STATS, BatchNorm
 
 METHODS = ("dwa", "sre2l", "random")
+DELTA_FORMS = ("direct", "split")  # how Δθ enters the teacher: SynthesisConfig.delta_form
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +54,29 @@ class SynthesisConfig:
   # 'bfloat16': the teacher's convolutions and matmuls in bfloat16; BN statistics, losses,
   # pixels, Δθ and Adam stay float32 (`forward_with_bn_stats`). None: the teacher's dtype.
   compute_dtype: str | None = None
+  # How Δθ enters the teacher's Conv/Dense layers (`forward_with_bn_stats`): 'direct' on
+  # θ + Δθ, exact in float32 on the CPU; 'split', layer(x; θ) + layer(x; Δθ), which keeps Δθ
+  # where the arithmetic rounds the weights (bfloat16, TPU and GPU defaults). The recover stage
+  # chooses by backend and precision (recover.delta_form = 'auto').
+  delta_form: str = "direct"
+  # Mantissa bits with which the platform's convolutions and matmuls read float32 weights (7:
+  # bfloat16, TPU; 10: TF32, Ampere+ GPUs; None: exact, the CPU), for the Δθ-survival figure
+  # (arithmetic.survival); set by the recover stage.
+  platform_bits: int | None = None
+  # Emulation: every convolution reads its input and weights rounded to this many mantissa
+  # bits (10: the authors' A100 TF32 convolutions, recover.emulate_tf32).
+  emulate_bits: int | None = None
   # A committee of this many teachers of one architecture (the variables' leaves then carry a
   # leading teacher axis, `stack_teachers`): the CE and BN-matching loss is the mean over the
   # teachers, each under its own Δθ, vmapped. 1: the usual single teacher.
   committee: int = 1
+
+  @property
+  def weight_bits(self) -> int | None:
+    """The mantissa bits the teacher's Conv/Dense layers read their weights with, as run."""
+    if self.compute_dtype == "bfloat16":
+      return arithmetic.BFLOAT16_BITS
+    return self.emulate_bits if self.emulate_bits is not None else self.platform_bits
 
   @property
   def chained(self) -> bool:
@@ -80,6 +101,12 @@ class SynthesisConfig:
                     f"{self.compute_dtype!r}")
     if self.committee < 1:
       errors.append(f"committee must be >= 1, got {self.committee}")
+    if self.delta_form not in DELTA_FORMS:
+      errors.append(f"delta_form must be one of {DELTA_FORMS}, got {self.delta_form!r}")
+    for name in ("platform_bits", "emulate_bits"):
+      bits = getattr(self, name)
+      if bits is not None and not 1 <= bits <= 23:
+        errors.append(f"{name} must be None or 1..23 mantissa bits, got {bits}")
     if self.committee > 1 and self.method == "dwa" and (self.compat_q1 or self.compat_q2):
       errors.append("the authors' quirks Q1/Q2 are single-teacher behaviours: turn them off "
                     "for a committee of teachers")
@@ -141,22 +168,88 @@ def committee_norm(delta, cfg: "SynthesisConfig"):
   return optax.tree.norm(delta)
 
 
-def forward_with_bn_stats(model, params, batch_stats, x, bn_paths, compute_dtype=None):
-  """Eval-mode logits plus the (mean, biased var) of each BN layer's input, in call order.
+def _conv_dense_arithmetic(delta_params, input_bits: int | None):
+  """An interceptor of the teacher's Conv and Dense layers: with `delta_params`, the split by
+  linearity layer(x; θ) + layer(x; Δθ) (`SynthesisConfig.delta_form`); with `input_bits`, each
+  convolution's input and weights rounded to that many mantissa bits first (emulating cuDNN's
+  TF32 convolutions under PyTorch's defaults, float32 products and sums; torch's matmuls stay
+  float32 by default, and so do the Dense layers here)."""
+  busy = [False]
+  exact = lambda a: a
+  to_bits = (exact if input_bits is None
+             else (lambda a: arithmetic.round_mantissa(a, input_bits).astype(a.dtype)))
 
-  `compute_dtype` (e.g. bfloat16): the parameters and the input are cast to it, so convolutions
-  and matmuls run in it; the BN layers take their statistics and normalise in float32 (and
-  return compute_dtype), and the logits come back in float32. Gradients flow back through the
-  casts to the float32 pixels and Δθ."""
-  if compute_dtype is not None and jnp.dtype(compute_dtype) != x.dtype:
-    params = jax.tree.map(lambda a: a.astype(compute_dtype), params)
-    logits, state = model.apply({"params": params, "batch_stats": batch_stats},
-                                x.astype(compute_dtype), train=False, capture_stats=True,
-                                mutable=[BN_STATS])
-    logits = logits.astype(x.dtype)
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if (busy[0] or context.method_name != "__call__"
+        or not isinstance(module, (nn.Conv, nn.Dense))):
+      return next_fun(*args, **kwargs)
+    busy[0] = True  # the layers applied below are Conv/Dense too: not intercepted again
+    rounded = to_bits if isinstance(module, nn.Conv) else exact
+    try:
+      layer = module.clone(parent=None)
+      x = rounded(args[0])
+      y = layer.apply({"params": jax.tree.map(rounded, module.variables["params"])}, x,
+                      *args[1:], **kwargs)
+      if delta_params is not None:
+        y = y + layer.apply({"params": jax.tree.map(rounded, _at(delta_params, module.path))},
+                            x, *args[1:], **kwargs)
+    finally:
+      busy[0] = False
+    return y
+
+  return intercept
+
+
+def forward_with_bn_stats(model, params, batch_stats, x, bn_paths, compute_dtype=None,
+                          delta=None, delta_form: str = "direct", input_bits: int | None = None):
+  """Eval-mode logits plus the (mean, biased var) of each BN layer's input, in call order, of
+  the teacher at θ (`params`) + Δθ (`delta`, None: none).
+
+  `compute_dtype` (e.g. bfloat16): the Conv/Dense parameters and the input are cast to it, so
+  convolutions and matmuls run in it; the BN layers keep float32 parameters, take their
+  statistics and normalise in float32 (and return compute_dtype), and the logits come back in
+  float32. Gradients flow back through the casts to the float32 pixels and Δθ.
+
+  `delta_form` says how Δθ enters the Conv/Dense layers (BN's scale and bias always take
+  θ + Δθ in float32): 'direct', one layer on θ + Δθ, exact in float32 on the CPU; 'split', by
+  linearity layer(x; θ) + layer(x; Δθ), so that each weight tensor is rounded relative to its
+  own size. Δθ (~4e-6 a weight at ρ = 0.015 on a ResNet-18) is below the rounding step of θ in
+  bfloat16 and TF32, the arithmetic of TPU and Ampere+ GPU convolutions by default: there a
+  direct θ + Δθ turns into mostly rounding noise (dwa_jax/arithmetic.py).
+
+  `input_bits` (7: bfloat16, 10: TF32) emulates on the CPU a matmul unit that reads each
+  convolution's float32 input and weights with that many mantissa bits (the TPU's and Ampere+
+  GPUs' default for float32 convolutions; the authors' A100 convolutions), for tests and
+  recover.emulate_tf32.
+  """
+  if delta_form not in DELTA_FORMS:
+    raise ValueError(f"delta_form must be one of {DELTA_FORMS}, got {delta_form!r}")
+  split = delta is not None and delta_form == "split"
+  if delta is not None:
+    # BN parameters (and with the direct form every parameter) on θ + Δθ in float32.
+    params = jax.tree.map(
+        lambda p, d, kernel: p if (split and kernel) else p + d, params, delta,
+        arithmetic.map_modules(lambda m, kernel: jax.tree.map(lambda _: kernel, m), params))
+  cast = compute_dtype is not None and jnp.dtype(compute_dtype) != x.dtype
+  if cast:
+    to_compute = lambda tree: arithmetic.map_modules(
+        lambda m, kernel: jax.tree.map(lambda a: a.astype(compute_dtype), m) if kernel else m,
+        tree)
+    params = to_compute(params)
+    if split:
+      delta = to_compute(delta)
+    x_in = x.astype(compute_dtype)
   else:
-    logits, state = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False,
-                                capture_stats=True, mutable=[BN_STATS])
+    x_in = x
+  apply = lambda: model.apply({"params": params, "batch_stats": batch_stats}, x_in, train=False,
+                              capture_stats=True, mutable=[BN_STATS])
+  if split or input_bits is not None:
+    with nn.intercept_methods(_conv_dense_arithmetic(delta if split else None, input_bits)):
+      logits, state = apply()
+  else:
+    logits, state = apply()
+  logits = logits.astype(x.dtype) if cast else logits
   stats = [_at(state[BN_STATS], p)["mean_var"][0] for p in bn_paths]
   return logits, stats
 
@@ -264,23 +357,29 @@ def empty_chain(params) -> ChainCarry:
 
 
 def directed_weight_adjustment(model, params, batch_stats, x, view, labels, bn_paths,
-                               cfg: SynthesisConfig, chain: ChainCarry | None = None):
+                               cfg: SynthesisConfig, chain: ChainCarry | None = None,
+                               unroll: bool = True):
   """K steps Δθ += (ρ/K)·g/(‖g‖+1e-12), g = ∇_θ CE(f_{θ+Δθ}(view(x))), one global norm over θ.
 
   All parameters move (BN affine included); running statistics do not. With a `chain` (quirk
   Q2) Δθ starts from chain.delta and the first step's g also holds chain.weight_grad. Returns
   Δθ, the image gradient the official code accumulates during the ascent (for compat_q1; zeros
   otherwise) and per-pass metrics (CE before each update, BN terms).
+
+  `unroll`: K traced copies of the pass (XLA:CPU runs convolutions inside loops several times
+  slower) or a `lax.scan` over them, whose scratch memory is one pass's whatever K (about K
+  passes' when unrolled: 27 GB at K = 15 for a ResNet-18 at 224 px, batch 100).
   """
 
   def ce_and_terms(delta, x):
-    logits, stats = forward_with_bn_stats(model, _add(params, delta), batch_stats, view(x),
-                                          bn_paths, cfg.compute_dtype)
+    logits, stats = forward_with_bn_stats(model, params, batch_stats, view(x), bn_paths,
+                                          cfg.compute_dtype, delta, cfg.delta_form,
+                                          cfg.emulate_bits)
     return cross_entropy(logits, labels), bn_matching_terms(stats, batch_stats, bn_paths, cfg.r_var)
 
   grad_fn = jax.value_and_grad(ce_and_terms, argnums=(0, 1) if cfg.compat_q1 else 0, has_aux=True)
 
-  def ascent_step(carry, leaked):
+  def ascent_step(carry, k):
     delta, x_grad_sum = carry
     (ce, terms), grads = grad_fn(delta, x)
     if cfg.compat_q1:
@@ -288,21 +387,24 @@ def directed_weight_adjustment(model, params, batch_stats, x, view, labels, bn_p
       x_grad_sum = x_grad_sum + x_grad
     else:
       g = grads
-    if leaked is not None:
-      g = _add(leaked, g)
+    if chain is not None:  # Q2: the previous chunk's weight gradients join the first step's
+      g = jax.tree.map(lambda leak, gi: jnp.where(k == 0, leak + gi, gi), chain.weight_grad, g)
     scale = (cfg.rho / cfg.adjust_steps) / (optax.tree.norm(g) + 1e-12)
     delta = jax.tree.map(lambda d, gi: d + scale * gi, delta, g)
     return (delta, x_grad_sum), {"ce": ce, "bn_terms": terms}
 
-  # Unrolled: XLA's CPU backend runs convolutions inside while loops several times slower.
   start = jax.tree.map(jnp.zeros_like, params) if chain is None else chain.delta
   carry = (start, jnp.zeros_like(x))
-  per_step = []
-  for k in range(cfg.adjust_steps):
-    carry, m = ascent_step(carry, chain.weight_grad if chain is not None and k == 0 else None)
-    per_step.append(m)
+  if unroll:
+    per_step = []
+    for k in range(cfg.adjust_steps):
+      carry, m = ascent_step(carry, k)
+      per_step.append(m)
+    metrics = _stack(per_step)
+  else:
+    carry, metrics = jax.lax.scan(ascent_step, carry, jnp.arange(cfg.adjust_steps))
   (delta, x_grad_sum) = carry
-  return delta, x_grad_sum, _stack(per_step)
+  return delta, x_grad_sum, metrics
 
 
 def random_weight_adjustment(key, params, rho):
@@ -317,22 +419,24 @@ def random_weight_adjustment(key, params, rho):
 # ----------------------------------------------------------------------------- one batch
 
 def synthesis_loss(model, params, batch_stats, x_view, labels, bn_paths, layer_weights,
-                   cfg: SynthesisConfig):
-  """CE + r_bn·Σ_l w_l·term_l on an augmented view; returns (loss, (ce, per-layer terms)).
+                   cfg: SynthesisConfig, delta=None):
+  """CE + r_bn·Σ_l w_l·term_l on an augmented view, of the teacher at θ + Δθ (`delta`, None for
+  SRe2L); returns (loss, (ce, per-layer terms)).
 
-  A committee (cfg.committee > 1, leading teacher axis on params and batch_stats): each
+  A committee (cfg.committee > 1, leading teacher axis on params, batch_stats and delta): each
   teacher's loss, CE and terms on the same view, averaged over the teachers."""
 
-  def one_teacher(params, batch_stats):
+  def one_teacher(params, batch_stats, delta):
     logits, stats = forward_with_bn_stats(model, params, batch_stats, x_view, bn_paths,
-                                          cfg.compute_dtype)
+                                          cfg.compute_dtype, delta, cfg.delta_form,
+                                          cfg.emulate_bits)
     ce = cross_entropy(logits, labels)
     terms = bn_matching_terms(stats, batch_stats, bn_paths, cfg.r_var)
     return ce + cfg.r_bn * jnp.dot(layer_weights, terms), (ce, terms)
 
   if cfg.committee == 1:
-    return one_teacher(params, batch_stats)
-  return jax.tree.map(lambda a: a.mean(0), jax.vmap(one_teacher)(params, batch_stats))
+    return one_teacher(params, batch_stats, delta)
+  return jax.tree.map(lambda a: a.mean(0), jax.vmap(one_teacher)(params, batch_stats, delta))
 
 
 class BatchState(NamedTuple):
@@ -354,7 +458,7 @@ def _adam(cfg: SynthesisConfig):
 
 
 def start_batch(model, variables, x_init, labels, key, draws, *, bn_paths,
-                cfg: SynthesisConfig, chain: ChainCarry | None = None):
+                cfg: SynthesisConfig, chain: ChainCarry | None = None, unroll: bool = True):
   """Weight adjustment (DWA: directed, 'random': Gaussian, SRe2L: none) and fresh Adam state.
 
   `draws`: the batch's `AugmentDraws` (or (T, 2) roll offsets); the ascent sees iteration 0's
@@ -373,7 +477,7 @@ def start_batch(model, variables, x_init, labels, key, draws, *, bn_paths,
   if cfg.method == "dwa":
     view0 = lambda x: synthesis_view(x, draws.at(0), cfg.augment)
     adjust_one = lambda params, batch_stats: directed_weight_adjustment(
-        model, params, batch_stats, x_init, view0, labels, bn_paths, cfg, chain)
+        model, params, batch_stats, x_init, view0, labels, bn_paths, cfg, chain, unroll)
     if cfg.committee == 1:
       delta, extra, adjust = adjust_one(params, batch_stats)
     else:  # Δθ per teacher; the ascent's image gradient is zeros (Q1 is refused for committees)
@@ -391,6 +495,9 @@ def start_batch(model, variables, x_init, labels, key, draws, *, bn_paths,
           jax.random.split(random_key, cfg.committee), params)
   metrics["delta_norm"] = (jnp.zeros((), x_init.dtype) if delta is None
                            else committee_norm(delta, cfg))
+  if delta is not None:  # how much of Δθ the teacher's arithmetic keeps
+    metrics.update(arithmetic.survival(params, delta, cfg.weight_bits, cfg.delta_form,
+                                       convolutions_only=cfg.emulate_bits is not None))
   weight_grad_sum = jax.tree.map(jnp.zeros_like, params) if cfg.chained else None
   state = BatchState(x_init, _adam(cfg).init(x_init), delta, extra, jnp.zeros((), jnp.int32),
                      weight_grad_sum)
@@ -418,10 +525,9 @@ def run_iterations(model, variables, state: BatchState, labels, key, draws, num_
   track_weights = state.weight_grad_sum is not None
 
   def loss_fn(x, delta, t):
-    model_params = params if delta is None else _add(params, delta)
-    return synthesis_loss(model, model_params, batch_stats,
+    return synthesis_loss(model, params, batch_stats,
                           synthesis_view(x, draws.at(t), cfg.augment), labels, bn_paths, layer_w,
-                          cfg)
+                          cfg, delta)
 
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1) if track_weights else 0, has_aux=True)
 

@@ -162,7 +162,7 @@ def q2_config():
   c.recover.iterations, c.recover.adjust_steps, c.recover.jitter = 3, 2, 1
   c.recover.classes_per_batch = 5
   c.recover.compat_q2 = True
-  c.recover.checkpoint_every = 2
+  c.recover.checkpoint_every, c.recover.checkpoint_every_s = 2, 0.0
   return compat.resolve(c)
 
 

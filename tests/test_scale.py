@@ -20,7 +20,7 @@ from dwa_jax import presets, recover, squeeze
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RECOVER_ARGS = ("--config.stage=recover", "--config.methods=('dwa',)", "--config.ipc=4",
                 "--config.recover.iterations=60", "--config.recover.adjust_steps=3",
-                "--config.recover.checkpoint_every=3")
+                "--config.recover.checkpoint_every=3", "--config.recover.checkpoint_every_s=0")
 
 
 REFERENCE_SECONDS = []  # wall time of the uninterrupted run, to place the kills
@@ -31,6 +31,7 @@ def config(ipc=4, iterations=60):
   c.methods, c.ipc, c.stage = ("dwa",), ipc, "recover"
   c.teacher.epochs = 1
   c.recover.iterations, c.recover.adjust_steps, c.recover.checkpoint_every = iterations, 3, 3
+  c.recover.checkpoint_every_s = 0.0
   return c
 
 
@@ -187,3 +188,26 @@ def test_owned_batches_split_ipc_indices_between_processes():
   b = recover.owned_batches(5, 2, 1, 2)
   assert a == [(0, 0), (0, 1), (2, 0), (2, 1), (4, 0), (4, 1)]
   assert b == [(1, 0), (1, 1), (3, 0), (3, 1)]
+
+
+def test_in_flight_checkpoints_follow_the_clock_and_change_nothing(teacher_dir, tmp_path):
+  """recover.checkpoint_every_s: with 0 the in-flight state is saved after every chunk of
+  checkpoint_every iterations, each save logged with its seconds and size; with an hour none is
+  saved in a short run; the images are the same bytes either way."""
+  from dwa_jax import data
+  train = data.load_dataset("digits", "train")
+  images, saves = {}, {}
+  for every_s in (0.0, 3600.0):
+    cfg = config(ipc=1, iterations=9)
+    cfg.recover.checkpoint_every_s = every_s
+    workdir = workdir_with(teacher_dir, tmp_path / f"every_{every_s:g}")
+    model, variables, meta = squeeze.load_teacher(workdir, train)
+    progress = recover.synthesize_owned(cfg, workdir, "dwa", train, model, variables, meta,
+                                        devices=jax.devices()[:1])
+    images[every_s] = progress.load_done(0, 0)[0]
+    saves[every_s] = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text()
+                      .splitlines() if '"recover/dwa/checkpoint"' in line]
+  assert [s["step"] for s in saves[0.0]] == [3, 6]  # after chunks of 3; none after the last
+  assert all(s["seconds"] > 0 and s["megabytes"] > 0 for s in saves[0.0])
+  assert saves[3600.0] == []
+  np.testing.assert_array_equal(images[0.0], images[3600.0])

@@ -1,0 +1,93 @@
+"""Scratch memory of DWA's K-step weight adjustment: unrolled (the CPU's form) against the
+`lax.scan` accelerators run, for K in {1, 4, 15} and P = recover.batches_per_device in {1, 4}.
+
+Compiles (nothing runs) the recover stage's programs through `GroupRunner.compile_stats` for a
+randomly initialised ResNet-18 at 224 px, one batch of 100 classes per ipc index (the ImageNet
+setting), on one CPU device, and records XLA's `memory_analysis` (temp, argument and output
+bytes) and the compile seconds of
+
+  ascent.<form>.K<k>.P<p>   the weight adjustment (start program) of a group of P batches
+  iteration.<form>.P<p>     one synthesis iteration of the same group, the comparison
+
+Target: the scanned ascent's temp bytes stay <= 1.5x one iteration's at every K and P
+(`targets.scan_temp_within_1_5x_iteration`). XLA's memory analysis is of the CPU compilation;
+a GPU or TPU compilation schedules differently (benchmarks/accelerator_check.py measures there).
+
+    python benchmarks/ascent_memory.py [--quick] [--out FILE]
+"""
+
+import argparse
+import json
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="ConvNet at 32 px, 10 classes, K in {1, 4}: the plumbing only")
+  parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ascent_memory.json"))
+  args = parser.parse_args(argv)
+  import dwa_jax  # pylint: disable=unused-import,g-import-not-at-top  (XLA options first)
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from dwa_jax import provenance, recover  # pylint: disable=g-import-not-at-top
+  from dwa_jax.models import build_model  # pylint: disable=g-import-not-at-top
+
+  if args.quick:
+    name, size, classes, ks, ps = "convnet", 32, 10, (1, 4), (1, 2)
+  else:
+    name, size, classes, ks, ps = "resnet18", 224, 100, (1, 4, 15), (1, 4)
+  image = (size, size, 3)
+  model = build_model(name, 1000 if name == "resnet18" else classes)
+  variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, *image), np.float32))
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  device = jax.devices()[:1]
+  rows = {}
+
+  def measure(key, k, p, unroll, steps):
+    cfg = recover.SynthesisConfig(iterations=2000, adjust_steps=k, jitter=32,
+                                  augment="crop_flip_roll", r_var=2.0)
+    runner = recover.GroupRunner(model, variables, image, mean, std, cfg, device, p,
+                                 unroll=unroll)
+    rows[key] = runner.compile_stats(classes, image, steps)
+    print(f"{key:24s} temp {rows[key]['temp_bytes'] / 2**30:7.3f} GiB   compile "
+          f"{rows[key]['compile_seconds']:7.1f} s", flush=True)
+
+  for p in ps:
+    for form, unroll in (("scan", False), ("unrolled", True)):
+      measure(f"iteration.{form}.P{p}", 1, p, unroll, 1)
+      for k in ks:
+        measure(f"ascent.{form}.K{k}.P{p}", k, p, unroll, None)
+
+  ratio = {f"K{k}.P{p}": round(rows[f"ascent.scan.K{k}.P{p}"]["temp_bytes"]
+                               / rows[f"iteration.scan.P{p}"]["temp_bytes"], 3)
+           for k in ks for p in ps}
+  result = {
+      "provenance": provenance.record(None if argv is None else [__file__, *argv]),
+      "setting": {"model": name, "image": list(image), "classes_per_batch": classes,
+                  "augment": "crop_flip_roll", "devices": 1, "backend": jax.default_backend(),
+                  "quick": args.quick},
+      "programs": rows,
+      "scan_ascent_temp_over_iteration": ratio,
+      "targets": {"scan_temp_within_1_5x_iteration": all(r <= 1.5 for r in ratio.values())},
+  }
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=1) + "\n")
+  print("\n| program | P | temp GiB (scan) | temp GiB (unrolled) | compile s (scan / unrolled) |")
+  print("|---|---|---|---|---|")
+  for p in ps:
+    for k in (None, *ks):
+      base = "iteration" if k is None else "ascent"
+      s, u = (rows[f"{base}.{f}{'' if k is None else f'.K{k}'}.P{p}"] for f in ("scan", "unrolled"))
+      label = "1 iteration" if k is None else f"ascent K={k}"
+      print(f"| {label} | {p} | {s['temp_bytes'] / 2**30:.3f} | {u['temp_bytes'] / 2**30:.3f} | "
+            f"{s['compile_seconds']} / {u['compile_seconds']} |")
+  print(f"\nscan ascent temp / one iteration's: {ratio}\ntargets: {result['targets']}")
+  print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out.name}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,89 @@
+"""The teacher's arithmetic: how accelerators read float32 weights, and how much of DWA's Δθ
+survives it.
+
+Δθ has global norm ρ = 0.015 over a ResNet-18's 11.7 M weights: ~4e-6 a weight, below the
+rounding step of the weights themselves in bfloat16 (7 mantissa bits: the TPU's one-pass default
+for float32 convolutions, and recover.precision='bfloat16') and TF32 (10 bits: Ampere and later
+GPUs' default for float32 convolutions). A layer run on θ + Δθ then sees
+round(θ + Δθ) − round(θ), mostly rounding noise, instead of Δθ. The split by linearity,
+layer(x; θ) + layer(x; Δθ) (synthesis.forward_with_bn_stats, delta_form='split'), rounds each
+tensor relative to its own size, so the layer sees round(Δθ) ≈ Δθ.
+
+`survival` measures this in weight space: the effective perturbation the layers see against the
+intended Δθ, as a norm ratio and a cosine (1 and 1 when nothing is lost). The recover stage
+records it per batch (recover.json `batches[].delta_cosine`, `delta_norm_ratio`; TensorBoard).
+"""
+
+import jax
+import jax.numpy as jnp
+
+BFLOAT16_BITS, TF32_BITS = 7, 10
+EXACT = None  # float32 read as it is
+
+
+def is_kernel_module(subtree) -> bool:
+  """A Conv or Dense layer's parameters ({'kernel'[, 'bias']}); BatchNorm's are scale/bias."""
+  return isinstance(subtree, dict) and "kernel" in subtree
+
+
+def map_modules(fn, params):
+  """`fn(module_params, is_kernel_module)` over every module's parameter dict."""
+  if is_kernel_module(params) or not isinstance(params, dict) or not params or not all(
+      isinstance(v, dict) for v in params.values()):
+    return fn(params, is_kernel_module(params))
+  return {k: map_modules(fn, v) for k, v in params.items()}
+
+
+def round_mantissa(a, bits: int):
+  """float32 `a` rounded to nearest (ties to even) with `bits` explicit mantissa bits, as an
+  accelerator's matmul unit reads it: 7 for bfloat16, 10 for TF32, 23 leaves it as it is."""
+  a = jnp.asarray(a, jnp.float32)
+  if bits >= 23:
+    return a
+  shift = 23 - bits
+  i = jax.lax.bitcast_convert_type(a, jnp.uint32)
+  half = jnp.uint32((1 << (shift - 1)) - 1) + ((i >> shift) & 1)
+  return jax.lax.bitcast_convert_type(((i + half) >> shift) << shift, jnp.float32)
+
+
+def matmul_input_bits(platform: str, compute_dtype: str | None = None) -> int | None:
+  """Mantissa bits with which the teacher's convolutions and matmuls read float32 weights on
+  `platform`: bfloat16 compute, or the TPU's default one bfloat16 pass -> 7; GPUs -> 10 (TF32,
+  XLA's default for float32 convolutions on Ampere and later; an older GPU reads float32
+  exactly, which this does not tell apart); the CPU -> None (exact).
+  `jax_default_matmul_precision` = 'highest' (or 'float32') makes every platform exact."""
+  if compute_dtype == "bfloat16":
+    return BFLOAT16_BITS
+  if str(jax.config.jax_default_matmul_precision or "").lower() in ("highest", "float32"):
+    return EXACT
+  return {"tpu": BFLOAT16_BITS, "gpu": TF32_BITS, "cuda": TF32_BITS,
+          "rocm": TF32_BITS}.get(platform, EXACT)
+
+
+def effective_delta(params, delta, bits: int | None, delta_form: str,
+                    convolutions_only: bool = False):
+  """The perturbation the layers see. Conv/Dense weights (with `convolutions_only`, Conv
+  weights alone) read with `bits` mantissa bits: round(θ + Δθ) − round(θ) ('direct') or
+  round(Δθ) ('split'); everything else (BatchNorm's scale and bias) takes θ + Δθ in float32."""
+  rnd = (lambda a: a) if bits is EXACT else (lambda a: round_mantissa(a, bits))
+  kernel = map_modules(lambda m, is_kernel: jax.tree.map(lambda _: is_kernel, m), params)
+
+  def one(p, d, is_kernel):
+    p, d = p.astype(jnp.float32), d.astype(jnp.float32)
+    if not is_kernel or (convolutions_only and p.ndim < 4):
+      return (p + d) - p
+    return rnd(d) if delta_form == "split" else rnd(p + d) - rnd(p)
+
+  return jax.tree.map(one, params, delta, kernel)
+
+
+def survival(params, delta, bits: int | None, delta_form: str,
+             convolutions_only: bool = False) -> dict:
+  """{'delta_norm_ratio': ‖effective‖ / ‖Δθ‖, 'delta_cosine': cos(effective, Δθ)} over every
+  parameter (a committee's leading teacher axis included)."""
+  effective = effective_delta(params, delta, bits, delta_form, convolutions_only)
+  dot = lambda a, b: sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+                         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  intended, seen = jnp.sqrt(dot(delta, delta)), jnp.sqrt(dot(effective, effective))
+  return {"delta_norm_ratio": seen / intended,
+          "delta_cosine": dot(effective, delta) / (seen * intended)}
