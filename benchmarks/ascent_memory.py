@@ -13,7 +13,11 @@ Target: the scanned ascent's temp bytes stay <= 1.5x one iteration's at every K 
 (`targets.scan_temp_within_1_5x_iteration`). XLA's memory analysis is of the CPU compilation;
 a GPU or TPU compilation schedules differently (benchmarks/accelerator_check.py measures there).
 
-    python benchmarks/ascent_memory.py [--quick] [--out FILE]
+`--time_ascent` adds why the CPU keeps the unrolled form: `cpu_ascent_seconds`, the median of 3
+timed weight adjustments (after one that compiles) of a ResNet-18 with the CIFAR stem, batch 10,
+K = 12, unrolled and scanned, merged into the JSON.
+
+    python benchmarks/ascent_memory.py [--quick] [--time_ascent] [--out FILE]
 """
 
 import argparse
@@ -27,6 +31,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
                       help="ConvNet at 32 px, 10 classes, K in {1, 4}: the plumbing only")
+  parser.add_argument("--time_ascent", action="store_true",
+                      help="only time the CPU ascent, unrolled vs scanned (merged into --out)")
   parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ascent_memory.json"))
   args = parser.parse_args(argv)
   import dwa_jax  # pylint: disable=unused-import,g-import-not-at-top  (XLA options first)
@@ -35,6 +41,8 @@ def main(argv=None):
   from dwa_jax import provenance, recover  # pylint: disable=g-import-not-at-top
   from dwa_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
+  if args.time_ascent:
+    return time_ascent(pathlib.Path(args.out), argv)
   if args.quick:
     name, size, classes, ks, ps = "convnet", 32, 10, (1, 4), (1, 2)
   else:
@@ -86,6 +94,39 @@ def main(argv=None):
       print(f"| {label} | {p} | {s['temp_bytes'] / 2**30:.3f} | {u['temp_bytes'] / 2**30:.3f} | "
             f"{s['compile_seconds']} / {u['compile_seconds']} |")
   print(f"\nscan ascent temp / one iteration's: {ratio}\ntargets: {result['targets']}")
+  print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out.name}")
+
+
+def time_ascent(out: pathlib.Path, argv) -> None:
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from dwa_jax import provenance, recover  # pylint: disable=g-import-not-at-top
+  from dwa_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  model = build_model("resnet18_cifar", 10)
+  variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+  cfg = recover.SynthesisConfig(iterations=4, adjust_steps=12)
+  keys = jax.random.split(recover.batch_key(0, 0, 0))
+  x = np.asarray(jax.random.normal(keys[0], (1, 10, 32, 32, 3)))
+  labels, draws = np.arange(10)[None], [recover.batch_draws(0, 0, 0, cfg, (32, 32))]
+  seconds = {}
+  for form, unroll in (("unrolled", True), ("scan", False)):
+    runner = recover.GroupRunner(model, variables, (32, 32, 3), (0.5,) * 3, (0.25,) * 3, cfg,
+                                 jax.devices()[:1], 1, unroll=unroll)
+    times = []
+    for _ in range(4):  # the first compiles
+      started = time.perf_counter()
+      group, _ = runner.start(x, labels, [keys[1]], draws)
+      jax.block_until_ready(group.state.delta)
+      times.append(time.perf_counter() - started)
+    seconds[form] = round(sorted(times[1:])[1], 3)
+    print(f"ascent K=12, batch 10, {form}: {seconds[form]} s", flush=True)
+  result = json.loads(out.read_text()) if out.exists() else {}
+  result["cpu_ascent_seconds"] = {"setting": "resnet18_cifar, 32 px, batch 10, K = 12, one CPU "
+                                             "device; median of 3 after a compiling run",
+                                  **seconds, "provenance": provenance.record(
+                                      None if argv is None else [__file__, *argv])}
+  out.write_text(json.dumps(result, indent=1) + "\n")
   print(f"wrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out.name}")
 
 

@@ -85,29 +85,14 @@ def time_steps(stage: str, num_devices: int, sync: bool, args) -> dict:
     prepare, loss = squeeze.teacher_input("crop_flip", mean, std), squeeze.cross_entropy
   else:
     teacher = build_model(args.model, 10)
-    aux = layout.replicate((teacher.init(jax.random.key(1), np.zeros((1, size, size, channels),
-                                                                    np.float32)),))
+    aux = (teacher.init(jax.random.key(1), np.zeros((1, size, size, channels), np.float32)),)
     c.relabel.temperature = 4.0
     prepare = relabel.student_input(c.relabel, (teacher,), mean, std, 10)
     loss = relabel.student_loss(c.relabel)
   trainer = train_loop.Trainer(model, recipe, prepare=prepare, loss=loss, mean=mean, std=std,
                                layout=layout, pipeline=input_pipeline.PipelineConfig())
-  state = layout.replicate(train_loop.create_state(model, jax.random.key(0), images.shape[1:],
-                                                   trainer.tx))
-  batches = input_pipeline.train_batches(images, labels, batch_size=args.batch, seed=0, epochs=1,
-                                         shard_multiple=layout.num_devices)
-  key = jax.random.key(0)
-  state, value = trainer.step(state, next(batches), key, aux, 0.01)  # compiles
-  jax.block_until_ready(value)
-  started = time.perf_counter()
-  for i in range(args.steps):
-    state, value = trainer.step(state, next(batches), jax.random.fold_in(key, i + 1), aux, 0.01)
-  jax.block_until_ready(value)
-  seconds = time.perf_counter() - started
   return {"stage": stage, "devices": num_devices, "sync_batch_norm": sync,
-          "steps_per_second": round(args.steps / seconds, 3),
-          "images_per_second": round(args.steps * args.batch / seconds, 1),
-          "step_compilations": trainer.compilations()["train_step"]}
+          **train_loop.time_steps(trainer, images, labels, steps=args.steps, aux=aux)}
 
 
 def relabel_run(args) -> dict:

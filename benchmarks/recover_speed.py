@@ -36,7 +36,6 @@ import time
 
 import numpy as np
 
-SPEC_TORCH_SECONDS = {100: 1.19, 10: 0.146}  # authors' code, fp32, 2 threads (SPEC.md, measured)
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
@@ -69,61 +68,46 @@ def teacher(num_classes: int, image_size: int = 32, model_name: str = "resnet18_
   return model, variables
 
 
-def time_engine(batch: int, iterations: int, adjust_steps: int, repeats: int) -> dict:
-  """One jitted iteration (SRe2L and DWA share it: Δθ is fixed within a batch) and one DWA
-  adjustment, each timed as a median; whole-batch costs follow from them."""
+def jax_method(batch: int, method: str, iterations: int = 1000, adjust_steps: int = 12):
+  """The recover stage's program for `method` (GroupRunner on one device: what the stage runs),
+  ResNet-18 with the CIFAR stem at 32 px, `batch` classes. Returns (run, info): run() advances
+  one block of ITERATION_BLOCK iterations and waits for it (restarting the batch before the
+  schedule's end); info holds the iteration's FLOPs (XLA's cost analysis) and, for DWA, the
+  seconds of the weight adjustment (median of 3 after a compiling one)."""
   import jax
-  import jax.numpy as jnp
   from dwa_jax import recover
   model, variables = teacher(batch)
-  mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-  bn_paths = recover.bn_layer_paths(model, variables, (32, 32, 3))
-  x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3))
-  labels = jnp.arange(batch)
-  key = jax.random.key(2)
-  out = {}
-  for method in ("sre2l", "dwa"):
-    cfg = recover.SynthesisConfig(method=method, iterations=iterations, adjust_steps=adjust_steps,
-                                  r_var=1.0 if method == "sre2l" else 11.0)
-    offsets = recover.draw_jitter_offsets(key, iterations, cfg.jitter)
-    start = jax.jit(lambda v, x: recover.start_batch(model, v, x, labels, key, offsets,
-                                                     bn_paths=bn_paths, cfg=cfg))
-    block = recover.ITERATION_BLOCK  # as make_synthesizer and the recover stage run them
-    step = jax.jit(lambda v, s: recover.run_iterations(
-        model, v, s, labels, key, offsets, block, bn_paths=bn_paths, pixel_mean=mean,
-        pixel_std=std, cfg=cfg, unroll=True))
-    state, _ = start(variables, x)
-    flops = step.lower(variables, state).compile().cost_analysis()["flops"] / block
-    holder = {"s": state}
+  cfg = recover.SynthesisConfig(method=method, iterations=iterations, adjust_steps=adjust_steps,
+                                r_var=1.0 if method == "sre2l" else 11.0)
+  runner = recover.GroupRunner(model, variables, (32, 32, 3), (0.5,) * 3, (0.25,) * 3, cfg,
+                               jax.devices()[:1], 1)
+  keys = jax.random.split(recover.batch_key(0, 0, 0))
+  inputs = (np.asarray(jax.random.normal(keys[0], (1, batch, 32, 32, 3))), np.arange(batch)[None],
+            [keys[1]], [recover.batch_draws(0, 0, 0, cfg, (32, 32))])
+  block = recover.ITERATION_BLOCK
+  holder = {"group": runner.start(*inputs)[0]}
 
-    def one_block():
-      holder["s"], m = step(variables, holder["s"])
-      jax.block_until_ready(m)
+  def start():
+    holder["group"] = runner.start(*inputs)[0]
+    jax.block_until_ready(holder["group"].state.x)
 
-    # Median over blocks of `block` iterations, per iteration.
-    seconds = median_seconds(one_block, max(5, -(-repeats // block))) / block
-    adjust = 0.0
-    if method == "dwa":
-      adjust = median_seconds(lambda: jax.block_until_ready(start(variables, x)),
-                              max(3, repeats // 5))
-    out[method] = {"seconds_per_iteration": seconds, "gflop_per_iteration": flops / 1e9,
-                   "gflops": flops / 1e9 / seconds, "adjust_seconds": adjust}
-  it = out["sre2l"]["seconds_per_iteration"]
-  dwa_batch = out["dwa"]["adjust_seconds"] + iterations * out["dwa"]["seconds_per_iteration"]
-  out["dwa_overhead"] = dwa_batch / (iterations * it) - 1
-  # The adjustment's share alone: DWA and SRe2L iterations run the same program (Δθ is added once
-  # per block), so their measured difference is timing noise.
-  out["adjust_share"] = out["dwa"]["adjust_seconds"] / (iterations * it)
-  out["k_over_t"] = adjust_steps / iterations
-  return out
+  def run():
+    if holder["group"].t + block > iterations:
+      start()
+    runner.advance(holder["group"], block)  # returns host metrics: the block has finished
+
+  run()  # compiles
+  info = {"gflop_per_iteration": runner.cost_analysis(holder["group"], block)["flops"] / block / 1e9,
+          "adjust_seconds": median_seconds(start, 3, warmup=1) if method == "dwa" else 0.0}
+  return run, info
 
 
-def time_torch(batch: int, repeats: int, weight_grads: bool = False) -> float | None:
-  """One synthesis iteration in PyTorch: BN-input hooks, CE + BN loss, backward, Adam on the
-  pixels. weight_grads=False: our loop, backward to the pixels only (the fair comparison with
-  the engine, which computes no weight gradients). weight_grads=True: the authors' loop as they
-  run it, where the teacher's parameters keep requires_grad and backward also computes every
-  weight gradient (SPEC.md)."""
+def torch_loop(batch: int, weight_grads: bool = False):
+  """One synthesis iteration in PyTorch, as a callable (None without torch): BN-input hooks,
+  CE + BN loss, backward, Adam on the pixels. weight_grads=False: our loop, backward to the
+  pixels only (the fair comparison with the engine, which computes no weight gradients).
+  weight_grads=True: the authors' loop as they run it, where the teacher's parameters keep
+  requires_grad and backward also computes every weight gradient (SPEC.md)."""
   try:
     import torch
     import torchvision
@@ -159,7 +143,113 @@ def time_torch(batch: int, repeats: int, weight_grads: bool = False) -> float | 
     loss.backward()
     opt.step()
 
-  return median_seconds(iteration, repeats)
+  iteration()
+  return iteration
+
+
+def spread(values) -> dict:
+  """median, min and max of a list of per-round values."""
+  return {"median": statistics.median(values), "min": min(values), "max": max(values),
+          "rounds": [round(v, 5) for v in values]}
+
+
+def interleaved(batch: int, rounds: int, iterations_per_round: int) -> dict:
+  """SRe2L and DWA iterations of the engine, our PyTorch loop and the authors' loop, timed in
+  turns: each round times every method once over the same number of iterations, in an order
+  that reverses every round (JAX, torch, authors', ..., then back), so that a slower or busier
+  stretch of the machine falls on every method alike. Also the matmul peak each round.
+  Returns per-method seconds per iteration (median, min-max over rounds), and per-round ratios."""
+  runs, info = {}, {}
+  for method in ("sre2l", "dwa"):
+    runs[method], info[method] = jax_method(batch, method)
+  for name, grads in (("torch_loop", False), ("authors_loop", True)):
+    loop = torch_loop(batch, grads)
+    if loop is not None:
+      runs[name] = loop
+  block = 4  # recover.ITERATION_BLOCK
+  calls = {name: max(1, iterations_per_round // block) if name in ("sre2l", "dwa")
+           else iterations_per_round for name in runs}
+  per_iteration = {name: [] for name in runs}
+  peaks = []
+  order = list(runs)
+  for r in range(rounds):
+    peaks.append(matmul_peak_gflops(3))
+    for name in (order if r % 2 == 0 else order[::-1]):
+      started = time.perf_counter()
+      for _ in range(calls[name]):
+        runs[name]()
+      done = calls[name] * (block if name in ("sre2l", "dwa") else 1)
+      per_iteration[name].append((time.perf_counter() - started) / done)
+  out = {"seconds_per_iteration": {n: spread(v) for n, v in per_iteration.items()},
+         "matmul_peak_gflops": spread(peaks), "engine": info}
+  ratios = {}
+  dwa = per_iteration["dwa"]
+  ratios["dwa_vs_sre2l"] = spread([d / s for d, s in zip(dwa, per_iteration["sre2l"])])
+  for name, key in (("authors_loop", "dwa_vs_authors_loop"), ("torch_loop", "dwa_vs_torch_loop")):
+    if name in per_iteration:
+      ratios[key] = spread([o / d for o, d in zip(per_iteration[name], dwa)])
+      ratios["sre2l" + key[3:]] = spread([o / s for o, s in zip(per_iteration[name],
+                                                                 per_iteration["sre2l"])])
+  out["ratios"] = ratios
+  for method in ("sre2l", "dwa"):
+    seconds = out["seconds_per_iteration"][method]["median"]
+    flops = info[method]["gflop_per_iteration"]
+    info[method]["gflops"] = flops / seconds
+    info[method]["percent_of_matmul_peak"] = 100 * flops / seconds / out["matmul_peak_gflops"]["median"]
+  return out
+
+
+def iteration_parts(batch: int, repeats: int) -> dict:
+  """Where a DWA iteration's time goes (ResNet-18, CIFAR stem, the direct θ + Δθ the CPU runs):
+  the teacher's forward with the loss (CE + BN matching), the backward to the pixels, each as its
+  own jitted program (median of `repeats`), with XLA's FLOPs; and the same parts of the PyTorch
+  loops (forward, backward to the pixels, backward with every weight gradient)."""
+  import jax
+  import jax.numpy as jnp
+  from dwa_jax import recover
+  model, variables = teacher(batch)
+  cfg = recover.SynthesisConfig(method="dwa")
+  bn_paths = recover.bn_layer_paths(model, variables, (32, 32, 3))
+  labels = jnp.arange(batch)
+  x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3))
+  draws = recover.batch_draws(0, 0, 0, cfg, (32, 32))
+  state, _ = jax.jit(lambda v, x: recover.start_batch(model, v, x, labels, jax.random.key(0),
+                                                      draws, bn_paths=bn_paths, cfg=cfg))(
+                                                          variables, x)
+  weights = state.weights
+  layer_w = recover.bn_layer_weights(len(bn_paths), cfg.first_bn_weight)
+  loss = lambda x: recover.synthesis_loss(model, weights, variables["batch_stats"],
+                                          jnp.roll(x, (1, 2), (1, 2)), labels, bn_paths, layer_w,
+                                          cfg)[0]
+  out = {}
+  for name, fn in (("forward", jax.jit(loss)), ("forward_backward", jax.jit(jax.grad(loss)))):
+    seconds = median_seconds(lambda fn=fn: jax.block_until_ready(fn(x)), repeats)
+    flops = fn.lower(x).compile().cost_analysis()["flops"] / 1e9
+    out[name] = {"seconds": seconds, "gflop": flops, "gflops": flops / seconds}
+  out["backward"] = {k: out["forward_backward"][k] - out["forward"][k] for k in ("seconds", "gflop")}
+  out["backward"]["gflops"] = out["backward"]["gflop"] / out["backward"]["seconds"]
+  try:
+    import torch
+    import torchvision
+  except ImportError:
+    return out
+  net = torchvision.models.resnet18(num_classes=batch)
+  net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+  net.maxpool = torch.nn.Identity()
+  net.eval()
+  xt = torch.randn(batch, 3, 32, 32, requires_grad=True)
+  labels_t = torch.arange(batch)
+  forward = lambda: torch.nn.functional.cross_entropy(net(torch.roll(xt, (1, 2), (2, 3))), labels_t)
+  for p in net.parameters():
+    p.requires_grad_(False)
+  with torch.no_grad():
+    out["torch_forward"] = {"seconds": median_seconds(forward, repeats)}
+  out["torch_forward_backward"] = {"seconds": median_seconds(lambda: forward().backward(), repeats)}
+  for p in net.parameters():
+    p.requires_grad_(True)
+  out["torch_forward_backward_weights"] = {
+      "seconds": median_seconds(lambda: forward().backward(), repeats)}
+  return out
 
 
 def scaling_child(n_devices: int) -> None:
@@ -251,13 +341,28 @@ def child_json(args: list[str], env: dict, timeout: float):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def stock_engine(batch: int, iterations: int, adjust_steps: int, repeats: int) -> dict:
-  """time_engine in a child process that runs with XLA's stock CPU options."""
+def stock_engine(batch: int, rounds: int, iterations_per_round: int) -> dict:
+  """The engine's SRe2L and DWA iterations, timed in a child process that runs with XLA's stock
+  CPU options (what the tuned ones in dwa_jax/xla_cpu.py buy)."""
   from dwa_jax import xla_cpu
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env[xla_cpu.OPT_OUT] = "0"
-  return child_json(["--engine-child", json.dumps([batch, iterations, adjust_steps, repeats])],
+  return child_json(["--engine-child", json.dumps([batch, rounds, iterations_per_round])],
                     env, timeout=3600)
+
+
+def engine_only(batch: int, rounds: int, iterations_per_round: int) -> dict:
+  """SRe2L and DWA iterations in turns (as `interleaved`, without PyTorch)."""
+  runs = {method: jax_method(batch, method)[0] for method in ("sre2l", "dwa")}
+  seconds = {method: [] for method in runs}
+  calls = max(1, iterations_per_round // 4)
+  for r in range(rounds):
+    for method in (("sre2l", "dwa") if r % 2 == 0 else ("dwa", "sre2l")):
+      started = time.perf_counter()
+      for _ in range(calls):
+        runs[method]()
+      seconds[method].append((time.perf_counter() - started) / (4 * calls))
+  return {method: spread(v) for method, v in seconds.items()}
 
 
 def scaling_table(counts=(1, 2, 4, 8)) -> list[dict]:
@@ -297,7 +402,7 @@ def main():
   if args.scaling_child:
     return scaling_child(args.scaling_child)
   if args.engine_child:
-    print(json.dumps(time_engine(*json.loads(args.engine_child))))
+    print(json.dumps(engine_only(*json.loads(args.engine_child))))
     return None
 
   import jax
@@ -318,47 +423,24 @@ def main():
       out.write_text(json.dumps(results, indent=1, default=float) + "\n")
       print(f"wrote {out}")
       return None
-  repeats = 3 if args.quick else 20
+  rounds = 2 if args.quick else 7
   batches = (10,) if args.quick else (100, 10)
-  iterations, k = 1000, 12
+  per_round = {10: 12 if args.quick else 40, 100: 8}
   print(f"jax {jax.__version__} on {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; median of {repeats}")
-  peak = matmul_peak_gflops(repeats)
+        f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; {rounds} interleaved rounds")
   results = {"provenance": provenance.record(),
-             "jax": jax.__version__, "cpu_count": os.cpu_count(), "repeats": repeats,
-             "xla_flags": os.environ.get("XLA_FLAGS", ""), "matmul_peak_gflops": peak,
-             "engine": {}, "engine_stock_xla": {}, "torch": {}}
-  print(f"fp32 matmul peak: {peak:.0f} GFLOP/s")
-  header = (f"{'batch':>5} {'method':>12} {'s/iter':>8} {'GFLOP/it':>9} {'GFLOP/s':>8} "
-            f"{'%peak':>6} {'adjust s':>9} {'torch s/it':>10} {'speed-up':>8}  (torch: our loop, no weight gradients)")
-  print(header)
+             "jax": jax.__version__, "cpu_count": os.cpu_count(), "rounds": rounds,
+             "xla_flags": os.environ.get("XLA_FLAGS", ""), "by_batch": {},
+             "engine_stock_xla": {}}
   for batch in batches:
-    runs = {"engine": time_engine(batch, iterations, k, repeats)}
+    row = interleaved(batch, rounds, per_round[batch])
+    row["parts"] = iteration_parts(batch, 3 if args.quick else 10)
     if args.compare_stock:
-      runs["engine_stock_xla"] = stock_engine(batch, iterations, k, repeats)
-    torch_s = time_torch(batch, repeats)
-    results["torch"][batch] = torch_s
-    authors_s = time_torch(batch, repeats, weight_grads=True)
-    results.setdefault("torch_authors_loop", {})[batch] = authors_s
-    reference = torch_s or SPEC_TORCH_SECONDS[batch]
-    for kind, r in runs.items():
-      results[kind][batch] = r
-      for method in ("sre2l", "dwa"):
-        m = r[method]
-        label = method + ("" if kind == "engine" else "/stock")
-        print(f"{batch:>5} {label:>12} {m['seconds_per_iteration']:>8.4f} "
-              f"{m['gflop_per_iteration']:>9.2f} {m['gflops']:>8.1f} "
-              f"{100 * m['gflops'] / peak:>5.1f}% {m['adjust_seconds']:>9.3f} "
-              f"{reference:>9.3f}{'' if torch_s else '*'} "
-              f"{reference / m['seconds_per_iteration']:>7.2f}x")
-      if authors_s and kind == "engine":
-        print(f"      vs the authors' loop (with weight gradients, {authors_s:.3f} s/it): "
-              f"{authors_s / r['sre2l']['seconds_per_iteration']:.2f}x")
-      print(f"      {kind}: DWA whole-batch overhead over SRe2L (T={iterations}, K={k}): "
-            f"{100 * r['dwa_overhead']:.2f}%, of which the adjustment "
-            f"{100 * r['adjust_share']:.2f}% (target <= K/T + 1% = {100 * r['k_over_t'] + 1:.2f}%)")
-  if None in results["torch"].values():
-    print("* torch not importable here: the authors' loop as measured in SPEC.md on this CPU kind")
+      results["engine_stock_xla"][batch] = stock_engine(batch, rounds, per_round[batch])
+    results["by_batch"][batch] = row
+    print_batch(batch, row)
+  if not any("authors_loop" in r["seconds_per_iteration"] for r in results["by_batch"].values()):
+    print("torch not importable here: no PyTorch comparison")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   if args.quick:
@@ -376,6 +458,25 @@ def main():
           f"{str(row['bit_identical_to_2_devices']):>11} "
           f"{row['max_abs_difference_to_1_device']:>19.3g}")
   write_results(out, results)
+
+
+def print_batch(batch: int, row: dict) -> None:
+  """The batch's table: seconds per iteration (median, min-max), and DWA's speed-up."""
+  seconds, ratios = row["seconds_per_iteration"], row["ratios"]
+  peak = row["matmul_peak_gflops"]
+  print(f"\nbatch {batch}: matmul peak {peak['median']:.0f} GFLOP/s "
+        f"({peak['min']:.0f}-{peak['max']:.0f})")
+  print("| method | s/iteration (median) | min-max | GFLOP/s | % of peak |")
+  print("|---|---|---|---|---|")
+  for name, s in seconds.items():
+    engine = row["engine"].get(name, {})
+    extra = (f"{engine['gflops']:.0f} | {engine['percent_of_matmul_peak']:.0f} %" if engine
+             else "| ")
+    print(f"| {name} | {s['median']:.4f} | {s['min']:.4f}-{s['max']:.4f} | {extra} |")
+  for key, r in ratios.items():
+    print(f"{key}: {r['median']:.3f}x ({r['min']:.3f}-{r['max']:.3f})")
+  parts = row["parts"]
+  print("parts (s): " + ", ".join(f"{k} {v['seconds']:.4f}" for k, v in parts.items()))
 
 
 def write_results(out: pathlib.Path, results: dict) -> None:

@@ -174,6 +174,33 @@ class Trainer:
                checkpoints=checkpoints, leave_bar=leave_bar)
 
 
+def time_steps(trainer: Trainer, images, labels, *, steps: int, aux=None, seed: int = 0,
+               learning_rate: float = 0.01) -> dict:
+  """Throughput of `trainer`'s step on `images`/`labels` (an array or a data.ImageSource, read
+  through the trainer's input pipeline): one step that compiles, then `steps` timed steps.
+  Returns steps and images per second, and the step's compilations so far."""
+  batch_size = trainer.recipe.batch_size
+  state = trainer.layout.replicate(create_state(trainer.model, jax.random.key(seed),
+                                                images.shape[1:], trainer.tx))
+  batches = input_pipeline.train_batches(images, labels, batch_size=batch_size, seed=seed,
+                                         epochs=-(-batch_size * (steps + 1) // len(labels)),
+                                         pipeline=trainer.pipeline,
+                                         shard_multiple=trainer.layout.num_devices)
+  key = jax.random.key(seed)
+  aux = None if aux is None else trainer.layout.replicate(aux)
+  state, loss = trainer.step(state, next(batches), key, aux, np.float32(learning_rate))
+  jax.block_until_ready(loss)
+  started = time.perf_counter()
+  for i in range(steps):
+    state, loss = trainer.step(state, next(batches), jax.random.fold_in(key, i + 1), aux,
+                               np.float32(learning_rate))
+  jax.block_until_ready(loss)
+  seconds = time.perf_counter() - started
+  return {"steps_per_second": round(steps / seconds, 3),
+          "images_per_second": round(steps * batch_size / seconds, 1),
+          "step_compilations": trainer.compilations()["train_step"]}
+
+
 def fit(trainer: Trainer, state: TrainState, batches, *, key, aux, epochs: int,
         steps_per_epoch: int, learning_rate: Callable, evaluate: Callable[[dict], float],
         evaluate_after: set, log: files.MetricsLog, log_name: str, desc: str,

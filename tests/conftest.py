@@ -1,8 +1,12 @@
-"""Test setup: 8 forced CPU devices and stock XLA options (set before JAX starts), shared data."""
+"""Test setup: the CPU with 8 forced devices and stock XLA options (set before JAX starts),
+shared data."""
 
 import os
 import pathlib
 
+# The CPU, also on a machine with a GPU or TPU: the forced host devices below, the float64 parity
+# and the tolerances are CPU facts (benchmarks/accelerator_check.py measures accelerators).
+os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 # The suite runs with XLA's stock CPU options: the tuned ones (dwa_jax/xla_cpu.py) make float64

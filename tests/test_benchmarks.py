@@ -46,15 +46,23 @@ def test_recover_speed_quick(tmp_path):
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
-  for kind in ("engine", "engine_stock_xla"):
-    engine = result[kind]["10"]
-    assert engine["sre2l"]["gflop_per_iteration"] > 10  # ResNet-18 fwd + input grad, batch 10
-    assert engine["dwa"]["adjust_seconds"] > 0
-  assert result["matmul_peak_gflops"] > 0
+  row = result["by_batch"]["10"]
+  for method in ("sre2l", "dwa"):
+    seconds = row["seconds_per_iteration"][method]
+    assert seconds["min"] <= seconds["median"] <= seconds["max"] and len(seconds["rounds"]) == 2
+    assert row["engine"][method]["gflop_per_iteration"] > 10  # ResNet-18 fwd + input grad, batch 10
+  assert row["engine"]["dwa"]["adjust_seconds"] > 0
+  assert row["matmul_peak_gflops"]["median"] > 0
+  assert {"dwa_vs_sre2l"} <= set(row["ratios"])
+  if "authors_loop" in row["seconds_per_iteration"]:  # torch installed
+    assert {"dwa_vs_authors_loop", "dwa_vs_torch_loop"} <= set(row["ratios"])
+  assert row["parts"]["backward"]["seconds"] > 0
+  for method in ("sre2l", "dwa"):
+    assert result["engine_stock_xla"]["10"][method]["median"] > 0
   from dwa_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   if xla_cpu.jaxlib_is_measured():
     assert set(xla_cpu.TUNED_FLAGS) <= set(result["xla_flags"].split())
-  assert "s/iter" in proc.stdout and "sre2l/stock" in proc.stdout
+  assert "dwa_vs_sre2l" in proc.stdout
   packing = result["packing"]
   assert [r["batches_per_device"] for r in packing] == [1, 2]
   for row in packing:  # (same images: tests/test_recover.py and test_scale.py check that)
@@ -296,3 +304,32 @@ def test_protocol_benchmark_keeps_one_json_to_one_base_sets(tmp_path):
   for recorded in (None, {**sets, "dwa": "c" * 64}):
     with pytest.raises(app.UsageError, match="other base sets"):
       protocol_cifar10.check_base_sets(out, {"rows": {"x/base": {}}, "base_sets": recorded}, sets)
+
+
+def test_accelerator_check_quick(tmp_path):
+  """benchmarks/accelerator_check.py --quick: every section runs on the CPU with tiny sizes and
+  lands in the JSON; each engine program compiles once; scan and unrolled agree."""
+  out = tmp_path / "accelerator.json"
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "DWA_JAX_XLA_DEFAULTS")}
+  proc = subprocess.run([sys.executable, "benchmarks/accelerator_check.py", "--quick",
+                         f"--out={out}"], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["backend"] == "cpu" and result["provenance"]["command"].startswith("python ")
+  assert len(result["engine"]) == 2
+  for key, row in result["engine"].items():
+    assert "skipped" not in row, (key, row)
+    assert row["compilations"] == {"start": 1, "advance": 1}, (key, row)
+    assert row["seconds_per_iteration"] > 0 and np.isfinite(row["final_ce"])
+  precision = result["precision"]
+  assert precision["float32"]["delta_form"] == "direct"
+  assert precision["bfloat16"]["delta_form"] == "split"
+  assert precision["bfloat16"]["delta_cosine"] >= 0.99
+  assert precision["logit_effect"]["float32_direct"]["cosine"] > 0.999  # the CPU is exact
+  assert result["scan_vs_unrolled"]["max_abs_pixel_difference"] < 1e-3
+  assert result["repeat"]["bytes_equal"] is True  # one CPU, one program: the same bytes
+  assert result["checkpoint"]["seconds_per_save"] > 0
+  for key in ("squeeze.workers0", "relabel.workers1", "evaluation.workers0"):
+    assert result["training"][key]["images_per_second"] > 0
+  assert "| engine |" in proc.stdout

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dwa_jax import main as main_lib
 from dwa_jax import presets, recover, relabel, squeeze, train_loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
