@@ -15,24 +15,63 @@
 # %% [markdown]
 # # dwa_jax: DWA and SRe2L dataset distillation in JAX
 #
-# This notebook installs `dwa_jax` (on Colab: set `DWA_REPO_URL` to the git URL of the
-# repository; `pip install git+URL` brings the package and its `configs/`), checks the runtime, runs the digits demo end to end
+# This notebook installs `dwa_jax`, checks the runtime, runs the digits demo end to end
 # (teacher → SRe2L and DWA synthesis → students with online soft labels → results table), shows
 # the synthetic images, and then explains how to run the CIFAR-100 / ImageNet configs on a GPU or
-# TPU runtime. `DWA_SMOKE=1` shrinks every size so the notebook test can run it in minutes.
+# TPU runtime. The first cell installs the package from the clone this notebook sits in, or
+# else from `REPO_URL` (the repository's git URL: fill it in when the notebook is opened on its
+# own, e.g. on Colab from GitHub), together with JAX's own build for the runtime's accelerator
+# (`jax[cuda12]`, `jax[tpu]`). `DWA_SMOKE=1` shrinks every size so the notebook test can run it
+# in minutes.
 
 # %%
+import glob
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
+# JAX takes 75 % of a GPU's memory when it starts; the command-line cells below start more
+# JAX processes, so this kernel allocates as it goes instead.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 SMOKE = os.environ.get("DWA_SMOKE") == "1"
-IN_COLAB = "google.colab" in sys.modules
-REPO_URL = os.environ.get("DWA_REPO_URL", "")  # the repository: a git URL (or a local folder)
-INSTALL = IN_COLAB or os.environ.get("DWA_INSTALL") == "1"  # its test installs as Colab would
-if INSTALL and REPO_URL:
-  spec = REPO_URL if os.path.isdir(REPO_URL) else f"git+{REPO_URL}"
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", spec], check=True)
+REPO_URL = os.environ.get("DWA_REPO_URL", "")  # @param {type:"string"}
+
+
+def find_clone():
+  """The dwa_jax clone around the working directory (a notebook opened from a clone), or None."""
+  for folder in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents):
+    project = folder / "pyproject.toml"
+    if project.is_file() and 'name = "dwa_jax"' in project.read_text():
+      return folder
+  return None
+
+
+def jax_for_runtime():
+  """JAX's install extra for this runtime's accelerator, so that pip keeps JAX and its CUDA
+  plugin or libtpu consistent (the way JAX documents installing it)."""
+  if shutil.which("nvidia-smi"):
+    return ["jax[cuda12]"]
+  if os.environ.get("COLAB_TPU_ADDR") or os.environ.get("TPU_NAME") or glob.glob("/dev/accel*") \
+      or glob.glob("/dev/vfio/[0-9]*"):
+    return ["jax[tpu]"]
+  return []
+
+
+try:
+  import dwa_jax  # already installed (e.g. a Jupyter kernel in the project's environment)
+except ImportError:
+  clone = find_clone()
+  if clone is not None:
+    source = str(clone)
+  elif REPO_URL:
+    source = REPO_URL if os.path.isdir(REPO_URL) else f"git+{REPO_URL}"
+  else:
+    raise SystemExit("dwa_jax is not installed and this notebook is not inside a clone of it: "
+                     "set REPO_URL in this cell to the repository's git URL and run it again")
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", source, *jax_for_runtime()],
+                 check=True)
 
 # %% [markdown]
 # ## Runtime check
@@ -95,12 +134,28 @@ print((workdir / "results.md").read_text())
 command = [sys.executable, "-m", "dwa_jax.main", "--config=configs/demo_digits.py",
            "--workdir=workdir/cli_demo", "--config.stage=squeeze",
            f"--config.teacher.epochs={1 if SMOKE else 5}"]
-print(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+# This kernel holds the accelerator (a TPU's chips open in one process only), and the tiny
+# digits teacher needs none: the command runs on the CPU.
+print(subprocess.run(command, check=True, capture_output=True, text=True,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout)
 
 # %% [markdown]
 # ## CIFAR-100 and ImageNet on a GPU / TPU runtime
 #
-# CIFAR-100 comes from `tensorflow-datasets` (`tfds.data_source`, no TensorFlow needed):
+# Run the stages in this kernel, which already holds the accelerator (a second JAX process
+# cannot open a TPU's chips while this one has them):
+#
+# ```
+# from dwa_jax.configs import cifar100_dwa
+# config = cifar100_dwa.get_config()
+# config.data_dir = "/content/tfds"
+# dwa_main.run_stages(config, pathlib.Path("/content/cifar100"))
+# ```
+#
+# or from the command line in a fresh runtime (*Runtime → Restart session*, then no cell that
+# imports JAX). CIFAR-100 comes from `tensorflow-datasets` (read with `tfds.data_source`, no
+# TensorFlow needed); the first run downloads and prepares it, in a child process that sees no
+# accelerator (preparing imports TensorFlow, which would take GPU memory from JAX):
 #
 # ```
 # !python -m dwa_jax.main --config=configs/cifar100_dwa.py --workdir=/content/cifar100 \

@@ -78,6 +78,10 @@ def load_npz_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a state dict saved as `np.savez(path, **{name: array})`."""
   if not pathlib.Path(path).exists():
     raise StateDictError(f"State dict file not found: {path}")
+  with open(path, "rb") as f:
+    if not f.read(4).startswith(b"PK"):  # an .npz is a zip archive
+      raise StateDictError(f"{path} is not a .npz state dict (it is not a zip archive); a teacher "
+                           "file is a .npz, .safetensors or .pth/.pt state dict")
   with files.reading(path, "state dict", error=StateDictError):  # a damaged zip or npy member
     with np.load(path, allow_pickle=False) as data:
       return strip_prefix({k: data[k] for k in data.files})
@@ -247,6 +251,24 @@ def load_workdir_state_dict(path: str) -> dict[str, np.ndarray]:
   except squeeze.TeacherError as e:
     raise StateDictError(str(e)) from None
   return variables_to_state_dict(variables)
+
+
+def check_state_dict_file(path: str, field: str) -> None:
+  """Raises StateDictError unless `path` (config `field`) is a state-dict file or squeeze
+  workdir that exists here, in a format load_state_dict reads."""
+  path = str(path)
+  if os.path.isdir(path):
+    if not os.path.exists(os.path.join(path, "teacher", "teacher.json")):
+      raise StateDictError(f"{field}: {path} is a folder without a complete teacher "
+                           "checkpoint (teacher/teacher.json)")
+    return
+  if not path.endswith((".npz", ".safetensors", ".pth", ".pt")):
+    raise StateDictError(f"Unsupported state dict format {path!r}: use .npz, .safetensors, .pth, "
+                         ".pt or a squeeze workdir.")
+  if not os.path.exists(path):
+    raise StateDictError(f"State dict file not found: {path}")
+  if not os.access(path, os.R_OK):
+    raise StateDictError(f"Cannot read state dict {path}: permission denied")
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:

@@ -22,6 +22,8 @@ import hashlib
 import io
 import os
 import pathlib
+import subprocess
+import sys
 import zipfile
 from typing import Any, Sequence
 
@@ -29,7 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm import auto as tqdm
 
-from dwa_jax import files
+from dwa_jax import files, xla_cpu
 
 NORMALISATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -357,7 +359,45 @@ def tfds_builder(name: str, data_dir: str | None):
                     "train/val tars in DIR/downloads/manual and run `tfds build imagenet2012 "
                     "--data_dir=DIR --file_format=array_record` (pip install 'dwa_jax[prepare]' "
                     "first), then pass --config.data_dir=DIR.")
-  try:  # what tfds.data_source does on a first run: download, then prepare as ArrayRecord
+  if xla_cpu.accelerator_expected(os.environ):
+    _prepare_in_child(name, data_dir)
+    return tfds.builder(name, data_dir=data_dir or None)
+  return prepare_tfds(name, data_dir)
+
+
+def _prepare_in_child(name: str, data_dir: str | None) -> None:
+  """prepare_tfds in a child process that sees no accelerator: preparing imports TensorFlow,
+  which would otherwise take GPU memory (or the TPU chips) from this process's JAX."""
+  env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+      [sys.executable, "-c", "import sys; from dwa_jax import data; "
+       "data.prepare_tfds_main(sys.argv[1], sys.argv[2])", name, data_dir or ""],
+      env=env, capture_output=True, text=True, check=False)
+  if proc.returncode:
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(CHILD_ERROR)]
+    raise DataError(lines[-1][len(CHILD_ERROR):] if lines else
+                    f"preparing tfds data set {name!r} failed in a child process (exit status "
+                    f"{proc.returncode}): {proc.stderr.strip()[-500:]}")
+
+
+CHILD_ERROR = "dwa_jax prepare: "
+
+
+def prepare_tfds_main(name: str, data_dir: str) -> None:
+  """The child of _prepare_in_child: prepares, or prints the DataError and exits 2."""
+  try:
+    prepare_tfds(name, data_dir or None)
+  except DataError as e:
+    print(CHILD_ERROR + str(e).replace("\n", " "), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def prepare_tfds(name: str, data_dir: str | None):
+  """Downloads `name` and prepares it as ArrayRecord in this process (what tfds.data_source
+  does on a first run); every failure a DataError that says what to do."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
+  try:
     builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
     builder.download_and_prepare()
   except Exception as e:  # pylint: disable=broad-except

@@ -14,80 +14,12 @@ whole on every device instead, with statistics over the whole batch.
 """
 
 import dataclasses
-import os
 
 import jax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 DATA_AXIS = "data"
-
-
-def barrier(name: str) -> None:
-  """Waits until every process reaches `name` (nothing to wait for with one process)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
-OPT_OUT_AUTO_DISTRIBUTED = "DWA_JAX_AUTO_DISTRIBUTED"
-
-
-# JAX's cluster detectors consulted without flags: Cloud TPU pods (GCE and GKE), SLURM and Open
-# MPI. Kubernetes' needs the optional `kubernetes` package and warns without it on any pod of a
-# Kubernetes cluster (CI runners too), so it is left to the flags.
-AUTO_DETECTED_CLUSTERS = ("GceTpuCluster", "GkeTpuCluster", "SlurmCluster", "OmpiCluster")
-
-
-def detected_cluster():
-  """The multi-process environment `jax.distributed.initialize()` would detect on its own (a
-  Cloud TPU pod slice, SLURM, Open MPI; JAX's own detectors), or None."""
-  try:
-    from jax._src.clusters import ClusterEnv  # pylint: disable=g-import-not-at-top
-  except ImportError:  # moved in another JAX: explicit flags still work
-    return None
-  for env in ClusterEnv._cluster_types:  # pylint: disable=protected-access
-    if env.__name__ not in AUTO_DETECTED_CLUSTERS:
-      continue
-    try:
-      if env.is_env_present():
-        return env
-    except Exception:  # pylint: disable=broad-except  (a detector probing a missing service)
-      continue
-  return None
-
-
-def initialize_processes(coordinator_address=None, num_processes=None, process_id=None,
-                         environ=None) -> str | None:
-  """Starts JAX's multi-process runtime before any computation; returns how, or None.
-
-  With a coordinator address (the command-line flags) it is used as given. Without one, on a
-  pod or cluster JAX detects (`detected_cluster`) that reports more than one process,
-  `jax.distributed.initialize()` is called with no arguments, as on a TPU pod every host runs
-  the same command. DWA_JAX_AUTO_DISTRIBUTED=0 turns the detection off."""
-  environ = os.environ if environ is None else environ
-  if coordinator_address:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    return "flags"
-  if environ.get(OPT_OUT_AUTO_DISTRIBUTED, "1") == "0":
-    return None
-  env = detected_cluster()
-  if env is None:
-    return None
-  try:
-    count = env.get_process_count()
-  except Exception:  # pylint: disable=broad-except
-    count = None  # unknown: let jax.distributed decide
-  if count is not None and count <= 1:
-    return None  # one process: nothing to coordinate
-  try:
-    jax.distributed.initialize()
-  except Exception as e:  # pylint: disable=broad-except
-    raise RuntimeError(f"{env.__name__} detected, but jax.distributed.initialize() failed: "
-                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; pass "
-                       f"--coordinator_address, --num_processes and --process_id, or set "
-                       f"{OPT_OUT_AUTO_DISTRIBUTED}=0 for a single-process run") from None
-  return env.__name__
 
 
 def data_mesh(devices=None) -> Mesh:

@@ -113,6 +113,11 @@ def reading(path, what: str, hint: str = "", error: type = InputError):
   except FileNotFoundError:
     raise error(f"{what} not found: {os.fspath(path)}{hint}") from None
   except Exception as e:  # pylint: disable=broad-except  (each parser raises its own types)
+    if "pickle" in str(e).lower():
+      # numpy's advice for a file that is not .npy/.npz is to unpickle it: never pass that on
+      # (unpickling an untrusted file runs its code).
+      raise error(f"cannot read {what} {os.fspath(path)}: not a NumPy .npz/.npy file (it starts "
+                  f"with neither a zip archive's nor an .npy header's bytes){hint}") from None
     raise error(f"cannot read {what} {os.fspath(path)}: {describe_error(e)}{hint}") from None
 
 
@@ -260,10 +265,16 @@ def _import_tensorboardx():
 class MetricsLog:
   """Appends one JSON object per line (stage, step, wall time, values) to `path`, and writes
   every finite number among the values as a TensorBoard scalar `<stage>/<name>` (tensorboardX
-  event files in `<path's folder>/tensorboard/`, one file per process)."""
+  event files in `<path's folder>/tensorboard/`, one file per process). Every file has one
+  writer: process k > 0 of a multi-process run appends to `<stem>.p<k><suffix>` instead
+  (metrics.p1.jsonl: its own recover batches)."""
 
   def __init__(self, path, tensorboard: bool = True):
+    import jax  # pylint: disable=g-import-not-at-top
     self.path = as_path(path)
+    process = jax.process_index()
+    if process:
+      self.path = self.path.with_name(f"{self.path.stem}.p{process}{self.path.suffix}")
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self.tensorboard = tensorboard
     self._writer = None

@@ -12,6 +12,7 @@ import fcntl
 import os
 import pathlib
 import re
+import secrets
 import signal
 import sys
 import threading
@@ -24,7 +25,8 @@ import ml_collections
 from ml_collections import config_flags
 from tqdm import auto as tqdm
 
-from dwa_jax import compat, data_parallel, files, presets, recover, relabel, squeeze
+from dwa_jax import (compat, convert, data, files, multihost, presets, recover, relabel,
+                     squeeze)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -39,8 +41,9 @@ def prepare_workdir(workdir: str):
   path = files.as_path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
-    # One probe file per process: processes of a multi-process run share the workdir.
-    probe = path / f".write_check.{os.getpid()}"
+    # One probe file per process, under a random name: the processes of a multi-process run
+    # share the workdir, and processes on different hosts may share a pid.
+    probe = path / f".write_check.{secrets.token_hex(8)}"
     files.write_bytes(probe, b"ok")
     probe.unlink()
   except OSError as e:
@@ -81,10 +84,42 @@ def workdir_lock(path):
 
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-process runs: host:port of process 0 (jax.distributed.initialize). "
-                    "Not needed on a TPU pod or a cluster JAX detects (SLURM, Open MPI, ...).")
+                    "Not needed under SLURM, Open MPI or on a TPU pod slice (--distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
+flags.DEFINE_enum("distributed", "auto", multihost.MODES,
+                  "Without --coordinator_address: 'auto' starts jax.distributed when the "
+                  "launcher's environment says there are several processes (SLURM, Open MPI, "
+                  "TPU_WORKER_HOSTNAMES); 'on' always (JAX detects the cluster); 'off' never.")
 
+
+def stages_of(config) -> tuple[str, ...]:
+  return ("squeeze", "recover", "relabel") if config.stage == "all" else (config.stage,)
+
+
+def check_inputs(config, workdir) -> None:
+  """What the configured stages read, checked before any of them runs (on every process of a
+  multi-process run; multihost.preflight): the data set's splits, the teacher to import or
+  this workdir's teacher, recover's committee, relabel's teacher ensemble and synthetic set.
+  Raises the error the stage itself would raise."""
+  stages = stages_of(config)
+  for split in ("train", "test") if {"squeeze", "relabel"} & set(stages) else ("train",):
+    data.load_dataset(config.dataset, split, config.data_dir)  # cached for the stages
+  if "squeeze" in stages:
+    if config.teacher.checkpoint:
+      convert.check_state_dict_file(config.teacher.checkpoint, "teacher.checkpoint")
+  else:
+    squeeze.check_teacher(workdir)
+  if "recover" in stages:
+    for path in config.recover.get("committee", ()):
+      squeeze.check_teacher(path, "recover.committee")
+  if "relabel" in stages:
+    for path in config.relabel.get("teacher_ensemble", ()):
+      squeeze.check_teacher(path, "relabel.teacher_ensemble")
+    spec = config.relabel.get("synthetic_set", "")
+    kind, _, where = spec.partition(":")
+    if spec and kind in ("folder", "npz") and where and not files.as_path(where).exists():
+      raise FileNotFoundError(f"relabel.synthetic_set: {where} does not exist")
 
 
 
@@ -101,7 +136,13 @@ def run_stages(config, workdir) -> dict:
   workdir = prepare_workdir(workdir)
   lead = jax.process_index() == 0
   with workdir_lock(workdir) if lead else contextlib.nullcontext():
-    return _run_stages(config, workdir, lead)
+    multihost.preflight(workdir, lambda: check_inputs(config, workdir),
+                        barrier_timeout_s=config.multihost.barrier_timeout_s,
+                        stale_after_s=config.multihost.stale_after_s)
+    try:
+      return _run_stages(config, workdir, lead)
+    finally:
+      multihost.end()
 
 
 def _run_stages(config, workdir, lead: bool) -> dict:
@@ -110,7 +151,7 @@ def _run_stages(config, workdir, lead: bool) -> dict:
     out = squeeze.run(config, workdir)
   if config.stage in ("recover", "all"):
     out = {m: recover.run(config, workdir, m) for m in config.methods}
-    data_parallel.barrier("recover")  # relabel reads the set process 0 has just written
+    multihost.barrier("recover")  # relabel reads the set process 0 has just written
   if config.stage in ("relabel", "all"):
     out = relabel.run(config, workdir)
   if lead:
@@ -199,9 +240,9 @@ def main(argv):
   signal.signal(signal.SIGINT, _on_sigint(FLAGS.workdir))
   logging.set_verbosity(logging.WARNING)  # Orbax logs every read and write at INFO
   try:
-    data_parallel.initialize_processes(FLAGS.coordinator_address, FLAGS.num_processes,
-                                       FLAGS.process_id)
-  except RuntimeError as e:
+    multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         FLAGS.distributed)
+  except multihost.StartError as e:
     report(f"error: {e}")
     sys.exit(2)
   status = execute(FLAGS.config, FLAGS.workdir)

@@ -34,6 +34,14 @@ def base_config() -> ml_collections.ConfigDict:
   # the whole global batch (results then do not depend on the device count).
   c.sync_batch_norm = False
 
+  # Several processes (dwa_jax/multihost.py): they wait for each other through files in the
+  # workdir, each rewriting a heartbeat file every few seconds.
+  c.multihost = h = ml_collections.ConfigDict()
+  h.barrier_timeout_s = 86400.0  # longest wait at a barrier (e.g. for process 0 writing a
+                                 # stage's outputs: 30 GB of images at ImageNet ipc 50)
+  h.stale_after_s = 300.0    # a process whose heartbeat has not changed this long has died or
+                             # hangs: the processes waiting for it end with one line
+
   # Squeeze: the teacher (official CIFAR recipe).
   c.teacher = t = ml_collections.ConfigDict()
   t.model = "resnet18_cifar"
@@ -87,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   r.precision = "float32"    # float32 | bfloat16 (convolutions/matmuls; BN statistics, losses,
                              # pixels and Adam stay float32)
   r.wait_timeout_s = 86400.0  # multi-process: how long process 0 waits for the others' batches
+                             # (a dead process ends it after multihost.stale_after_s)
 
   # Relabel + validate: online-KD students (official CIFAR recipe).
   c.relabel = v = ml_collections.ConfigDict()

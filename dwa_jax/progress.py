@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dwa_jax import files
+from dwa_jax import files, multihost
 from dwa_jax.synthesis import BatchState, ChainCarry
 
 class Progress:
@@ -18,11 +18,21 @@ class Progress:
     stamp = root / "fingerprint.json"
     self.hint = f"; delete {root} to start this synthesis over"
     fingerprint = files.as_json(fingerprint)
-    if stamp.exists() and files.read_json(stamp, "recover progress stamp", self.hint) != fingerprint:
-      print(f"recover: settings changed since the progress in {root} was saved; starting over")
-      files.remove_tree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    files.write_json(stamp, fingerprint)
+    # Process 0 alone decides whether the progress is stale and stamps it; the others then
+    # check they compute with the same settings.
+    if jax.process_index() == 0:
+      if (stamp.exists()
+          and files.read_json(stamp, "recover progress stamp", self.hint) != fingerprint):
+        print(f"recover: settings changed since the progress in {root} was saved; starting over")
+        files.remove_tree(root)
+      root.mkdir(parents=True, exist_ok=True)
+      files.write_json(stamp, fingerprint)
+    multihost.barrier(f"recover progress {root}")
+    if (jax.process_index() != 0
+        and files.read_json(stamp, "recover progress stamp", self.hint) != fingerprint):
+      raise ValueError(f"recover: process {jax.process_index()} synthesises with other settings "
+                       f"than process 0 (a different teacher, data or config?); compare "
+                       f"{stamp} with this process's inputs")
     # One in-flight checkpoint per process, each written by its own process alone.
     process = jax.process_index()
     self.marker = root / f"inflight_p{process}.json"
@@ -138,13 +148,22 @@ def _host_tree(state: BatchState) -> dict:
   return jax.tree.map(np.asarray, _resumable(state))
 
 
-def wait_for_batches(progress: Progress, ipc: int, num_chunks: int, timeout_s: float) -> None:
-  """Process 0 waits until every process's batches are on disk (a shared work directory)."""
-  deadline = time.time() + timeout_s
-  missing = [(i, j) for i in range(ipc) for j in range(num_chunks) if not progress.is_done(i, j)]
-  while missing:
+def wait_for_batches(progress: Progress, owners: dict, timeout_s: float) -> None:
+  """Process 0 waits until every batch is on disk (a shared work directory); `owners` maps each
+  (ipc index, chunk) to the process that synthesises it. A process that stops (its heartbeat,
+  multihost.py) ends the wait with one line."""
+  missing = {b for b in owners if not progress.is_done(*b)}
+
+  def absent() -> set[int]:
+    missing.difference_update([b for b in missing if progress.is_done(*b)])
+    return {owners[b] for b in missing}
+  session = multihost.session()
+  if session is not None:
+    session.wait(absent, f"{len(missing)} recover batches in {progress.root}", timeout_s)
+    return
+  deadline = time.time() + timeout_s  # no run's Session (library use): a plain deadline
+  while absent():
     if time.time() > deadline:
       raise TimeoutError(f"recover: {len(missing)} batches from other processes did not appear "
                          f"in {progress.root} within {timeout_s:.0f} s.")
     time.sleep(1.0)
-    missing = [b for b in missing if not progress.is_done(*b)]

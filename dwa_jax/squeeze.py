@@ -11,8 +11,8 @@ import ml_collections
 import optax
 import orbax.checkpoint as ocp
 
-from dwa_jax import (convert, data, data_parallel, files, input_pipeline, train_checkpoints,
-                     train_lib, train_loop)
+from dwa_jax import (convert, data, data_parallel, files, input_pipeline, multihost,
+                     train_checkpoints, train_lib, train_loop)
 from dwa_jax.models import build_model
 
 TEACHER_DIR = "teacher"
@@ -34,23 +34,33 @@ def save_teacher(workdir, variables, meta: dict) -> None:
   if lead:
     path.mkdir(parents=True, exist_ok=True)
     (path / "teacher.json").unlink(missing_ok=True)
-  data_parallel.barrier("teacher-dir")
+  multihost.barrier("teacher-dir")
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path / "variables", jax.device_get(variables), force=True)
   checkpointer.wait_until_finished()
   if lead:
     files.write_json(path / "teacher.json", meta)
-  data_parallel.barrier("teacher-saved")
+  multihost.barrier("teacher-saved")
 
 
+
+
+def check_teacher(workdir, field: str = "") -> None:
+  """Raises TeacherError unless squeeze workdir `workdir` holds a complete teacher checkpoint
+  (`field`: the config field that names it, if any)."""
+  path = teacher_path(workdir)
+  if not (path / "teacher.json").exists():
+    if field:
+      raise TeacherError(f"{field}: no complete teacher checkpoint in {path} (run the squeeze "
+                         "stage in that workdir first)")
+    raise TeacherError(f"No complete teacher checkpoint in {path}: run the squeeze stage first "
+                       "(--config.stage=squeeze) or set --config.teacher.checkpoint.")
 
 
 def load_teacher(workdir, dataset: data.Dataset | None = None):
   """Returns (model, variables, meta); checks the teacher fits `dataset` when given."""
   path = teacher_path(workdir)
-  if not (path / "teacher.json").exists():
-    raise TeacherError(f"No complete teacher checkpoint in {path}: run the squeeze stage first "
-                       "(--config.stage=squeeze) or set --config.teacher.checkpoint.")
+  check_teacher(workdir)
   meta = read_teacher_meta(path / "teacher.json")
   model = build_model(meta["model"], meta["num_classes"])
   if dataset is not None:

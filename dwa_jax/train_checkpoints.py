@@ -9,7 +9,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from dwa_jax import data_parallel, files
+from dwa_jax import files, multihost
 
 
 
@@ -32,7 +32,7 @@ class TrainCheckpoints:
         files.remove_tree(self.directory)
       self.directory.mkdir(parents=True, exist_ok=True)
       files.write_json(stamp, fingerprint)
-    data_parallel.barrier(f"checkpoints:{self.directory}")
+    multihost.barrier(f"checkpoints:{self.directory}")
     self.manager = ocp.CheckpointManager(
         self.directory / "epochs", options=ocp.CheckpointManagerOptions(
             max_to_keep=1, enable_async_checkpointing=False, cleanup_tmp_directories=True),
@@ -74,6 +74,6 @@ class TrainCheckpoints:
   def remove(self) -> None:
     """Deletes the checkpoints once the run's results are written."""
     self.manager.close()
-    data_parallel.barrier(f"checkpoints-done:{self.directory}")
+    multihost.barrier(f"checkpoints-done:{self.directory}")
     if jax.process_index() == 0:
       files.remove_tree(self.directory)

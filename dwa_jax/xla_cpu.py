@@ -17,28 +17,19 @@ Applied on `import dwa_jax` only where JAX will run on the CPU, and not when
     variables): XLA_FLAGS is then left exactly as the user set it;
   * DWA_JAX_XLA_DEFAULTS=0 is set, or XLA_FLAGS already chooses the YNNPACK fusion types;
   * the installed jaxlib is not a release this was measured on (an unknown flag would abort
-    the process at backend start);
-  * JAX's backend is already running (then it cannot take effect; import dwa_jax first).
+    the process at backend start).
+XLA reads XLA_FLAGS when JAX's backend starts (the first computation or device query): import
+dwa_jax before that, or the option has no effect in this process (its child processes still
+get it).
 """
 
 import glob
 import importlib.metadata
 import os
-import sys
 
 TUNED_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=reduce",)
 MEASURED_JAXLIB_SERIES = ("0.10.",)
 OPT_OUT = "DWA_JAX_XLA_DEFAULTS"
-
-
-def _backend_started() -> bool:
-  if "jax" not in sys.modules:
-    return False
-  try:
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-    return xla_bridge.backends_are_initialized()
-  except (ImportError, AttributeError):
-    return True  # cannot tell: assume the worst and leave the flags alone
 
 
 def _jaxlib_version() -> str:
@@ -77,7 +68,7 @@ def apply_defaults(environ=None) -> bool:
   environ = os.environ if environ is None else environ
   current = environ.get("XLA_FLAGS", "")
   if (environ.get(OPT_OUT, "1") == "0" or "ynn_fusion_type" in current
-      or accelerator_expected(environ) or not jaxlib_is_measured() or _backend_started()):
+      or accelerator_expected(environ) or not jaxlib_is_measured()):
     return False
   environ["XLA_FLAGS"] = " ".join([current, *TUNED_FLAGS]).strip()
   return True

@@ -214,35 +214,3 @@ def test_sigkill_at_random_points_resumes_squeeze_and_relabel_bit_identically(re
   resumed = records(tmp_path, "/resume")
   assert any(r.get("resumed_after_epoch", 0) > 0 or r.get("finished_seed") for r in resumed
              if not r["stage"].startswith("recover")), resumed
-
-
-class FakeCluster:
-  """Stands in for one of JAX's cluster detectors."""
-  opt_in_only_method = False
-  present, processes = True, 4
-
-  @classmethod
-  def is_env_present(cls):
-    return cls.present
-
-  @classmethod
-  def get_process_count(cls):
-    return cls.processes
-
-
-def test_multi_process_start_is_detected_on_a_pod_or_cluster(monkeypatch):
-  calls = []
-  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(a))
-  monkeypatch.setattr(data_parallel, "detected_cluster", lambda: FakeCluster)
-  assert data_parallel.initialize_processes(environ={}) == "FakeCluster"
-  assert calls == [()]  # no arguments: JAX reads the pod's or cluster's own settings
-  assert data_parallel.initialize_processes("host:1234", 2, 1, environ={}) == "flags"
-  assert calls[-1] == ("host:1234", 2, 1)
-  calls.clear()
-  assert data_parallel.initialize_processes(
-      environ={data_parallel.OPT_OUT_AUTO_DISTRIBUTED: "0"}) is None
-  FakeCluster.processes = 1  # a single host (one TPU VM): nothing to coordinate
-  assert data_parallel.initialize_processes(environ={}) is None
-  monkeypatch.setattr(data_parallel, "detected_cluster", lambda: None)
-  assert data_parallel.initialize_processes(environ={}) is None
-  assert not calls

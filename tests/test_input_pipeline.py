@@ -99,6 +99,25 @@ def test_first_run_without_network_is_one_clear_error(tmp_path, monkeypatch):
     data.load_tfds("cifar100", "train", os.fspath(tmp_path / "empty"))
 
 
+def test_with_an_accelerator_tfds_prepares_in_a_child_that_sees_none(tmp_path, monkeypatch):
+  """Preparing imports TensorFlow, which would take GPU memory from this process's JAX."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from dwa_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def child(command, env, **kwargs):
+    calls.append((command, env))
+    return subprocess.CompletedProcess(command, 2, "", "noise\n" + data.CHILD_ERROR
+                                       + "tfds could not download 'cifar100' (simulated)\n")
+  monkeypatch.setattr(xla_cpu, "accelerator_expected", lambda environ: True)
+  monkeypatch.setattr(data.subprocess, "run", child)
+  with pytest.raises(data.DataError, match=r"^tfds could not download 'cifar100' \(simulated\)$"):
+    data.load_tfds("cifar100", "train", os.fspath(tmp_path / "empty"))
+  (command, env), = calls
+  assert env["CUDA_VISIBLE_DEVICES"] == "" and env["JAX_PLATFORMS"] == "cpu"
+  assert command[-2:] == ["cifar100", os.fspath(tmp_path / "empty")]
+
+
 def test_imagenet_not_prepared_names_the_manual_steps(tmp_path):
   with pytest.raises(data.DataError, match="downloads/manual.*tfds build imagenet2012"):
     data.load_tfds("imagenet2012", "train", os.fspath(tmp_path))

@@ -183,11 +183,16 @@ def test_two_processes_on_localhost_match_one_process(teacher_dir, tmp_path, ref
   assert summary["stage"] == {"devices": 4, "processes": 2}  # 2 forced devices per process
 
 
-def test_owned_batches_split_ipc_indices_between_processes():
+def test_owned_batches_deal_batches_round_robin_between_processes():
   a = recover.owned_batches(5, 2, 0, 2)
   b = recover.owned_batches(5, 2, 1, 2)
-  assert a == [(0, 0), (0, 1), (2, 0), (2, 1), (4, 0), (4, 1)]
-  assert b == [(1, 0), (1, 1), (3, 0), (3, 1)]
+  assert a == [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0)]
+  assert b == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)]
+  # ImageNet ipc 10 (10 class chunks) on 16 hosts: 7 or 6 batches each, every batch once.
+  counts = [len(recover.owned_batches(10, 10, p, 16)) for p in range(16)]
+  assert sorted(set(counts)) == [6, 7] and sum(counts) == 100
+  # compat_q2 chains an ipc index's chunks: whole ipc indices are dealt out.
+  assert recover.owned_batches(5, 2, 1, 2, chained=True) == [(1, 0), (1, 1), (3, 0), (3, 1)]
 
 
 def test_in_flight_checkpoints_follow_the_clock_and_change_nothing(teacher_dir, tmp_path):

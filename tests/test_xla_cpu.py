@@ -10,8 +10,7 @@ import numpy as np
 from dwa_jax import xla_cpu
 
 
-def apply(monkeypatch, environ, started=False, jaxlib="0.10.2", devices=()):
-  monkeypatch.setattr(xla_cpu, "_backend_started", lambda: started)
+def apply(monkeypatch, environ, jaxlib="0.10.2", devices=()):
   monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: jaxlib)
   monkeypatch.setattr(xla_cpu, "ACCELERATOR_DEVICE_GLOBS", tuple(devices))
   return xla_cpu.apply_defaults(environ)
@@ -28,7 +27,6 @@ def test_leaves_flags_alone_when_it_should_not_apply(monkeypatch):
   cases = [
       ({xla_cpu.OPT_OUT: "0"}, {}),
       ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}, {}),  # the user's choice
-      ({}, {"started": True}),       # too late to take effect
       ({}, {"jaxlib": "0.11.0"}),    # not measured: the flag might not exist there
       ({}, {"jaxlib": ""}),
       ({"JAX_PLATFORMS": "cuda"}, {}),            # an accelerator: XLA_FLAGS untouched
