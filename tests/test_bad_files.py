@@ -662,3 +662,17 @@ def test_bad_config_file_is_one_line_exit_2(tmp_path, name):
   errors = [line for line in lines if line.startswith("dwa_jax: error:")]
   assert len(errors) == 1 and (str(path) in errors[0] or "epochz" in errors[0]), lines[-5:]
   assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
+
+
+def test_random_bytes_never_bring_advice_to_unpickle(tmp_path):
+  """numpy suggests allow_pickle for a file that is not .npy/.npz: unpickling an untrusted
+  file runs its code, so the message says what the file is not instead."""
+  from dwa_jax import convert, data  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "teacher.npz"
+  path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  with pytest.raises(convert.StateDictError, match="is not a .npz state dict") as teacher:
+    convert.load_state_dict(str(path))
+  with pytest.raises(data.DataError, match="not a NumPy .npz/.npy file") as dataset:
+    data.load_npz(path)
+  for error in (teacher, dataset):
+    assert "pickle" not in str(error.value).lower()
