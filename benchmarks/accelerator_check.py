@@ -125,7 +125,6 @@ def precision_child(spec: dict) -> dict:
   """float32 (default arithmetic), bfloat16 and 'highest' on one DWA group; the logit effect
   of Δθ, split and direct, against the 'highest' one on this device."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dwa_jax import recover, synthesis  # pylint: disable=g-import-not-at-top
   size, classes = spec["size"], spec["classes"]
@@ -151,11 +150,7 @@ def precision_child(spec: dict) -> dict:
                  "delta_norm_ratio": float(start[0]["delta_norm_ratio"])}
   # The effect of a Δθ of norm rho on the logits, as this device computes it.
   paths = synthesis.bn_layer_paths(model, variables, (size, size, 3))
-  leaves, treedef = jax.tree.flatten(variables["params"])
-  noise = jax.tree.unflatten(treedef, [jax.random.normal(jax.random.key(i), a.shape)
-                                       for i, a in enumerate(leaves)])
-  norm = jnp.sqrt(sum(jnp.sum(a * a) for a in jax.tree.leaves(noise)))
-  delta = jax.tree.map(lambda a: a * (0.015 / norm), noise)
+  delta = synthesis.random_weight_adjustment(jax.random.key(0), variables["params"], 0.015)
   x0 = jax.random.normal(jax.random.key(1), (classes, size, size, 3))
 
   cases = {"reference": ("highest", "direct", None), "float32_direct": (None, "direct", None),

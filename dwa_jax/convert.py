@@ -258,13 +258,11 @@ def check_state_dict_file(path: str, field: str) -> None:
   workdir that exists here, in a format load_state_dict reads."""
   path = str(path)
   if os.path.isdir(path):
-    if not os.path.exists(os.path.join(path, "teacher", "teacher.json")):
-      raise StateDictError(f"{field}: {path} is a folder without a complete teacher "
-                           "checkpoint (teacher/teacher.json)")
+    from dwa_jax import squeeze  # pylint: disable=g-import-not-at-top  (squeeze imports us)
+    squeeze.check_teacher(path, field)
     return
-  if not path.endswith((".npz", ".safetensors", ".pth", ".pt")):
-    raise StateDictError(f"Unsupported state dict format {path!r}: use .npz, .safetensors, .pth, "
-                         ".pt or a squeeze workdir.")
+  if not path.endswith(STATE_DICT_SUFFIXES):
+    raise _unsupported_format(path)
   if not os.path.exists(path):
     raise StateDictError(f"State dict file not found: {path}")
   if not os.access(path, os.R_OK):
@@ -283,8 +281,15 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     return load_safetensors_state_dict(path)
   if path.endswith((".pth", ".pt")):
     return load_torch_state_dict(path)
-  raise StateDictError(f"Unsupported state dict format {path!r}: use .npz, .safetensors, .pth, "
-                       ".pt or a squeeze workdir.")
+  raise _unsupported_format(path)
+
+
+STATE_DICT_SUFFIXES = (".npz", ".safetensors", ".pth", ".pt")
+
+
+def _unsupported_format(path: str) -> StateDictError:
+  return StateDictError(f"Unsupported state dict format {path!r}: use .npz, .safetensors, .pth, "
+                        ".pt or a squeeze workdir.")
 
 
 def default_image_size(model_name: str) -> int:

@@ -137,8 +137,8 @@ class Session:
   root: Any
   process: int
   count: int
-  barrier_timeout_s: float = 86400.0
-  stale_after_s: float = 300.0
+  barrier_timeout_s: float
+  stale_after_s: float
   _barriers: int = 0
   _stop: threading.Event = dataclasses.field(default_factory=threading.Event)
   _thread: threading.Thread | None = None
@@ -212,7 +212,8 @@ class Session:
   def barrier(self, name: str) -> None:
     """Every process arrives at barrier `name` (the same names, in the same order)."""
     self._barriers += 1
-    arrival = lambda p: self.root / f"barrier_{self._barriers:06d}.p{p}"
+    index = self._barriers
+    arrival = lambda p: self.root / f"barrier_{index:06d}.p{p}"
     files.write_bytes(arrival(self.process), name.encode())
 
     def missing():
@@ -270,12 +271,11 @@ def all_gather_messages(message: str) -> list[str]:
 def _agree(message: str) -> None:
   """Raises, on every process, the first process's problem (and how many more there are)."""
   messages = all_gather_messages(message)
-  problems = [(p, m) for p, m in enumerate(messages) if m]
+  problems = [m for m in messages if m]
   if problems:
-    p, m = problems[0]
     others = len(problems) - 1
     more = f" ({others} more process{'es' if others > 1 else ''} failed too)" if others else ""
-    raise PreflightError(f"{m}{more}")
+    raise PreflightError(f"{problems[0]}{more}")
 
 
 def _problem(check: Callable[[], None]) -> str:

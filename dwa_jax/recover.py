@@ -327,16 +327,15 @@ def run(config, workdir, method: str, devices=None) -> dict | None:
                               p, n)
   if p != 0:
     return None
-  cfg = engine_config(synthesis_config(config.recover, method), len(chunks))
+  # Every process runs on `devices` (default: all its local devices).
+  devices = devices or jax.local_devices()
+  cfg = engine_config(synthesis_config(config.recover, method, devices[0].platform), len(chunks))
   owners = {b: q for q in range(n) for b in owned_batches(config.ipc, len(chunks), q, n,
                                                           cfg.chained)}
   wait_for_batches(progress, owners, config.recover.wait_timeout_s)
   out_dir = files.as_path(workdir) / "synthetic" / method
-  # Every process runs on `devices` (default: all its local devices).
-  stage = {"devices": len(devices or jax.local_devices()) * n, "processes": n}
-  synthesis = dataclasses.asdict(engine_config(
-      synthesis_config(config.recover, method, (devices or jax.local_devices())[0].platform),
-      len(chunks)))
+  stage = {"devices": len(devices) * n, "processes": n}
+  synthesis = dataclasses.asdict(cfg)
   # Written beside the set and swapped in when complete: a failure leaves the old set whole.
   with files.staged_dir(out_dir) as staging:
     summary = write_outputs(staging, progress, config, method, meta, train.num_classes, chunks,
