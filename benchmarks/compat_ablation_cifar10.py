@@ -27,8 +27,8 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from dwa_jax import (compat, data, files, presets, provenance, recover, relabel, squeeze,
-                     synthetic_outputs)
+from dwa_jax import (compat, data, files, presets, provenance, recover, relabel, synthetic_outputs,
+                     teacher_store)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -125,7 +125,7 @@ def diversity(config, workdir: pathlib.Path, methods) -> dict:
   """D_fea of each synthetic set relative to the random real subset (teacher features, with
   the normalisation the variant feeds the teacher)."""
   train = data.load_dataset(config.dataset, "train", config.data_dir)
-  model, variables, meta = squeeze.load_teacher(workdir, train)
+  model, variables, meta = teacher_store.load_teacher(workdir, train)
   features = reproduce_cifar10.make_feature_fn(model, variables,
                                                *compat.pixel_normalisation(config, meta))
   idx = relabel.random_real_indices(train, config.ipc, config.seed)
@@ -148,7 +148,7 @@ def teacher_accuracy(config, teacher_dir: pathlib.Path, batch_size: int = 128) -
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from dwa_jax import train_lib  # pylint: disable=g-import-not-at-top
   test = data.load_dataset(config.dataset, "test", config.data_dir)
-  model, variables, meta = squeeze.load_teacher(teacher_dir, test)
+  model, variables, meta = teacher_store.load_teacher(teacher_dir, test)
   order = np.random.default_rng(0).permutation(len(test.labels))
   order = order[:len(order) // batch_size * batch_size].reshape(-1, batch_size)
   out = {}
@@ -208,8 +208,8 @@ def main(argv):
   presets.validate(base)
   root = pathlib.Path(FLAGS.workdir)
   teacher_dir = pathlib.Path(FLAGS.teacher_dir)
-  if not (teacher_dir / squeeze.TEACHER_DIR / "teacher.json").exists():
-    raise app.UsageError(f"no teacher in {teacher_dir}/{squeeze.TEACHER_DIR}: train one with "
+  if not (teacher_dir / teacher_store.TEACHER_DIR / "teacher.json").exists():
+    raise app.UsageError(f"no teacher in {teacher_dir}/{teacher_store.TEACHER_DIR}: train one with "
                          "`python -m dwa_jax.main --config=... --config.stage=squeeze`")
   names = [n.strip() for n in FLAGS.variants.split(",")] if FLAGS.variants else list(VARIANTS)
   started = time.time()

@@ -38,7 +38,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from dwa_jax import compat, files, presets, provenance, recover, relabel, squeeze
+from dwa_jax import compat, files, presets, provenance, recover, relabel, teacher_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -281,7 +281,7 @@ def main(argv):
   base = FLAGS.config
   presets.validate(base)
   base_workdir = pathlib.Path(FLAGS.base_workdir)
-  if not (base_workdir / squeeze.TEACHER_DIR / "teacher.json").exists():
+  if not (base_workdir / teacher_store.TEACHER_DIR / "teacher.json").exists():
     raise app.UsageError(f"no teacher in {base_workdir}: run benchmarks/reproduce_cifar10.py "
                          "with the same --config first")
   root = pathlib.Path(FLAGS.workdir)
@@ -293,8 +293,8 @@ def main(argv):
                  "command": " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
                  "jax": jax.__version__, "backend": jax.default_backend(),
                  "config": base.to_dict(), "base_sets": sets,
-                 "teacher": squeeze.read_teacher_meta(
-                     base_workdir / squeeze.TEACHER_DIR / "teacher.json")})
+                 "teacher": teacher_store.read_teacher_meta(
+                     base_workdir / teacher_store.TEACHER_DIR / "teacher.json")})
   rows = [r.strip() for r in FLAGS.rows.split(",") if r.strip()]
   for row in rows:
     protocol, sep, images = row.partition("/")

@@ -31,8 +31,8 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dwa_jax import (data, files, presets, provenance, recover, relabel, squeeze,
-                     synthetic_outputs, train_lib)
+from dwa_jax import (data, files, presets, provenance, recover, relabel, squeeze, synthetic_outputs,
+                     teacher_store, train_lib)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Paper top-1 (%) at CIFAR-10 ipc 10 (SPEC.md); None: not reported for that student.
@@ -66,8 +66,8 @@ class StageCache:
 def copy_teacher(teacher_dir: pathlib.Path, workdir: pathlib.Path) -> None:
   """The teacher of squeeze workdir `teacher_dir` into `workdir`, unless it holds a complete
   one (teacher.json is written last)."""
-  if not (workdir / squeeze.TEACHER_DIR / "teacher.json").exists():
-    shutil.copytree(teacher_dir / squeeze.TEACHER_DIR, workdir / squeeze.TEACHER_DIR,
+  if not (workdir / teacher_store.TEACHER_DIR / "teacher.json").exists():
+    shutil.copytree(teacher_dir / teacher_store.TEACHER_DIR, workdir / teacher_store.TEACHER_DIR,
                     dirs_exist_ok=True)
 
 
@@ -93,7 +93,7 @@ def saved_sets_keys(config, workdir: pathlib.Path) -> dict:
   data, seed, ipc and synthesis settings (paths relative to the repository, so the keys hold on
   any clone)."""
   train = data.load_dataset(config.dataset, "train", config.data_dir)
-  teacher = files.tree_digest(squeeze.load_teacher(workdir, train)[1])
+  teacher = files.tree_digest(teacher_store.load_teacher(workdir, train)[1])
   recover_fields = {k: v for k, v in config.recover.to_dict().items()
                     if NEUTRAL_RECOVER_FIELDS.get(k, object()) != v}
   return {m: fingerprint(teacher, portable([config.dataset, config.seed, config.ipc,
@@ -146,7 +146,7 @@ def run_pipeline(config, workdir: pathlib.Path, sets_from: pathlib.Path | None =
   when cached; returns seconds each."""
   cache, seconds = StageCache(workdir), {}
   teacher_key = fingerprint(config.dataset, config.seed, config.teacher.to_dict())
-  if not cache.fresh("squeeze", teacher_key, squeeze.teacher_path(workdir) / "teacher.json"):
+  if not cache.fresh("squeeze", teacher_key, teacher_store.teacher_path(workdir) / "teacher.json"):
     start = time.time()
     squeeze.run(config, workdir)
     seconds["squeeze"] = time.time() - start
@@ -294,7 +294,7 @@ def analyse(config, workdir: pathlib.Path, results_dir: pathlib.Path) -> dict:
   """D_fea per class and method, image grids and the PCA plot."""
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   test = data.load_dataset(config.dataset, "test", config.data_dir)
-  model, variables, meta = squeeze.load_teacher(workdir, train)
+  model, variables, meta = teacher_store.load_teacher(workdir, train)
   mean, std = tuple(meta["mean"]), tuple(meta["std"])
   name = f"reproduce_cifar10_{config.teacher.model}"
   sets = {}

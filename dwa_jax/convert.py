@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dwa_jax import files
+from dwa_jax import files, teacher_store
+from dwa_jax.models import build_model, model_template
 
 # Torch buffers with no Flax counterpart.
 IGNORED_SUFFIXES = ("num_batches_tracked",)
@@ -150,12 +151,6 @@ def variables_to_state_dict(variables: Any) -> dict[str, np.ndarray]:
   return {torch_name(c, tuple(p)): to_torch_layout(np.asarray(v)) for (c, *p), v in flat.items()}
 
 
-def model_template(model, image_shape: tuple[int, int, int]) -> Any:
-  """Shapes and dtypes of the model's variables, without allocating or computing them."""
-  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
-
-
 # safetensors dtype codes -> little-endian numpy dtypes (BF16 is widened to float32 on read).
 _SAFETENSORS_DTYPES = {
     "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
@@ -245,10 +240,9 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
 def load_workdir_state_dict(path: str) -> dict[str, np.ndarray]:
   """The teacher a squeeze stage saved in workdir `path`, as a torchvision-layout state dict
   (to export our own teachers into the same .npz an import reads)."""
-  from dwa_jax import squeeze  # pylint: disable=g-import-not-at-top  (squeeze imports us)
   try:
-    _, variables, _ = squeeze.load_teacher(path)
-  except squeeze.TeacherError as e:
+    _, variables, _ = teacher_store.load_teacher(path)
+  except teacher_store.TeacherError as e:
     raise StateDictError(str(e)) from None
   return variables_to_state_dict(variables)
 
@@ -258,8 +252,7 @@ def check_state_dict_file(path: str, field: str) -> None:
   workdir that exists here, in a format load_state_dict reads."""
   path = str(path)
   if os.path.isdir(path):
-    from dwa_jax import squeeze  # pylint: disable=g-import-not-at-top  (squeeze imports us)
-    squeeze.check_teacher(path, field)
+    teacher_store.check_teacher(path, field)
     return
   if not path.endswith(STATE_DICT_SUFFIXES):
     raise _unsupported_format(path)
@@ -288,6 +281,9 @@ STATE_DICT_SUFFIXES = (".npz", ".safetensors", ".pth", ".pt")
 
 
 def _unsupported_format(path: str) -> StateDictError:
+  if not pathlib.Path(path).suffix and not os.path.exists(path):  # a workdir that is not there
+    return StateDictError(f"{path} does not exist (expected a state dict file or a squeeze "
+                          "workdir)")
   return StateDictError(f"Unsupported state dict format {path!r}: use .npz, .safetensors, .pth, "
                         ".pt or a squeeze workdir.")
 
@@ -304,8 +300,6 @@ def convert_checkpoint(model_name: str, num_classes: int, input_path: str, outpu
   Verified means: the written file reads back into exactly the same variables, and the model
   runs on a random `image_shape` batch with finite logits of the right shape. Returns a summary.
   """
-  from dwa_jax import files  # pylint: disable=g-import-not-at-top
-  from dwa_jax.models import build_model  # pylint: disable=g-import-not-at-top
   if not str(output_path).endswith(".npz"):
     raise StateDictError(f"--output must end in .npz, got {output_path!r}.")
   image_shape = image_shape or (default_image_size(model_name),) * 2 + (3,)

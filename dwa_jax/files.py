@@ -91,7 +91,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
 
 class InputError(ValueError):
   """A file or setting the user gave (or a file an earlier run left) cannot be used: reported as
-  one `dwa_jax: error:` line, exit status 2. Subclasses: data.DataError, squeeze.TeacherError,
+  one `dwa_jax: error:` line, exit status 2. Subclasses: data.DataError, teacher_store.TeacherError,
   convert.StateDictError."""
 
 

@@ -25,8 +25,8 @@ import ml_collections
 from ml_collections import config_flags
 from tqdm import auto as tqdm
 
-from dwa_jax import (compat, convert, data, files, multihost, presets, recover, relabel,
-                     squeeze)
+from dwa_jax import (compat, convert, data, files, multihost, presets, recover, relabel, squeeze,
+                     teacher_store)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -105,17 +105,16 @@ def check_inputs(config, workdir) -> None:
   stages = stages_of(config)
   for split in ("train", "test") if {"squeeze", "relabel"} & set(stages) else ("train",):
     data.load_dataset(config.dataset, split, config.data_dir)  # cached for the stages
-  if "squeeze" in stages:
-    if config.teacher.checkpoint:
-      convert.check_state_dict_file(config.teacher.checkpoint, "teacher.checkpoint")
-  else:
-    squeeze.check_teacher(workdir)
+  if config.teacher.checkpoint:  # imported by squeeze, or by the first stage that needs it
+    convert.check_state_dict_file(config.teacher.checkpoint, "teacher.checkpoint")
+  elif "squeeze" not in stages:
+    teacher_store.check_teacher(workdir)
   if "recover" in stages:
     for path in config.recover.get("committee", ()):
-      squeeze.check_teacher(path, "recover.committee")
+      teacher_store.check_teacher(path, "recover.committee")
   if "relabel" in stages:
     for path in config.relabel.get("teacher_ensemble", ()):
-      squeeze.check_teacher(path, "relabel.teacher_ensemble")
+      teacher_store.check_teacher(path, "relabel.teacher_ensemble")
     spec = config.relabel.get("synthetic_set", "")
     kind, _, where = spec.partition(":")
     if spec and kind in ("folder", "npz") and where and not files.as_path(where).exists():
@@ -136,18 +135,22 @@ def run_stages(config, workdir) -> dict:
   workdir = prepare_workdir(workdir)
   lead = jax.process_index() == 0
   with workdir_lock(workdir) if lead else contextlib.nullcontext():
+    # Decided by every process before preflight's all-gather, so before any process can start
+    # the import and rewrite the teacher the others read.
+    import_teacher = config.stage not in ("squeeze", "all") and squeeze.needs_import(config,
+                                                                                        workdir)
     multihost.preflight(workdir, lambda: check_inputs(config, workdir),
                         barrier_timeout_s=config.multihost.barrier_timeout_s,
                         stale_after_s=config.multihost.stale_after_s)
     try:
-      return _run_stages(config, workdir, lead)
+      return _run_stages(config, workdir, lead, import_teacher)
     finally:
       multihost.end()
 
 
-def _run_stages(config, workdir, lead: bool) -> dict:
+def _run_stages(config, workdir, lead: bool, import_teacher: bool) -> dict:
   out = {}
-  if config.stage in ("squeeze", "all"):
+  if config.stage in ("squeeze", "all") or import_teacher:
     out = squeeze.run(config, workdir)
   if config.stage in ("recover", "all"):
     out = {m: recover.run(config, workdir, m) for m in config.methods}

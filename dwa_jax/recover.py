@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import auto as tqdm
 
-from dwa_jax import arithmetic, compat, data, files, input_pipeline, real_init, squeeze
+from dwa_jax import arithmetic, compat, data, files, input_pipeline, real_init, teacher_store
 # The parts of the stage, re-exported: recover.X keeps working for every X below.
 from dwa_jax.device_dispatch import GroupRunner, batch_groups  # noqa: F401
 from dwa_jax.progress import Progress, wait_for_batches  # noqa: F401
@@ -46,7 +46,9 @@ def synthesis_config(rc, method: str, platform: str | None = None) -> SynthesisC
       method=method, iterations=rc.iterations, lr=rc.lr, r_bn=rc.r_bn,
       r_var=rc.sre2l_r_var if method == "sre2l" else rc.r_var,
       first_bn_weight=rc.first_bn_weight, adjust_steps=rc.adjust_steps, rho=rc.rho,
-      jitter=rc.jitter, augment=rc.augment, compat_q1=bool(rc.compat_q1),
+      jitter=rc.jitter, augment=rc.augment,
+      # Q1 and Q2 are quirks of DWA's ascent; the other methods have none.
+      compat_q1=bool(rc.compat_q1) and method == "dwa",
       compat_q2=bool(rc.compat_q2) and method == "dwa",
       compute_dtype=compute_dtype, delta_form=delta_form,
       platform_bits=platform_bits, emulate_bits=arithmetic.TF32_BITS if emulate else None,
@@ -59,14 +61,14 @@ def load_committee(workdir, rc, train):
   (`committee`: workdir, model, test accuracy); its members must share the architecture and
   the input normalisation, since they all see the same pixels."""
   committee = tuple(rc.get("committee", ()))
-  models, variables, metas = squeeze.load_teachers(
+  models, variables, metas = teacher_store.load_teachers(
       workdir, committee, train, "recover.committee", "committee members see the same pixels")
   meta = metas[0]
   if not committee:
     return models[0], variables[0], meta
   for path, other in zip(committee, metas[1:]):
     if other["model"] != meta["model"]:
-      raise squeeze.TeacherError(
+      raise teacher_store.TeacherError(
           f"recover.committee: the teacher in {path} is a {other['model']}, this workdir's is a "
           f"{meta['model']}; a committee stacks teachers of one architecture.")
   described = [{"workdir": str(path), "model": m["model"], "test_accuracy": m["test_accuracy"]}
@@ -78,6 +80,24 @@ def engine_config(cfg: SynthesisConfig, num_chunks: int) -> SynthesisConfig:
   """What runs: Q2 acts only between the class-chunks of an ipc index, so with one chunk it
   changes no value, and tracking the teacher's weight gradients would only cost time."""
   return dataclasses.replace(cfg, compat_q2=False) if num_chunks == 1 else cfg
+
+
+def compat_record(config, cfg: SynthesisConfig, num_classes: int) -> dict:
+  """recover.json's `compat`: the mode, the switches that act outside the engine as they ran
+  (the engine's Q1 and Q2 are in `synthesis`), and `no_effect`: each switch that is on but
+  changed nothing in this run, with why."""
+  rc, no_effect = config.recover, {}
+  for name in ("compat_q1", "compat_q2"):
+    if rc[name] and not getattr(cfg, name):
+      no_effect[f"recover.{name}"] = (
+          f"{cfg.method} has no weight-adjustment ascent" if cfg.method != "dwa" else
+          f"one class chunk (recover.classes_per_batch covers all {num_classes} classes): Q2 "
+          "acts only between the class chunks of an ipc index")
+  if config.compat_cifar10_std and compat.dataset_family(config.dataset) != "cifar10":
+    no_effect["compat_cifar10_std"] = f"applies to CIFAR-10 only, not {config.dataset}"
+  cifar10_std = bool(config.compat_cifar10_std) and "compat_cifar10_std" not in no_effect
+  return {"compat": config.compat, "compat_cifar10_std": cifar10_std,
+          "recover.compat_jpeg": bool(rc.compat_jpeg), "no_effect": no_effect}
 
 
 def init_kind(rc, method: str) -> str:
@@ -339,7 +359,8 @@ def run(config, workdir, method: str, devices=None) -> dict | None:
   # Written beside the set and swapped in when complete: a failure leaves the old set whole.
   with files.staged_dir(out_dir) as staging:
     summary = write_outputs(staging, progress, config, method, meta, train.num_classes, chunks,
-                            synthesis, init_description(config.recover, method), stage)
+                            synthesis, compat_record(config, cfg, train.num_classes),
+                            init_description(config.recover, method), stage)
   files.remove_tree(progress.root)  # everything is in the outputs now
   print(f"recover: {method} wrote {summary['num_images']} images to {out_dir}")
   return summary

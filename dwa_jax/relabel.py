@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from tqdm import auto as tqdm
 
-from dwa_jax import (augment, compat, data, data_parallel, files, input_pipeline, squeeze,
+from dwa_jax import (augment, compat, data, data_parallel, files, input_pipeline, teacher_store,
                      train_checkpoints, train_lib, train_loop)
 from dwa_jax.models import build_model
 
@@ -208,7 +208,8 @@ def seed_fingerprint(config, name: str, identity: str, num_images: int, seed: in
                      teacher_digest: str) -> dict:
   """What determines one student run; finished runs and checkpoints with another are redone."""
   recipe = {k: v for k, v in config.relabel.to_dict().items()
-            if k not in ("seeds", "random_real_baseline", "synthetic_set", "save_every_epochs")}
+            if k not in ("seeds", "random_real_baseline", "synthetic_set", "save_every_epochs",
+                         "caption")}
   return files.as_json(
       {"set": name, "images": identity, "num_images": num_images, "seed": seed,
        "relabel": recipe, "teacher": teacher_digest, "dataset": config.dataset,
@@ -269,7 +270,7 @@ def results_table(results: dict) -> str:
 def load_teachers(workdir, rc, train: data.Dataset):
   """This workdir's teacher and those of relabel.teacher_ensemble: (models, variables, metas),
   tuples in that order. Every teacher must take the same normalised input."""
-  return squeeze.load_teachers(workdir, rc.teacher_ensemble, train, "relabel.teacher_ensemble",
+  return teacher_store.load_teachers(workdir, rc.teacher_ensemble, train, "relabel.teacher_ensemble",
                                "an ensemble needs one normalisation")
 
 
@@ -332,8 +333,8 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
   test = data.load_dataset(config.dataset, "test", config.data_dir)
   teachers, teacher_vars, metas = (((), (), ()) if rc.labels == "hard" else
                                     load_teachers(workdir, rc, train))
-  meta = metas[0] if metas else squeeze.read_teacher_meta(
-      squeeze.teacher_path(workdir) / "teacher.json")
+  meta = metas[0] if metas else teacher_store.read_teacher_meta(
+      teacher_store.teacher_path(workdir) / "teacher.json")
   mean, std = compat.pixel_normalisation(config, meta)
   log = files.MetricsLog(files.as_path(workdir) / "metrics.jsonl")
   pipeline = input_pipeline.PipelineConfig.from_config(config)
@@ -371,7 +372,7 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
                              "final_mean": final_mean, "final_std": final_std,
                              "best_mean": best_mean, "best_std": best_std,
                              "headline_mean": best_mean if rc.headline == "best" else final_mean}
-  table = results_table(results)
+  table = results_table(results) + (f"\n\n{rc.caption}" if rc.caption else "")
   if lead:
     log.write("relabel/compilations", 0, **trainer.compilations())
     files.write_json(files.as_path(workdir) / "results.json", results)

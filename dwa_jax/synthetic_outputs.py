@@ -13,7 +13,7 @@ GRID_MAX_ROWS, GRID_MAX_CLASSES = 10, 20
 
 
 def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str, meta,
-                  num_classes: int, chunks, synthesis: dict, init: str,
+                  num_classes: int, chunks, synthesis: dict, switches: dict, init: str,
                   stage: dict | None = None) -> dict:
   """Streams the finished batches (in ipc/class order, one batch in memory at a time) into the
   outputs, then the manifest.
@@ -22,7 +22,8 @@ def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str
   train on: the last iterate in [0, 1] (lossless), or with recover.compat_jpeg the decoded JPEGs
   of the authors' format, saved in their layout jpg/new{c:03d}/class{c:03d}_id{i:03d}.jpg (the
   lossless set then goes to images_lossless.npz; else 8-bit PNGs go to png/). `synthesis`
-  (the engine's settings) and `init` are recorded in recover.json.
+  (the engine's settings), `switches` (recover.compat_record) and `init` are recorded in
+  recover.json.
   """
   config = compat.resolve(config)
   image_shape = tuple(meta["image_shape"])
@@ -72,11 +73,11 @@ def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str
       for key, value in norm.items():
         writer.add(key, value)
   return _finish_outputs(out_dir, config, method, meta, grid, stats, batches, written,
-                         mean, std, n_images, synthesis, init, stage)
+                         mean, std, n_images, synthesis, switches, init, stage)
 
 
 def _finish_outputs(out_dir, config, method, meta, grid, stats, batches, written, mean,
-                    std, n_images, synthesis, init, stage) -> dict:
+                    std, n_images, synthesis, switches, init, stage) -> dict:
   image_shape = grid.shape[2:]
   files.save_png(out_dir / "grid.png",
                  files.image_grid(grid.reshape(-1, *image_shape), grid.shape[0], grid.shape[1]))
@@ -85,7 +86,7 @@ def _finish_outputs(out_dir, config, method, meta, grid, stats, batches, written
              "synthesis": synthesis, "init": init, "seed": config.seed, "teacher": meta,
              "normalisation": {"mean": mean.tolist(), "std": std.tolist()},
              "format": "jpeg_q75" if config.recover.compat_jpeg else "lossless",
-             "compat": compat.settings(config),
+             "compat": switches,
              "pixel_statistics": {k: s.result() for k, s in stats.items()},
              "stage": stage, "batches": batches}
   files.write_json(out_dir / "recover.json", summary)

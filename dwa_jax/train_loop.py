@@ -240,7 +240,9 @@ def fit(trainer: Trainer, state: TrainState, batches, *, key, aux, epochs: int,
     if epoch + 1 in evaluate_after:
       values["test_accuracy"] = evaluate(state.evaluated_variables)
       history.append((epoch + 1, values["test_accuracy"]))
-    bar.set_postfix(loss=f"{values['train_loss']:.3f}",
+    # Three significant digits: a distillation loss (KL at a high temperature, without the T²
+    # factor) is around 1e-4, which a fixed three decimals would show as 0.000.
+    bar.set_postfix(loss=f"{values['train_loss']:.3g}",
                     **({"test_acc": f"{history[-1][1]:.2f}"} if history else {}))
     if lead:
       log.write(log_name, epoch + 1, **values)

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dwa_jax import convert, presets, squeeze
+from dwa_jax import convert, presets, teacher_store
 from dwa_jax import main as main_lib
 from test_errors import tiny  # the same tiny run (tests/ is on sys.path under pytest)
 
@@ -257,7 +257,7 @@ TFDS_BASE: list = []  # set by the fixture chain below (the built data_dir)
 
 
 def state_dict(finished) -> dict:
-  _, variables, _ = squeeze.load_teacher(finished)
+  _, variables, _ = teacher_store.load_teacher(finished)
   return convert.variables_to_state_dict(variables)
 
 
@@ -526,7 +526,7 @@ def interrupted_runs(finished: pathlib.Path, root: pathlib.Path) -> pathlib.Path
   config = tiny()
   config.ipc = 2
   train = data.load_dataset(config.dataset, "train", config.data_dir)
-  model, variables, meta = squeeze.load_teacher(work, train)
+  model, variables, meta = teacher_store.load_teacher(work, train)
   progress = recover.synthesize_owned(config, work, "dwa", train, model, variables, meta)
   progress.done_path(1, 0).unlink()  # as if killed during the second batch
   keep = train_checkpoints.TrainCheckpoints.remove

@@ -75,7 +75,7 @@ def test_recover_speed_quick(tmp_path):
   assert [r["devices"] for r in scaling] == [1, 2]
   assert scaling[1]["bit_identical_to_2_devices"]
   assert scaling[0]["max_abs_difference_to_1_device"] == 0.0
-  # 1 vs 2 devices: float32 rounding, which Adam's sign-like first steps can amplify (README):
+  # 1 vs 2 devices: float32 rounding, which Adam's sign-like first steps can amplify (docs/scale-out.md):
   # reported, not bounded here (tests/test_scale.py bounds it where it stays rounding-sized).
   assert np.isfinite(scaling[1]["max_abs_difference_to_1_device"])
 

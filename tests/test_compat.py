@@ -123,6 +123,14 @@ def test_official_pipeline_from_the_command_line(tmp_path):
   np.testing.assert_allclose(images, compat.jpeg_roundtrip(lossless), rtol=0, atol=1e-7)
   summary = json.loads((out / "recover.json").read_text())
   assert summary["format"] == "jpeg_q75" and summary["synthesis"]["compat_q1"] is True
+  # Q2 is on but one class chunk holds every class: recorded once, as not run, with why; the
+  # CIFAR-10 std switch does nothing on digits.
+  assert summary["synthesis"]["compat_q2"] is False
+  assert "recover.compat_q2" not in summary["compat"]
+  assert "one class chunk" in summary["compat"]["no_effect"]["recover.compat_q2"]
+  assert summary["compat"]["compat_cifar10_std"] is False
+  assert "CIFAR-10 only" in summary["compat"]["no_effect"]["compat_cifar10_std"]
+  assert summary["compat"]["recover.compat_jpeg"] is True
   assert set(summary["pixel_statistics"]) == {"lossless", "jpeg"}
   manifest = json.loads((out / "manifest.json").read_text())["files"]
   assert "jpg/new003/class003_id001.jpg" in manifest and "images_lossless.npz" in manifest

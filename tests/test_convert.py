@@ -184,7 +184,7 @@ def test_cli_bad_input_is_one_line_and_status_2(convnet_state_dict, tmp_path, ca
 def test_a_squeeze_workdir_exports_and_imports_back(tmp_path, capsys):
   """Our own trained teacher, exported from its workdir into the .npz that
   --config.teacher.checkpoint imports: the imported teacher is the same network."""
-  from dwa_jax import main as main_lib, squeeze  # pylint: disable=g-import-not-at-top
+  from dwa_jax import main as main_lib, teacher_store
   from test_errors import tiny  # pylint: disable=g-import-not-at-top
   trained = tmp_path / "trained"
   c = tiny()
@@ -196,9 +196,22 @@ def test_a_squeeze_workdir_exports_and_imports_back(tmp_path, capsys):
   imported = tmp_path / "imported"
   c.teacher.checkpoint = str(out)
   assert main_lib.execute(c, imported) == 0
-  (_, a, meta_a), (_, b, meta_b) = (squeeze.load_teacher(trained), squeeze.load_teacher(imported))
+  (_, a, meta_a), (_, b, meta_b) = (teacher_store.load_teacher(trained),
+                                    teacher_store.load_teacher(imported))
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert meta_b["test_accuracy"] == meta_a["test_accuracy"]
+  # A later stage on a fresh workdir imports the named checkpoint itself, once.
+  fresh = tmp_path / "fresh"
+  c.stage = "recover"
+  capsys.readouterr()
+  assert main_lib.execute(c, fresh) == 0
+  assert "imported from" in capsys.readouterr().out
+  _, d, meta_d = teacher_store.load_teacher(fresh)
+  jax.tree.map(np.testing.assert_array_equal, a, d)
+  assert (fresh / "synthetic" / "dwa" / "manifest.json").exists()
+  c.stage = "relabel"
+  assert main_lib.execute(c, fresh) == 0
+  assert "imported from" not in capsys.readouterr().out  # the workdir's import is reused
   (tmp_path / "empty").mkdir()
   with pytest.raises(convert.StateDictError, match="No complete teacher checkpoint"):
     convert.load_state_dict(str(tmp_path / "empty"))

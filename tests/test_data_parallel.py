@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dwa_jax import (data, data_parallel, files, input_pipeline, presets, relabel, squeeze,
-                     train_lib, train_loop)
+                     teacher_store, train_lib, train_loop)
 from dwa_jax.models import build_model
 from test_scale import wait_for_saved_step  # (tests/ is on sys.path under pytest)
 
@@ -135,7 +135,7 @@ def outcome(workdir) -> tuple[dict, str]:
   """results.json without the stage topology, and the teacher's weights digest."""
   results = json.loads((workdir / "results.json").read_text())
   stages = results.pop("stages")
-  _, variables, _ = squeeze.load_teacher(workdir)
+  _, variables, _ = teacher_store.load_teacher(workdir)
   return results, files.tree_digest(variables), stages
 
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from dwa_jax import main as main_lib
-from dwa_jax import presets, squeeze
+from dwa_jax import presets, teacher_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,10 +52,10 @@ def corrupt_teacher(workdir):
 
 
 def nan_teacher(workdir):
-  model, variables, meta = squeeze.load_teacher(workdir)
+  model, variables, meta = teacher_store.load_teacher(workdir)
   import jax
   variables = jax.tree.map(lambda v: v * np.nan, variables)
-  squeeze.save_teacher(workdir, variables, meta)
+  teacher_store.save_teacher(workdir, variables, meta)
 
 
 # (name, config overrides, preparation of a COPY of the finished workdir, expected message)
@@ -154,10 +155,25 @@ def test_same_config_and_seed_give_identical_bytes(finished, tmp_path):
   a, b = keep(snapshot(finished)), keep(snapshot(again))
   assert a == b
   import jax
-  leaves = [jax.tree.leaves(squeeze.load_teacher(w)[1]) for w in (finished, again)]
+  leaves = [jax.tree.leaves(teacher_store.load_teacher(w)[1]) for w in (finished, again)]
   for x, y in zip(*leaves):
     np.testing.assert_array_equal(x, y)
   assert any(k.startswith("synthetic/dwa/png/") for k in a) and "results.json" in a
+
+
+def test_the_relabel_bar_shows_a_loss_that_moves(finished, tmp_path, capsys):
+  """KL at a high temperature without the T² factor is around 1e-4: the bar's loss keeps
+  significant digits instead of reading 0.000."""
+  workdir = tmp_path / "again"
+  shutil.copytree(finished, workdir)
+  c = tiny()
+  c.stage, c.relabel.temperature, c.relabel.epochs = "relabel", 30.0, 2
+  capsys.readouterr()
+  assert main_lib.execute(c, workdir) == 0
+  shown = re.findall(r"relabel: [^\r\n]*?loss=([^,\]\s]+)", capsys.readouterr().err)
+  assert shown and all(0 < float(v) < 1e-2 for v in shown), shown
+  # The demo's caption says what its table shows, under the table and in results.md.
+  assert presets.DEMO_CAPTION in (workdir / "results.md").read_text()
 
 
 @pytest.mark.parametrize("flag,message", [

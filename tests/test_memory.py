@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from dwa_jax import files, squeeze, synthetic_outputs
+from dwa_jax import files, synthetic_outputs, teacher_store
 from dwa_jax.models import build_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def setup(tmp_path_factory):
 
   def workdir(name):
     path = root / name
-    squeeze.save_teacher(path, variables, meta)
+    teacher_store.save_teacher(path, variables, meta)
     return path
 
   return data_file, workdir, rng

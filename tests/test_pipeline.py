@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dwa_jax import presets, recover, relabel, squeeze, train_loop
+from dwa_jax import presets, recover, relabel, squeeze, teacher_store, train_loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def workdir(tmp_path_factory):
 
 
 def test_squeeze_saves_a_loadable_teacher(workdir):
-  model, variables, meta = squeeze.load_teacher(workdir)
+  model, variables, meta = teacher_store.load_teacher(workdir)
   assert meta["num_classes"] == 10 and meta["image_shape"] == [8, 8, 1]
   assert 0 <= meta["test_accuracy"] <= 100
   assert set(variables) == {"params", "batch_stats"}

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from dwa_jax import presets, recover, squeeze
+from dwa_jax import presets, recover, squeeze, teacher_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RECOVER_ARGS = ("--config.stage=recover", "--config.methods=('dwa',)", "--config.ipc=4",
@@ -93,7 +93,7 @@ def test_device_count_and_packing_keep_the_batches(teacher_dir, tmp_path):
   outputs = {}
   for n_devices, per_device in ((8, 1), (2, 1), (1, 1), (2, 4)):
     workdir = workdir_with(teacher_dir, tmp_path / f"d{n_devices}p{per_device}")
-    model, variables, meta = squeeze.load_teacher(workdir, train)
+    model, variables, meta = teacher_store.load_teacher(workdir, train)
     train_cfg.recover.batches_per_device = per_device
     progress = recover.synthesize_owned(train_cfg, workdir, "dwa", train, model, variables, meta,
                                         devices=jax.devices()[:n_devices])
@@ -206,7 +206,7 @@ def test_in_flight_checkpoints_follow_the_clock_and_change_nothing(teacher_dir, 
     cfg = config(ipc=1, iterations=9)
     cfg.recover.checkpoint_every_s = every_s
     workdir = workdir_with(teacher_dir, tmp_path / f"every_{every_s:g}")
-    model, variables, meta = squeeze.load_teacher(workdir, train)
+    model, variables, meta = teacher_store.load_teacher(workdir, train)
     progress = recover.synthesize_owned(cfg, workdir, "dwa", train, model, variables, meta,
                                         devices=jax.devices()[:1])
     images[every_s] = progress.load_done(0, 0)[0]

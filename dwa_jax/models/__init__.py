@@ -6,6 +6,8 @@ Every model takes NHWC images and is called as `model.apply(variables, x, train=
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from dwa_jax.models.convnet import ConvNet
 from dwa_jax.models.efficientnet import EfficientNetB0
@@ -38,3 +40,9 @@ def build_model(name: str, num_classes: int, dtype: Any = None) -> nn.Module:
   if num_classes < 1:
     raise ValueError(f"num_classes must be positive, got {num_classes}.")
   return MODELS[name](num_classes, dtype=dtype)
+
+
+def model_template(model: nn.Module, image_shape: tuple[int, int, int]) -> Any:
+  """Shapes and dtypes of the model's variables, without allocating or computing them."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
