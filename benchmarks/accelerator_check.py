@@ -89,11 +89,11 @@ def _peak_bytes():
 def engine_child(spec: dict) -> dict:
   """One engine configuration: compile, warm up, time `spec['iterations']` iterations."""
   import jax  # pylint: disable=g-import-not-at-top
-  from dwa_jax import recover  # pylint: disable=g-import-not-at-top
+  from dwa_jax import device_dispatch, recover  # pylint: disable=g-import-not-at-top
   model, variables = _teacher(spec["model"], spec["size"],
                               1000 if spec["model"] == "resnet18" else spec["classes"])
   cfg = recover.synthesis_config(_recover_config(spec), spec["method"], jax.default_backend())
-  runner = recover.GroupRunner(model, variables, (spec["size"], spec["size"], 3), MEAN, STD, cfg,
+  runner = device_dispatch.GroupRunner(model, variables, (spec["size"], spec["size"], 3), MEAN, STD, cfg,
                                jax.devices()[:1], spec["P"])
   x, labels, keys, draws = _group(runner, spec["classes"], spec["size"])
   started = time.perf_counter()
@@ -110,6 +110,7 @@ def engine_child(spec: dict) -> dict:
 def _recover_config(spec: dict):
   from dwa_jax import presets  # pylint: disable=g-import-not-at-top
   c = presets.imagenet() if spec["model"] == "resnet18" else presets.cifar("cifar10", model="convnet")
+  c = presets.resolve(c)
   rc = c.recover
   rc.iterations = spec["block"] * (spec["blocks"] + 1)
   rc.checkpoint_every = spec["block"]
@@ -126,7 +127,7 @@ def precision_child(spec: dict) -> dict:
   of Δθ, split and direct, against the 'highest' one on this device."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from dwa_jax import recover, synthesis  # pylint: disable=g-import-not-at-top
+  from dwa_jax import device_dispatch, recover, synthesis  # pylint: disable=g-import-not-at-top
   size, classes = spec["size"], spec["classes"]
   model, variables = _teacher(spec["model"], size, classes)
   out = {}
@@ -135,7 +136,7 @@ def precision_child(spec: dict) -> dict:
     with jax.default_matmul_precision(matmul):
       cfg = recover.synthesis_config(_recover_config({**spec, "precision": precision}), "dwa",
                                      jax.default_backend())
-      runner = recover.GroupRunner(model, variables, (size, size, 3), MEAN, STD, cfg,
+      runner = device_dispatch.GroupRunner(model, variables, (size, size, 3), MEAN, STD, cfg,
                                    jax.devices()[:1], 1)
       x, labels, keys, draws = _group(runner, classes, size)
       group, start = runner.start(x, labels, keys, draws)
@@ -178,14 +179,14 @@ def consistency_child(spec: dict) -> dict:
   """scan vs unrolled, the same group twice, and the seconds of an in-flight save."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from dwa_jax import device_dispatch, recover  # pylint: disable=g-import-not-at-top
   from dwa_jax import progress as progress_lib  # pylint: disable=g-import-not-at-top
-  from dwa_jax import recover  # pylint: disable=g-import-not-at-top
   size, classes = spec["size"], spec["classes"]
   model, variables = _teacher(spec["model"], size, classes)
   cfg = recover.synthesis_config(_recover_config(spec), "dwa", jax.default_backend())
   runs = {}
   for name, unroll in (("scan", False), ("unrolled", True), ("scan_again", False)):
-    runner = recover.GroupRunner(model, variables, (size, size, 3), MEAN, STD, cfg,
+    runner = device_dispatch.GroupRunner(model, variables, (size, size, 3), MEAN, STD, cfg,
                                  jax.devices()[:1], 1, unroll=unroll)
     group, _ = runner.start(*_group(runner, classes, size))
     metrics = runner.advance(group, spec["block"] * spec["blocks"])
@@ -198,7 +199,7 @@ def consistency_child(spec: dict) -> dict:
                                                              - runs["scan_again"][0]).max())}}
   # An in-flight save of a group at the checkpoint size (ResNet-18 at 224 px, batch 100 in full).
   model, variables = _teacher(spec["save_model"], spec["save_size"], 1000)
-  runner = recover.GroupRunner(model, variables, (spec["save_size"],) * 2 + (3,), MEAN, STD,
+  runner = device_dispatch.GroupRunner(model, variables, (spec["save_size"],) * 2 + (3,), MEAN, STD,
                                cfg, jax.devices()[:1], 1)
   group, _ = runner.start(*_group(runner, spec["save_classes"], spec["save_size"]))
   with tempfile.TemporaryDirectory() as tmp:

@@ -38,7 +38,7 @@ def main(argv=None):
   import dwa_jax  # pylint: disable=unused-import,g-import-not-at-top  (XLA options first)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from dwa_jax import provenance, recover  # pylint: disable=g-import-not-at-top
+  from dwa_jax import device_dispatch, provenance, synthesis  # pylint: disable=g-import-not-at-top
   from dwa_jax.models import build_model  # pylint: disable=g-import-not-at-top
 
   if args.time_ascent:
@@ -55,9 +55,9 @@ def main(argv=None):
   rows = {}
 
   def measure(key, k, p, unroll, steps):
-    cfg = recover.SynthesisConfig(iterations=2000, adjust_steps=k, jitter=32,
+    cfg = synthesis.SynthesisConfig(iterations=2000, adjust_steps=k, jitter=32,
                                   augment="crop_flip_roll", r_var=2.0)
-    runner = recover.GroupRunner(model, variables, image, mean, std, cfg, device, p,
+    runner = device_dispatch.GroupRunner(model, variables, image, mean, std, cfg, device, p,
                                  unroll=unroll)
     rows[key] = runner.compile_stats(classes, image, steps)
     print(f"{key:24s} temp {rows[key]['temp_bytes'] / 2**30:7.3f} GiB   compile "
@@ -101,17 +101,17 @@ def time_ascent(out: pathlib.Path, argv) -> None:
   import time  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from dwa_jax import provenance, recover  # pylint: disable=g-import-not-at-top
+  from dwa_jax import device_dispatch, provenance, recover, synthesis  # pylint: disable=g-import-not-at-top
   from dwa_jax.models import build_model  # pylint: disable=g-import-not-at-top
   model = build_model("resnet18_cifar", 10)
   variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
-  cfg = recover.SynthesisConfig(iterations=4, adjust_steps=12)
+  cfg = synthesis.SynthesisConfig(iterations=4, adjust_steps=12)
   keys = jax.random.split(recover.batch_key(0, 0, 0))
   x = np.asarray(jax.random.normal(keys[0], (1, 10, 32, 32, 3)))
   labels, draws = np.arange(10)[None], [recover.batch_draws(0, 0, 0, cfg, (32, 32))]
   seconds = {}
   for form, unroll in (("unrolled", True), ("scan", False)):
-    runner = recover.GroupRunner(model, variables, (32, 32, 3), (0.5,) * 3, (0.25,) * 3, cfg,
+    runner = device_dispatch.GroupRunner(model, variables, (32, 32, 3), (0.5,) * 3, (0.25,) * 3, cfg,
                                  jax.devices()[:1], 1, unroll=unroll)
     times = []
     for _ in range(4):  # the first compiles

@@ -27,12 +27,11 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
+import common
 from dwa_jax import (compat, data, files, presets, provenance, recover, relabel, synthetic_outputs,
                      teacher_store)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import reproduce_cifar10  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -57,14 +56,9 @@ VARIANTS = {
 
 def variant_config(base, name: str):
   switches, _, methods = VARIANTS[name]
-  c = base.copy_and_resolve_references()
-  with c.unlocked():
-    c.methods = methods
-    c.relabel.random_real_baseline = name.startswith("random_real")
-    for field, value in switches.items():
-      section, _, key = field.rpartition(".")
-      (c[section] if section else c)[key] = value
-  return compat.resolve(c)
+  return common.with_overrides(base, {"methods": methods, **switches,
+                                      "relabel.random_real_baseline":
+                                          name.startswith("random_real")})
 
 
 def to_jpeg(out: pathlib.Path) -> None:
@@ -90,13 +84,13 @@ def run_variant(base, name: str, root: pathlib.Path, teacher_dir: pathlib.Path) 
   _, reuse, methods = VARIANTS[name]
   workdir = root / name
   workdir.mkdir(parents=True, exist_ok=True)
-  reproduce_cifar10.copy_teacher(teacher_dir, workdir)
-  cache = reproduce_cifar10.StageCache(workdir)
+  common.copy_teacher(teacher_dir, workdir)
+  cache = common.StageCache(workdir)
   seconds = {}
   for method in methods:
     out = workdir / "synthetic" / method
     source = variant_config(base, reuse) if reuse else config
-    key = reproduce_cifar10.fingerprint(source.recover.to_dict(), source.compat_cifar10_std,
+    key = common.fingerprint(source.recover.to_dict(), source.compat_cifar10_std,
                                         source.seed, source.ipc, method, reuse)
     if cache.fresh(f"recover/{method}", key, out / "manifest.json"):
       continue
@@ -112,7 +106,7 @@ def run_variant(base, name: str, root: pathlib.Path, teacher_dir: pathlib.Path) 
       recover.run(config, workdir, method)
     seconds[f"recover/{method}"] = time.time() - start
     cache.mark(f"recover/{method}", key)
-  key = reproduce_cifar10.fingerprint(config.to_dict(), reuse)
+  key = common.fingerprint(config.to_dict(), reuse)
   if not cache.fresh("relabel", key, workdir / "results.json"):
     start = time.time()
     relabel.run(config, workdir)
@@ -126,16 +120,16 @@ def diversity(config, workdir: pathlib.Path, methods) -> dict:
   the normalisation the variant feeds the teacher)."""
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   model, variables, meta = teacher_store.load_teacher(workdir, train)
-  features = reproduce_cifar10.make_feature_fn(model, variables,
+  features = common.make_feature_fn(model, variables,
                                                *compat.pixel_normalisation(config, meta))
   idx = relabel.random_real_indices(train, config.ipc, config.seed)
-  real = reproduce_cifar10.diversity_per_class(
+  real = common.diversity_per_class(
       features(train.images[idx].astype(np.float32) / 255.0), train.labels[idx],
       train.num_classes).mean()
   out = {relabel.RANDOM_REAL: 1.0}
   for method in methods:
     with np.load(workdir / "synthetic" / method / "images.npz") as f:
-      d = reproduce_cifar10.diversity_per_class(features(f["images"]), f["labels"],
+      d = common.diversity_per_class(features(f["images"]), f["labels"],
                                                 train.num_classes)
     out[method] = float(d.mean() / real)
   return out
@@ -167,7 +161,7 @@ def summarise(name: str, run: dict) -> dict:
   results = files.read_json(workdir / "results.json")
   sets = {}
   for set_name, r in results["sets"].items():
-    row = reproduce_cifar10.set_row(r)
+    row = common.set_row(r)
     if set_name != relabel.RANDOM_REAL:
       summary = files.read_json(workdir / "synthetic" / set_name / "recover.json")
       stats = summary["pixel_statistics"]
@@ -194,8 +188,8 @@ def table(report: dict) -> str:
                if px else ["—"] * 4)
       d = r.get("d_fea_relative_to_real")
       lines.append(f"| {name} | {set_name} | "
-                   f"{reproduce_cifar10.fmt(r['final_mean'], r['final_std'])} | "
-                   f"{reproduce_cifar10.fmt(r['best_mean'], r['best_std'])} | " + " | ".join(cells)
+                   f"{common.fmt(r['final_mean'], r['final_std'])} | "
+                   f"{common.fmt(r['best_mean'], r['best_std'])} | " + " | ".join(cells)
                    + f" | {'—' if d is None else f'{d:.3f}'} |")
   return "\n".join(lines)
 
@@ -205,7 +199,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   base = FLAGS.config
-  presets.validate(base)
+  presets.resolve(base)  # checked here; each variant is resolved with its switches
   root = pathlib.Path(FLAGS.workdir)
   teacher_dir = pathlib.Path(FLAGS.teacher_dir)
   if not (teacher_dir / teacher_store.TEACHER_DIR / "teacher.json").exists():
@@ -225,7 +219,7 @@ def main(argv):
     report["variants"][name] = summarise(name, run)
     report["total_seconds"] = time.time() - started
     # After every variant, so that a long run keeps the rows it has.
-    files.write_json(out, reproduce_cifar10.portable(report))
+    files.write_json(out, common.portable(report))
     print(f"{name}: done ({time.time() - started:.0f} s)", flush=True)
   print("\n" + table(report))
   print(f"wrote {out}")

@@ -105,6 +105,7 @@ def relabel_run(args) -> dict:
   c.methods, c.ipc = ("dwa",), 2
   c.teacher.epochs, c.relabel.epochs, c.relabel.eval_every = 1, 2, 1
   c.relabel.seeds = (0, 1, 2)
+  c = presets.resolve(c)
   squeeze.run(c, workdir)
   train = data.load_dataset("digits", "train")
   picked = data.sample_per_class(train, c.ipc, 0).reshape(-1)

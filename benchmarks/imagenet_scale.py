@@ -1,6 +1,6 @@
 """ImageNet-1K at scale on a CPU: memory of each stage at ipc 1 and ipc 4, label reading, decoding.
 
-Builds an ImageNet-shaped tfds data set locally (dwa_jax.fake_tfds: 1,000 classes, 224 x 224
+Builds an ImageNet-shaped tfds data set locally (dwa_jax.testing: 1,000 classes, 224 x 224
 JPEGs, `--per_class` train and 1 validation image per class, ArrayRecord; no download) and runs
 the real stages on it through the command line, each stage in its own process:
 squeeze (a small BN teacher, convnet_w16_d5, 1 epoch), then recover and relabel at ipc 1 and
@@ -11,7 +11,7 @@ one student epoch. It measures
                               input pipeline in-process (workers 0), so the figure is one process
   label_read_seconds          every training label through data.TfdsImages.labels, cold (every
                               record read, no image decoded); per million records, from the
-                              cache, and against decoding every record as before
+                              cache, and against decoding every record
   images_per_second           the evaluation transform (JPEG decode, resize 256, centre 224) through
                               the input pipeline with 0, 1 and 2 worker processes
 
@@ -110,14 +110,14 @@ def main():
   parser.add_argument("--iterations", type=int, default=2)
   parser.add_argument("--keep", default="", help="keep the data and work directories here")
   args = parser.parse_args()
-  from dwa_jax import fake_tfds, provenance  # pylint: disable=g-import-not-at-top
+  from dwa_jax import provenance, testing  # pylint: disable=g-import-not-at-top
 
   root = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="imagenet_scale_"))
   data_dir = root / "tfds"
   try:
     started = time.time()
     if not (data_dir / "imagenet2012").exists():
-      fake_tfds.build(data_dir, "imagenet2012", per_class=args.per_class, test_per_class=1,
+      testing.build(data_dir, "imagenet2012", per_class=args.per_class, test_per_class=1,
                       image_size=224, vary_size=False)
     build_seconds = time.time() - started
     labels = label_read(str(data_dir))

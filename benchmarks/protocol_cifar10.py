@@ -1,4 +1,4 @@
-"""Evaluation protocols and synthesis options, CIFAR-10 ConvNet ipc 10, one teacher (issue 17).
+"""Evaluation protocols and synthesis options, CIFAR-10 ConvNet ipc 10, one teacher.
 
   python benchmarks/protocol_cifar10.py --base_workdir=workdir/reproduce_cifar10_convnet_official \
       --workdir=workdir/protocol --rows=official/base,hard/base,official/dwa_scored
@@ -38,11 +38,10 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from dwa_jax import compat, files, presets, provenance, recover, relabel, teacher_store
+import common
+from dwa_jax import files, presets, provenance, recover, relabel, teacher_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import reproduce_cifar10  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -88,17 +87,11 @@ def parse_overrides(text: str) -> dict:
 
 
 def with_overrides(base, overrides: dict):
-  """A validated, compat-resolved copy of `base` with `overrides` ({'section.field': value})."""
-  c = base.copy_and_resolve_references()
-  with c.unlocked():
-    for field, value in overrides.items():
-      section, _, key = field.rpartition(".")
-      node = c[section] if section else c
-      if key not in node:
-        raise app.UsageError(f"unknown config field {field!r}")
-      node[key] = value
-  presets.validate(c)
-  return compat.resolve(c)
+  """common.with_overrides, an unknown field reported as a usage error."""
+  try:
+    return common.with_overrides(base, overrides)
+  except KeyError as e:
+    raise app.UsageError(str(e.args[0])) from None
 
 
 def custom_protocols(values) -> dict:
@@ -167,9 +160,9 @@ def synthesise_variant(base, name: str, root: pathlib.Path, base_workdir: pathli
   config = with_overrides(base, image_overrides(name))
   workdir = root / "images" / name
   workdir.mkdir(parents=True, exist_ok=True)
-  reproduce_cifar10.copy_teacher(base_workdir, workdir)
-  cache = reproduce_cifar10.StageCache(workdir)
-  key = reproduce_cifar10.fingerprint(config.recover.to_dict(), config.seed, config.ipc,
+  common.copy_teacher(base_workdir, workdir)
+  cache = common.StageCache(workdir)
+  key = common.fingerprint(config.recover.to_dict(), config.seed, config.ipc,
                                       config.compat_cifar10_std)
   out = workdir / "synthetic" / "dwa"
   if cache.fresh("recover/dwa", key, out / "manifest.json"):
@@ -187,7 +180,7 @@ def run_row(base, protocol: str, images: str, root: pathlib.Path,
   config = with_overrides(base, overrides)
   workdir = root / "runs" / protocol / images
   workdir.mkdir(parents=True, exist_ok=True)
-  reproduce_cifar10.copy_teacher(base_workdir, workdir)
+  common.copy_teacher(base_workdir, workdir)
   seconds = {}
   if images == "base":
     sets = {m: base_workdir / "synthetic" / m for m in base.methods}
@@ -216,7 +209,7 @@ def run_row(base, protocol: str, images: str, root: pathlib.Path,
   sets_out = {}
   for set_name, r in results["sets"].items():
     name = images if (images != "base" and set_name == "dwa") else set_name
-    sets_out[name] = reproduce_cifar10.set_row(r)
+    sets_out[name] = common.set_row(r)
     if set_name != relabel.RANDOM_REAL:
       summary = files.read_json(workdir / "synthetic" / set_name / "recover.json")
       sets_out[name]["images_sha256"] = relabel.set_identity(workdir, set_name)
@@ -269,8 +262,8 @@ def table(rows: dict) -> str:
       ref = official.get(set_name, official.get("dwa") if set_name.startswith("dwa") else None)
       delta = "—" if ref is None else f"{r['best_mean'] - ref:+.2f}"
       lines.append(f"| {row['protocol']} | {row['images']} | {set_name} | "
-                   f"{reproduce_cifar10.fmt(r['final_mean'], r['final_std'])} | "
-                   f"{reproduce_cifar10.fmt(r['best_mean'], r['best_std'])} | {delta} |")
+                   f"{common.fmt(r['final_mean'], r['final_std'])} | "
+                   f"{common.fmt(r['best_mean'], r['best_std'])} | {delta} |")
   return "\n".join(lines)
 
 
@@ -279,7 +272,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   base = FLAGS.config
-  presets.validate(base)
+  presets.resolve(base)  # checked here; each variant is resolved with its overrides
   base_workdir = pathlib.Path(FLAGS.base_workdir)
   if not (base_workdir / teacher_store.TEACHER_DIR / "teacher.json").exists():
     raise app.UsageError(f"no teacher in {base_workdir}: run benchmarks/reproduce_cifar10.py "
@@ -310,7 +303,7 @@ def main(argv):
               "command": report["command"], "commit": report["provenance"]["commit"]}
     # After every row, so that a long run keeps the rows it has.
     report = merge_row(out, report, row, record)
-    files.write_json(out, reproduce_cifar10.portable(report))
+    files.write_json(out, common.portable(report))
     print(f"{row}: done ({time.time() - started:.0f} s)", flush=True)
   print("\n" + table(report["rows"]))
   print(f"wrote {out}")

@@ -75,16 +75,16 @@ def jax_method(batch: int, method: str, iterations: int = 1000, adjust_steps: in
   schedule's end); info holds the iteration's FLOPs (XLA's cost analysis) and, for DWA, the
   seconds of the weight adjustment (median of 3 after a compiling one)."""
   import jax
-  from dwa_jax import recover
+  from dwa_jax import device_dispatch, recover, synthesis  # pylint: disable=g-import-not-at-top
   model, variables = teacher(batch)
-  cfg = recover.SynthesisConfig(method=method, iterations=iterations, adjust_steps=adjust_steps,
+  cfg = synthesis.SynthesisConfig(method=method, iterations=iterations, adjust_steps=adjust_steps,
                                 r_var=1.0 if method == "sre2l" else 11.0)
-  runner = recover.GroupRunner(model, variables, (32, 32, 3), (0.5,) * 3, (0.25,) * 3, cfg,
+  runner = device_dispatch.GroupRunner(model, variables, (32, 32, 3), (0.5,) * 3, (0.25,) * 3, cfg,
                                jax.devices()[:1], 1)
   keys = jax.random.split(recover.batch_key(0, 0, 0))
   inputs = (np.asarray(jax.random.normal(keys[0], (1, batch, 32, 32, 3))), np.arange(batch)[None],
             [keys[1]], [recover.batch_draws(0, 0, 0, cfg, (32, 32))])
-  block = recover.ITERATION_BLOCK
+  block = synthesis.ITERATION_BLOCK
   holder = {"group": runner.start(*inputs)[0]}
 
   def start():
@@ -166,7 +166,7 @@ def interleaved(batch: int, rounds: int, iterations_per_round: int) -> dict:
     loop = torch_loop(batch, grads)
     if loop is not None:
       runs[name] = loop
-  block = 4  # recover.ITERATION_BLOCK
+  block = 4  # synthesis.ITERATION_BLOCK
   calls = {name: max(1, iterations_per_round // block) if name in ("sre2l", "dwa")
            else iterations_per_round for name in runs}
   per_iteration = {name: [] for name in runs}
@@ -206,19 +206,19 @@ def iteration_parts(batch: int, repeats: int) -> dict:
   loops (forward, backward to the pixels, backward with every weight gradient)."""
   import jax
   import jax.numpy as jnp
-  from dwa_jax import recover
+  from dwa_jax import recover, synthesis  # pylint: disable=g-import-not-at-top
   model, variables = teacher(batch)
-  cfg = recover.SynthesisConfig(method="dwa")
-  bn_paths = recover.bn_layer_paths(model, variables, (32, 32, 3))
+  cfg = synthesis.SynthesisConfig(method="dwa")
+  bn_paths = synthesis.bn_layer_paths(model, variables, (32, 32, 3))
   labels = jnp.arange(batch)
   x = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3))
   draws = recover.batch_draws(0, 0, 0, cfg, (32, 32))
-  state, _ = jax.jit(lambda v, x: recover.start_batch(model, v, x, labels, jax.random.key(0),
+  state, _ = jax.jit(lambda v, x: synthesis.start_batch(model, v, x, labels, jax.random.key(0),
                                                       draws, bn_paths=bn_paths, cfg=cfg))(
                                                           variables, x)
   weights = state.weights
-  layer_w = recover.bn_layer_weights(len(bn_paths), cfg.first_bn_weight)
-  loss = lambda x: recover.synthesis_loss(model, weights, variables["batch_stats"],
+  layer_w = synthesis.bn_layer_weights(len(bn_paths), cfg.first_bn_weight)
+  loss = lambda x: synthesis.synthesis_loss(model, weights, variables["batch_stats"],
                                           jnp.roll(x, (1, 2), (1, 2)), labels, bn_paths, layer_w,
                                           cfg)[0]
   out = {}
@@ -255,13 +255,13 @@ def iteration_parts(batch: int, repeats: int) -> dict:
 def scaling_child(n_devices: int) -> None:
   """Runs in a subprocess with n forced devices: one tiny batch per device, prints JSON."""
   import jax
-  from dwa_jax import recover
+  from dwa_jax import device_dispatch, recover, synthesis  # pylint: disable=g-import-not-at-top
   from dwa_jax.models.convnet import ConvNet
   import jax.numpy as jnp
   model = ConvNet(10, width=32, depth=2)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-  cfg = recover.SynthesisConfig(iterations=20, adjust_steps=4, jitter=2)
-  runner = recover.GroupRunner(model, variables, (16, 16, 3), (0.5,) * 3, (0.25,) * 3, cfg,
+  cfg = synthesis.SynthesisConfig(iterations=20, adjust_steps=4, jitter=2)
+  runner = device_dispatch.GroupRunner(model, variables, (16, 16, 3), (0.5,) * 3, (0.25,) * 3, cfg,
                                jax.devices()[:n_devices])
   groups = 8 // n_devices  # the same 8 batches whatever the device count
   images = []
@@ -296,14 +296,14 @@ def packing_table(batch: int, per_device_values=(1, 2, 4, 8), iterations: int = 
   ITERATION_BLOCK unrolled iterations on CPU), and whether batch 0 comes out the same as at
   P = 1 (max |difference| <= PACKING_ATOL)."""
   import jax
-  from dwa_jax import recover
+  from dwa_jax import device_dispatch, recover, synthesis  # pylint: disable=g-import-not-at-top
   model, variables = teacher(batch, model_name=model_name)
   devices = jax.local_devices()
-  cfg = recover.SynthesisConfig(iterations=iterations, adjust_steps=2, jitter=2)
+  cfg = synthesis.SynthesisConfig(iterations=iterations, adjust_steps=2, jitter=2)
   labels_one = np.arange(batch)
   rows, first = [], None
   for per_device in per_device_values:
-    runner = recover.GroupRunner(model, variables, (32, 32, 3), (0.5,) * 3, (0.25,) * 3, cfg,
+    runner = device_dispatch.GroupRunner(model, variables, (32, 32, 3), (0.5,) * 3, (0.25,) * 3, cfg,
                                  devices, per_device)
     n = runner.size
     keys = [jax.random.split(recover.batch_key(0, i, 0)) for i in range(n)]
@@ -324,7 +324,7 @@ def packing_table(batch: int, per_device_values=(1, 2, 4, 8), iterations: int = 
     images = group.x(0)
     first = images if first is None else first
     compiled = runner.compilations()
-    cost = runner.cost_analysis(group, recover.ITERATION_BLOCK if runner.unroll else iterations)
+    cost = runner.cost_analysis(group, synthesis.ITERATION_BLOCK if runner.unroll else iterations)
     difference = float(np.abs(images - first).max())
     rows.append({"batches_per_device": per_device, "devices": len(devices), "batch": batch,
                  "images_per_second": n * batch * iterations / seconds,

@@ -16,7 +16,6 @@ Prints a table and writes `<results_dir>/reproduce_cifar10_<model>.json` plus PN
 field can be overridden (`--config.teacher.epochs=5`, `--config.relabel.seeds="(0,)"`).
 """
 
-import hashlib
 import json
 import pathlib
 import shutil
@@ -31,8 +30,9 @@ from ml_collections import config_flags
 import numpy as np
 from PIL import Image, ImageDraw
 
+import common
 from dwa_jax import (data, files, presets, provenance, recover, relabel, squeeze, synthetic_outputs,
-                     teacher_store, train_lib)
+                     teacher_store)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Paper top-1 (%) at CIFAR-10 ipc 10 (SPEC.md); None: not reported for that student.
@@ -43,32 +43,6 @@ FLAGS = flags.FLAGS
 
 
 # ----------------------------------------------------------------------------- stage cache
-
-def fingerprint(*parts) -> str:
-  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-class StageCache:
-  """Skips a stage whose outputs exist and whose settings are unchanged."""
-
-  def __init__(self, workdir: pathlib.Path):
-    self.path = workdir / "stage_cache.json"
-    self.done = files.read_json(self.path) if self.path.exists() else {}
-
-  def fresh(self, stage: str, key: str, output: pathlib.Path) -> bool:
-    return self.done.get(stage) == key and output.exists()
-
-  def mark(self, stage: str, key: str) -> None:
-    self.done[stage] = key
-    files.write_json(self.path, self.done)
-
-
-def copy_teacher(teacher_dir: pathlib.Path, workdir: pathlib.Path) -> None:
-  """The teacher of squeeze workdir `teacher_dir` into `workdir`, unless it holds a complete
-  one (teacher.json is written last)."""
-  if not (workdir / teacher_store.TEACHER_DIR / "teacher.json").exists():
-    shutil.copytree(teacher_dir / teacher_store.TEACHER_DIR, workdir / teacher_store.TEACHER_DIR,
-                    dirs_exist_ok=True)
 
 
 # ----------------------------------------------------------------------------- saved sets
@@ -83,8 +57,8 @@ COPIED_FILES = ("images.npz", "grid.png")
 SAVED_FILES = (*COPIED_FILES, "recover.json")  # recover.json is rewritten without machine paths
 
 
-# Recover fields that, at these values, leave a float32 synthesis on the CPU as it was before they
-# existed: left out of a saved set's key, so sets saved earlier stay usable.
+# Recover fields that, at these values, change nothing in a float32 synthesis on the CPU: left
+# out of a saved set's key, so that sets saved without them still match.
 NEUTRAL_RECOVER_FIELDS = {"delta_form": "auto", "emulate_tf32": False}
 
 
@@ -96,7 +70,7 @@ def saved_sets_keys(config, workdir: pathlib.Path) -> dict:
   teacher = files.tree_digest(teacher_store.load_teacher(workdir, train)[1])
   recover_fields = {k: v for k, v in config.recover.to_dict().items()
                     if NEUTRAL_RECOVER_FIELDS.get(k, object()) != v}
-  return {m: fingerprint(teacher, portable([config.dataset, config.seed, config.ipc,
+  return {m: common.fingerprint(teacher, common.portable([config.dataset, config.seed, config.ipc,
                                             config.compat_cifar10_std, recover_fields, m]))
           for m in config.methods}
 
@@ -110,14 +84,14 @@ def save_sets(config, workdir: pathlib.Path, dest: pathlib.Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in COPIED_FILES:
       shutil.copyfile(src / name, out / name)
-    files.write_json(out / "recover.json", portable(files.read_json(src / "recover.json")))
+    files.write_json(out / "recover.json", common.portable(files.read_json(src / "recover.json")))
     synthetic_outputs.write_manifest(out, SAVED_FILES)
     record["methods"][method] = {"key": keys[method],
                                  "images_sha256": relabel.set_identity(workdir, method)}
   files.write_json(dest / SETS_FILE, record)
 
 
-def restore_sets(config, workdir: pathlib.Path, src: pathlib.Path, cache: StageCache,
+def restore_sets(config, workdir: pathlib.Path, src: pathlib.Path, cache: common.StageCache,
                  teacher_key: str) -> None:
   """Saved sets (`save_sets`) as this run's, marked done, after checking they were synthesised
   from this run's teacher and settings."""
@@ -138,14 +112,14 @@ def restore_sets(config, workdir: pathlib.Path, src: pathlib.Path, cache: StageC
 
 
 def recover_key(config, teacher_key: str, method: str) -> str:
-  return fingerprint(teacher_key, config.ipc, config.recover.to_dict(), method)
+  return common.fingerprint(teacher_key, config.ipc, config.recover.to_dict(), method)
 
 
 def run_pipeline(config, workdir: pathlib.Path, sets_from: pathlib.Path | None = None) -> dict:
   """squeeze, recover (per method; or the saved sets in `sets_from`) and relabel, each skipped
   when cached; returns seconds each."""
-  cache, seconds = StageCache(workdir), {}
-  teacher_key = fingerprint(config.dataset, config.seed, config.teacher.to_dict())
+  cache, seconds = common.StageCache(workdir), {}
+  teacher_key = common.fingerprint(config.dataset, config.seed, config.teacher.to_dict())
   if not cache.fresh("squeeze", teacher_key, teacher_store.teacher_path(workdir) / "teacher.json"):
     start = time.time()
     squeeze.run(config, workdir)
@@ -161,7 +135,7 @@ def run_pipeline(config, workdir: pathlib.Path, sets_from: pathlib.Path | None =
       recover.run(config, workdir, method)
       seconds[f"recover/{method}"] = time.time() - start
       cache.mark(f"recover/{method}", key)
-  key = fingerprint(teacher_key, config.ipc, config.recover.to_dict(), config.methods,
+  key = common.fingerprint(teacher_key, config.ipc, config.recover.to_dict(), config.methods,
                     config.relabel.to_dict())
   if not cache.fresh("relabel", key, workdir / "results.json"):
     start = time.time()
@@ -172,29 +146,6 @@ def run_pipeline(config, workdir: pathlib.Path, sets_from: pathlib.Path | None =
 
 
 # ----------------------------------------------------------------------------- diversity
-
-def make_feature_fn(model, variables, mean, std, batch_size: int = 500):
-  """images01 -> flattened last conv feature map (before pooling) of the teacher, eval mode.
-  Compiled once per teacher and batch shape, shared by every image set."""
-  feats = jax.jit(lambda x: model.apply(variables, train_lib.normalize(x, mean, std), train=False,
-                                        features=True)[1])
-
-  def features(images01: np.ndarray) -> np.ndarray:
-    out = [np.asarray(feats(images01[s:s + batch_size]))
-           for s in range(0, len(images01), batch_size)]
-    return np.concatenate(out).reshape(len(images01), -1).astype(np.float64)
-
-  return features
-
-
-def diversity_per_class(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
-  """D_fea^c = Σ_i Σ_j ‖g(s_i^c) − g(s_j^c)‖² over the images of class c (both orders)."""
-  out = np.zeros(num_classes)
-  for c in range(num_classes):
-    f = features[labels == c]
-    sq = np.sum(f * f, axis=1)
-    out[c] = np.sum(sq[:, None] + sq[None, :] - 2.0 * f @ f.T)
-  return out
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -233,26 +184,6 @@ def scatter_png(panels: list, path: pathlib.Path, size: int = 420) -> None:
 
 # ----------------------------------------------------------------------------- report
 
-def portable(obj):
-  """`obj` with paths inside the repository, or beside it (../shared), written relative to the
-  repository: results JSON is committed and must not name this machine's folders."""
-  text = json.dumps(obj)
-  text = text.replace(str(REPO) + "/", "").replace(str(REPO.parent) + "/", "../")
-  return json.loads(text)
-
-
-def set_row(result: dict) -> dict:
-  """One set of a relabel results.json, as the benchmarks' JSON keeps it: top-1 final and best
-  (mean, std over seeds) and each seed's final and best."""
-  row = {k: result[k] for k in ("final_mean", "final_std", "best_mean", "best_std")}
-  row["runs"] = [{"seed": s, "final": x["final"], "best": x["best"]}
-                 for s, x in zip(result["seeds"], result["runs"])]
-  return row
-
-
-def fmt(mean: float, std: float) -> str:
-  return f"{mean:.2f} ± {std:.2f}"
-
 
 def paper_numbers(config) -> dict:
   """The paper's CIFAR-10 ipc-10 numbers for this student, when that is what was run."""
@@ -268,8 +199,8 @@ def report_table(paper: dict, student: str, results: dict, diversity: dict) -> s
   for name, r in results["sets"].items():
     p = paper.get(name)
     d = diversity.get(name, {}).get("relative_to_real")
-    lines.append(f"| {name} | {len(r['seeds'])} | {fmt(r['final_mean'], r['final_std'])} | "
-                 f"{fmt(r['best_mean'], r['best_std'])} | {'—' if p is None else p} | "
+    lines.append(f"| {name} | {len(r['seeds'])} | {common.fmt(r['final_mean'], r['final_std'])} | "
+                 f"{common.fmt(r['best_mean'], r['best_std'])} | {'—' if p is None else p} | "
                  f"{'—' if d is None else f'{d:.3f}'} |")
   return "\n".join(lines)
 
@@ -306,11 +237,11 @@ def analyse(config, workdir: pathlib.Path, results_dir: pathlib.Path) -> dict:
   idx = relabel.random_real_indices(train, config.ipc, config.seed)
   sets[relabel.RANDOM_REAL] = (train.images[idx].astype(np.float32) / 255.0, train.labels[idx])
 
-  teacher_features = make_feature_fn(model, variables, mean, std)
+  teacher_features = common.make_feature_fn(model, variables, mean, std)
   diversity, features = {}, {}
   for set_name, (images, labels) in sets.items():
     features[set_name] = teacher_features(images)
-    per_class = diversity_per_class(features[set_name], labels, train.num_classes)
+    per_class = common.diversity_per_class(features[set_name], labels, train.num_classes)
     diversity[set_name] = {"per_class": per_class.tolist(), "mean": float(per_class.mean())}
   real_mean = diversity[relabel.RANDOM_REAL]["mean"]
   for d in diversity.values():
@@ -332,8 +263,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  config = FLAGS.config
-  presets.validate(config)
+  config = presets.resolve(FLAGS.config)
   model_name = config.teacher.model
   workdir = pathlib.Path(FLAGS.workdir or REPO / "workdir" / f"reproduce_cifar10_{model_name}")
   workdir.mkdir(parents=True, exist_ok=True)
@@ -357,7 +287,7 @@ def main(argv):
             "results": results, "diversity": diversity, "targets": targets(paper, results),
             "config": config.to_dict()}
   out = results_dir / f"reproduce_cifar10_{model_name}.json"
-  files.write_json(out, portable(report))
+  files.write_json(out, common.portable(report))
   print(f"\nTeacher {model_name} ({config.teacher.epochs} epochs): "
         f"{results['teacher_test_accuracy']:.2f}% test top-1\n\n{table}\n")
   print("targets:", json.dumps(report["targets"]))

@@ -1,5 +1,5 @@
 """CIFAR-10 ipc 10, ConvNet-128 (BN), under the official evaluation protocol, with the saved
-40-epoch teacher (issue 17).
+40-epoch teacher.
 
 The teacher is `benchmarks/results/teachers/cifar10_convnet_e40.npz` (the official CIFAR recipe
 for 40 epochs instead of 200; its recipe, command and accuracy are in the `.json` beside it),

@@ -77,9 +77,19 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return out
 
 
+def check_resolved(config: ml_collections.ConfigDict) -> None:
+  """Raises TypeError for a config whose switches are unset: the stages take the config
+  presets.resolve made, never resolve one themselves."""
+  unset = [name if section is None else f"{section}.{name}" for section, name in SWITCHES
+           if (config if section is None else config[section]).get(name) is None]
+  if unset:
+    raise TypeError(f"config not resolved ({', '.join(unset)} unset): pass it through "
+                    "dwa_jax.presets.resolve first")
+
+
 def settings(config: ml_collections.ConfigDict) -> dict:
   """The resolved switches, for results and manifests: {'compat': ..., 'recover.compat_q1': ...}."""
-  config = resolve(config)
+  check_resolved(config)
   out = {"compat": config.compat}
   for section, name in SWITCHES:
     out[name if section is None else f"{section}.{name}"] = bool(
@@ -90,7 +100,7 @@ def settings(config: ml_collections.ConfigDict) -> dict:
 def pixel_normalisation(config: ml_collections.ConfigDict, teacher_meta: dict):
   """(mean, std) that synthesis and validation normalise pixels with: the teacher's own, except
   on CIFAR-10 with compat_cifar10_std (the authors' scripts' std; the teacher keeps its own)."""
-  config = resolve(config)
+  check_resolved(config)
   mean, std = tuple(teacher_meta["mean"]), tuple(teacher_meta["std"])
   if config.compat_cifar10_std and dataset_family(config.dataset) == "cifar10":
     std = OFFICIAL_CIFAR10_STD

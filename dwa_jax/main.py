@@ -6,26 +6,18 @@ Outputs under DIR: teacher/ (Orbax checkpoint), synthetic/<method>/ (images.npz,
 results.json / results.md, metrics.jsonl (one JSON object per logged step) and config.json.
 """
 
-import _thread
 import contextlib
-import fcntl
 import os
-import pathlib
-import re
-import secrets
 import signal
 import sys
-import threading
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
-import ml_collections
 from ml_collections import config_flags
-from tqdm import auto as tqdm
 
-from dwa_jax import (compat, convert, data, files, multihost, presets, recover, relabel, squeeze,
+from dwa_jax import (cli, convert, data, files, multihost, presets, recover, relabel, squeeze,
                      teacher_store)
 
 FLAGS = flags.FLAGS
@@ -33,55 +25,6 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, images, results and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def prepare_workdir(workdir: str):
-  """Creates the work directory (local, or gs:// and the other stores of etils.epath) and checks
-  it is writable before any work starts."""
-  path = files.as_path(workdir)
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    # One probe file per process, under a random name: the processes of a multi-process run
-    # share the workdir, and processes on different hosts may share a pid.
-    probe = path / f".write_check.{secrets.token_hex(8)}"
-    files.write_bytes(probe, b"ok")
-    probe.unlink()
-  except OSError as e:
-    raise PermissionError(f"workdir {workdir!r} is not writable: "
-                          f"{e.strerror or files.describe_error(e)}") from None
-  except ImportError as e:  # gs:// and the like without their file-system library
-    raise files.InputError(f"workdir {workdir!r} cannot be opened here: {e}") from None
-  return path
-
-
-class WorkdirInUse(OSError):
-  """Another run holds the work directory."""
-
-
-@contextlib.contextmanager
-def workdir_lock(path):
-  """Holds an exclusive lock on the work directory for the run (process 0 of it): a second run
-  started on the same directory refuses instead of writing the same files. The lock is the
-  kernel's (flock on the directory itself), so a killed run never leaves it stuck and nothing
-  is written into the directory; on file systems without flock, and on object stores (gs://),
-  the run goes unguarded."""
-  if files.is_remote(path):
-    yield
-    return
-  fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-  try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      raise WorkdirInUse(f"workdir {os.fspath(path)!r} is in use by another dwa_jax run; wait for "
-                         "it to finish, or stop it, then rerun this command") from None
-    except OSError:
-      pass  # no flock here (some network file systems)
-    yield
-  finally:
-    os.close(fd)  # releases the lock
-
-
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-process runs: host:port of process 0 (jax.distributed.initialize). "
                     "Not needed under SLURM, Open MPI or on a TPU pod slice (--distributed).")
@@ -110,16 +53,15 @@ def check_inputs(config, workdir) -> None:
   elif "squeeze" not in stages:
     teacher_store.check_teacher(workdir)
   if "recover" in stages:
-    for path in config.recover.get("committee", ()):
+    for path in config.recover.committee:
       teacher_store.check_teacher(path, "recover.committee")
   if "relabel" in stages:
-    for path in config.relabel.get("teacher_ensemble", ()):
+    for path in config.relabel.teacher_ensemble:
       teacher_store.check_teacher(path, "relabel.teacher_ensemble")
-    spec = config.relabel.get("synthetic_set", "")
+    spec = config.relabel.synthetic_set
     kind, _, where = spec.partition(":")
     if spec and kind in ("folder", "npz") and where and not files.as_path(where).exists():
       raise FileNotFoundError(f"relabel.synthetic_set: {where} does not exist")
-
 
 
 def run_stages(config, workdir) -> dict:
@@ -127,14 +69,13 @@ def run_stages(config, workdir) -> dict:
 
   With several processes, every process takes part in every stage: squeeze and relabel are
   data-parallel over all devices of all processes (each process reads its shard of every
-  batch), recover splits the ipc indices between processes; process 0 writes the merged
+  batch), recover deals its batches out between processes; process 0 writes the merged
   synthetic set, results.json and config.json.
   """
-  presets.validate(config)
-  config = compat.resolve(config)  # every quirk switch set (config.json records them)
-  workdir = prepare_workdir(workdir)
+  config = presets.resolve(config)  # the one resolved config (config.json records it)
+  workdir = cli.prepare_workdir(workdir)
   lead = jax.process_index() == 0
-  with workdir_lock(workdir) if lead else contextlib.nullcontext():
+  with cli.workdir_lock(workdir) if lead else contextlib.nullcontext():
     # Decided by every process before preflight's all-gather, so before any process can start
     # the import and rewrite the teacher the others read.
     import_teacher = config.stage not in ("squeeze", "all") and squeeze.needs_import(config,
@@ -162,91 +103,32 @@ def _run_stages(config, workdir, lead: bool, import_teacher: bool) -> dict:
   return out
 
 
-def report(message: str) -> None:
-  """One `dwa_jax: ...` line on stderr, on a line of its own: progress bars end their line
-  with a carriage return, not a newline, so open ones are closed and the line starts after a
-  line break."""
-  for bar in list(getattr(tqdm.tqdm, "_instances", ())):
-    bar.close()
-  print(f"\ndwa_jax: {message}", file=sys.stderr, flush=True)
-
-
-def interrupted_message(workdir) -> str:
-  return (f"interrupted; rerun the same command to resume from the progress saved in "
-          f"{os.fspath(workdir)!r}")
-
-
 def execute(config, workdir) -> int:
   """run_stages with bad input reported as one line on stderr and exit status 2, and Ctrl-C
   (SIGINT) as one line saying how to resume and exit status 130."""
   try:
     run_stages(config, workdir)
   except (ValueError, OSError, FloatingPointError) as e:
-    report(f"error: {e}")
+    cli.report(f"error: {e}")
     return 2
   except KeyboardInterrupt:
     # Every output is written atomically and progress is checkpointed as the stages go.
-    report(interrupted_message(workdir))
+    cli.report(cli.interrupted_message(workdir))
     return 130
   return 0
-
-
-INTERRUPT_GRACE_S = 10.0
-
-
-def _in_finalizer(frame) -> bool:
-  while frame is not None:
-    if frame.f_code.co_name == "__del__" or frame.f_code.co_name.endswith("gc_callback"):
-      return True
-    frame = frame.f_back
-  return False
-
-
-def _on_sigint(workdir: str):
-  """Ctrl-C raises KeyboardInterrupt in the main thread (`execute` reports it); a watchdog
-  ends the process anyway if unwinding blocks in a native wait for more than INTERRUPT_GRACE_S."""
-  def leave():
-    print(f"\ndwa_jax: {interrupted_message(workdir)}", file=sys.stderr, flush=True)
-    os._exit(130)  # pylint: disable=protected-access
-
-  def handler(signum, frame):
-    del signum
-    if _in_finalizer(frame):
-      # An exception raised in a garbage-collector callback or a __del__ is swallowed (Python
-      # prints "Exception ignored ..."): deliver the interrupt again a moment later.
-      threading.Timer(0.05, _thread.interrupt_main).start()
-      return
-    watchdog = threading.Timer(INTERRUPT_GRACE_S, leave)
-    watchdog.daemon = True
-    watchdog.start()
-    raise KeyboardInterrupt
-  return handler
-
-
-def _quiet_closed_loop(default_hook):
-  """An unraisable-exception hook that drops 'Event loop is closed' errors: when an Orbax
-  restore fails (a damaged checkpoint, reported as one error line), tensorstore's reads still in
-  flight finish after Orbax has closed their event loop, and Python would print a traceback for
-  each. Everything else goes to `default_hook`."""
-  def hook(unraisable):
-    error = unraisable.exc_value
-    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-      return
-    default_hook(unraisable)
-  return hook
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
-  signal.signal(signal.SIGINT, _on_sigint(FLAGS.workdir))
+  sys.unraisablehook = cli.quiet_closed_loop(sys.unraisablehook)
+  signal.signal(signal.SIGINT, cli.on_sigint(FLAGS.workdir))
   logging.set_verbosity(logging.WARNING)  # Orbax logs every read and write at INFO
   try:
     multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          FLAGS.distributed)
   except multihost.StartError as e:
-    report(f"error: {e}")
+    cli.report(f"error: {e}")
     sys.exit(2)
   status = execute(FLAGS.config, FLAGS.workdir)
   if status in (2, 130):
@@ -259,89 +141,9 @@ def main(argv):
   sys.exit(status)
 
 
-def _flag_error(message: str):
-  print(f"dwa_jax: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _unknown_field(argv, error: Exception) -> str | None:
-  """ml_collections' "no such field" error as one line naming the flag and the nearest field;
-  None when no --config.<field> flag caused it."""
-  while isinstance(error, BaseException) and error.args:  # AttributeError(KeyError(text))
-    error = error.args[0]
-  text = str(error)
-  key = re.match(r"""['"]*([^'"\n]+)""", text)
-  key = key.group(1) if key else text
-  flag = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
-               and key in a.split("=", 1)[0][len("--config."):].split(".")), None)
-  if flag is None:
-    return None
-  message = f"{flag}: the config has no field {key!r}"
-  nearest = re.search(r'Did you mean "([^"]+)"', text)
-  if nearest:
-    parts = flag.split(".")
-    parts[parts.index(key)] = nearest.group(1)
-    message += f"; did you mean {'.'.join(parts)}?"
-  return message
-
-
-def _config_file(argv) -> str:
-  return next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
-
-
-def _bad_config_file(argv, error: BaseException):
-  """A config file that cannot be loaded (syntax error, no get_config, get_config raising)."""
-  lines = [line.strip() for line in str(error).splitlines()]
-  errno = next((line for line in lines if "Errno" in line), None)  # a file that is not there
-  detail = errno or files.describe_error(error)
-  _flag_error(f"--config={_config_file(argv)}: cannot load the config file: {detail}")
-
-
-def packaged_config(path: str) -> str:
-  """`configs/<name>.py` that does not exist from here: the copy installed with the package
-  (dwa_jax.configs), so README and notebook commands work from any directory; else `path`."""
-  spec, colon, rest = path.partition(":")  # config_flags' 'file.py:argument' form
-  given = pathlib.Path(spec)
-  if given.exists() or given.parent.name != "configs":
-    return path
-  import importlib.resources  # pylint: disable=g-import-not-at-top
-  packaged = importlib.resources.files("dwa_jax.configs") / given.name
-  return f"{packaged}{colon}{rest}" if packaged.is_file() else path
-
-
-def parse_flags(argv):
-  """absl's flag parsing, with a bad flag, config field or config file reported as one line,
-  exit status 2. config_flags loads the config file (runs its get_config) while parsing."""
-  argv = [f"--config={packaged_config(a.split('=', 1)[1])}" if a.startswith("--config=") else a
-          for a in argv]
-  try:
-    remaining = FLAGS(argv)
-  except flags.Error as e:  # a value of the wrong type, a missing required flag, ...
-    if "--config must have a value other than None" in str(e) and _config_file(argv):
-      _flag_error(f"--config={_config_file(argv)}: get_config() returned None (a missing "
-                  "return statement?)")
-    if "Traceback" in str(e):  # get_config raised: config_flags quotes the whole traceback
-      last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
-      _flag_error(f"--config={_config_file(argv)}: cannot load the config file: {last}")
-    _flag_error(str(e))
-  except (AttributeError, KeyError) as e:  # ml_collections: a config field that does not exist
-    _flag_error(_unknown_field(argv, e) or _bad_config_file(argv, e))
-  except Exception as e:  # pylint: disable=broad-except  (whatever the config file raises)
-    _bad_config_file(argv, e)
-  try:
-    FLAGS.config.keys()  # in case the config file is loaded lazily: report a bad one here
-  except Exception as e:  # pylint: disable=broad-except
-    _bad_config_file(argv, e)
-  if not isinstance(FLAGS.config, ml_collections.ConfigDict):
-    _flag_error(f"--config={_config_file(argv)}: get_config() returned a "
-                f"{type(FLAGS.config).__name__}, not an ml_collections.ConfigDict (start from "
-                "dwa_jax.presets.base_config())")
-  return remaining
-
-
 def run():
   """Console script `dwa-jax`."""
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import math
 
 import ml_collections
 
-from dwa_jax import compat
+from dwa_jax import compat, synthesis
 
 STAGES = ("squeeze", "recover", "relabel", "all")
 
@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   r.lr = 0.25
   r.r_bn = 0.01
   r.r_var = 11.0             # DWA's variance weight; SRe2L uses sre2l_r_var
-  r.sre2l_r_var = 1.0
+  r.sre2l_r_var = synthesis.SRE2L_R_VAR
   r.first_bn_weight = 10.0
   r.adjust_steps = 12        # K
   r.rho = 0.015
@@ -266,9 +266,11 @@ def _unknown_fields(c) -> list[str]:
   return errors
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-  """Rejects configs that cannot run, with one message naming every problem: unknown fields,
-  values of the wrong type, numbers that are not finite or out of range, unknown choices."""
+def resolve(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config every stage takes, made once at the entry (main.run_stages): checked, then
+  with every quirk switch set from `compat` (compat.resolve). Rejects a config that cannot run
+  with one message naming every problem: unknown or missing fields, values of the wrong type,
+  numbers that are not finite or out of range, unknown choices. Idempotent."""
   from dwa_jax.models import MODELS  # pylint: disable=g-import-not-at-top
   if not isinstance(c, ml_collections.ConfigDict):
     raise ValueError(f"Invalid config: expected an ml_collections.ConfigDict (get_config() must "
@@ -288,12 +290,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if errors:  # the checks below assume the types are right
     raise ValueError("Invalid config: " + "; ".join(errors))
   if c.compat not in compat.MODES:
-    errors.append(f"compat must be one of {compat.MODES}, got {c.compat!r}")
+    raise ValueError(f"Invalid config: compat must be one of {compat.MODES}, got {c.compat!r}")
+  c = compat.resolve(c)
   if c.stage not in STAGES:
     errors.append(f"stage must be one of {STAGES}, got {c.stage!r}")
   for m in c.methods:
-    if m not in ("dwa", "sre2l", "random"):
-      errors.append(f"unknown method {m!r} in methods (use dwa, sre2l, random)")
+    if m not in synthesis.METHODS:
+      errors.append(f"unknown method {m!r} in methods (use {', '.join(synthesis.METHODS)})")
   if not c.methods and c.stage != "squeeze":
     errors.append("methods is empty")
   for field, name in (("teacher.model", c.teacher.model), ("relabel.student", c.relabel.student)):
@@ -322,9 +325,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if not all(isinstance(t, str) and t for t in c.recover.committee):
     errors.append("recover.committee must be squeeze workdirs (non-empty strings), got "
                   f"{tuple(c.recover.committee)!r}")
-  elif c.recover.committee and c.compat in compat.MODES:
-    resolved = compat.resolve(c).recover
-    quirks = [f"recover.{q}" for q in ("compat_q1", "compat_q2") if resolved[q]]
+  elif c.recover.committee:
+    quirks = [f"recover.{q}" for q in ("compat_q1", "compat_q2") if c.recover[q]]
     if quirks and "dwa" in c.methods:
       errors.append(f"recover.committee: {' and '.join(quirks)} (on under compat="
                     f"{c.compat!r}) act on a single teacher's Δθ; set them False for a committee")
@@ -334,6 +336,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     errors.append(f"relabel.seeds must be integers >= 0, got {tuple(c.relabel.seeds)!r}")
   if errors:
     raise ValueError("Invalid config: " + "; ".join(errors))
+  return c
 
 
 def demo_digits() -> ml_collections.ConfigDict:
@@ -350,10 +353,10 @@ def demo_digits() -> ml_collections.ConfigDict:
 
 # What the demo's results table can and cannot say, measured by benchmarks/demo_spread.py.
 DEMO_CAPTION = (
-    "What this shows: the pipeline runs end to end. What it does not: a ranking of the methods. "
-    "On 8x8 digits DWA, SRe2L and the random real subset lie within a few points of each other "
-    "and DWA and SRe2L swap places from seed to seed (benchmarks/demo_spread.py); for DWA "
-    "against SRe2L see the CIFAR-10 results in RESULTS.md.")
+    "What this demo shows: the pipeline runs end to end. What it does not: DWA against SRe2L. "
+    "On 8x8 digits their difference is within seed noise (DWA - SRe2L over 5 seeds: -0.9 +- 0.7 "
+    "points, benchmarks/demo_spread.py), and a random real subset beat both in every seed. For "
+    "DWA against SRe2L see the CIFAR-10 results in RESULTS.md.")
 
 
 def reproduce_cifar10(data_file: str, model: str, teacher_epochs: int) -> ml_collections.ConfigDict:

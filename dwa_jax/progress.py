@@ -7,32 +7,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dwa_jax import files, multihost
+from dwa_jax import files, multihost, status
 from dwa_jax.synthesis import BatchState, ChainCarry
+
 
 class Progress:
   """Finished batches (.npz, atomic) and the in-flight group (Orbax) of one method's run."""
 
   def __init__(self, root, fingerprint: dict):
     self.root = root = files.as_path(root)
-    stamp = root / "fingerprint.json"
     self.hint = f"; delete {root} to start this synthesis over"
-    fingerprint = files.as_json(fingerprint)
-    # Process 0 alone decides whether the progress is stale and stamps it; the others then
-    # check they compute with the same settings.
-    if jax.process_index() == 0:
-      if (stamp.exists()
-          and files.read_json(stamp, "recover progress stamp", self.hint) != fingerprint):
-        print(f"recover: settings changed since the progress in {root} was saved; starting over")
-        files.remove_tree(root)
-      root.mkdir(parents=True, exist_ok=True)
-      files.write_json(stamp, fingerprint)
-    multihost.barrier(f"recover progress {root}")
-    if (jax.process_index() != 0
-        and files.read_json(stamp, "recover progress stamp", self.hint) != fingerprint):
-      raise ValueError(f"recover: process {jax.process_index()} synthesises with other settings "
-                       f"than process 0 (a different teacher, data or config?); compare "
-                       f"{stamp} with this process's inputs")
+    multihost.claim_directory(root, fingerprint, "recover progress", self.hint)
     # One in-flight checkpoint per process, each written by its own process alone.
     process = jax.process_index()
     self.marker = root / f"inflight_p{process}.json"
@@ -125,7 +110,7 @@ class Progress:
     except Exception as e:  # pylint: disable=broad-except
       # A kill in the middle of a save can leave a step directory Orbax cannot read. The group
       # is a pure function of its inputs, so restarting it gives the same bytes.
-      print(f"recover: in-flight checkpoint of batches {group_id} is unreadable "
+      status.say(f"recover: in-flight checkpoint of batches {group_id} is unreadable "
             f"({type(e).__name__}); restarting them")
       self.clear_inflight()
       return None

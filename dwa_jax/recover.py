@@ -6,9 +6,15 @@ keyed by (seed, ipc index, class chunk), so the output does not depend on how ma
 share them, nor (bit for bit) on the device count once it is 2 or more; one device gives the
 same images within float32 rounding (device_dispatch.py).
 
-The stage lives here; its parts live in modules named after them and are re-exported here:
-the pure maths in synthesis.py, device dispatch in device_dispatch.py, progress persistence in
-progress.py and output writing in synthetic_outputs.py.
+The processes deal the batches out round-robin (`owned_batches`); within a process, groups of
+`recover.batches_per_device` batches per local device run as one program (GroupRunner).
+Progress lives in <workdir>/progress/<method>/: every finished batch as an .npz, and the
+in-flight group's pixels and Adam state every `checkpoint_every_s` seconds, so a killed run
+resumes bit-identically.
+
+The stage lives here; its parts live in modules named after them: the pure maths in
+synthesis.py, device dispatch in device_dispatch.py, progress persistence in progress.py and
+output writing in synthetic_outputs.py.
 """
 
 import dataclasses
@@ -19,14 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import auto as tqdm
 
-from dwa_jax import arithmetic, compat, data, files, input_pipeline, real_init, teacher_store
-# The parts of the stage, re-exported: recover.X keeps working for every X below.
-from dwa_jax.device_dispatch import GroupRunner, batch_groups  # noqa: F401
-from dwa_jax.progress import Progress, wait_for_batches  # noqa: F401
-from dwa_jax.synthesis import *  # noqa: F401,F403  pylint: disable=wildcard-import
+from dwa_jax import (arithmetic, compat, data, files, input_pipeline, real_init, status,
+                     teacher_store)
+from dwa_jax.device_dispatch import GroupRunner, batch_groups
+from dwa_jax.progress import Progress, wait_for_batches
 from dwa_jax.synthesis import (SynthesisConfig, bn_layer_weights, draw_augmentation,
                                first_teacher, stack_teachers)
-from dwa_jax.synthetic_outputs import write_outputs  # noqa: F401
+from dwa_jax.synthetic_outputs import write_outputs
 
 def synthesis_config(rc, method: str, platform: str | None = None) -> SynthesisConfig:
   """ml_collections `config.recover` -> the engine's config for `method` (SRe2L: r_var = 1) on
@@ -35,11 +40,14 @@ def synthesis_config(rc, method: str, platform: str | None = None) -> SynthesisC
   wherever the platform's arithmetic rounds the weights) and how the platform reads float32
   weights. recover.emulate_tf32 rounds as the authors' A100s did, on top of the platform's
   arithmetic (with the 'direct' form on the CPU, as their code adds Δθ to the weights)."""
+  if rc.compat_q1 is None or rc.compat_q2 is None:
+    raise TypeError("recover config not resolved: pass the config through "
+                    "dwa_jax.presets.resolve first")
   platform = platform or jax.default_backend()
-  compute_dtype = None if rc.get("precision", "float32") == "float32" else rc.precision
-  emulate = bool(rc.get("emulate_tf32"))
+  compute_dtype = None if rc.precision == "float32" else rc.precision
+  emulate = bool(rc.emulate_tf32)
   platform_bits = arithmetic.matmul_input_bits(platform, compute_dtype)
-  delta_form = rc.get("delta_form", "auto")
+  delta_form = rc.delta_form
   if delta_form == "auto":
     delta_form = "direct" if platform_bits is arithmetic.EXACT else "split"
   return SynthesisConfig(
@@ -52,7 +60,7 @@ def synthesis_config(rc, method: str, platform: str | None = None) -> SynthesisC
       compat_q2=bool(rc.compat_q2) and method == "dwa",
       compute_dtype=compute_dtype, delta_form=delta_form,
       platform_bits=platform_bits, emulate_bits=arithmetic.TF32_BITS if emulate else None,
-      committee=1 + len(rc.get("committee", ())))
+      committee=1 + len(rc.committee))
 
 
 def load_committee(workdir, rc, train):
@@ -60,7 +68,7 @@ def load_committee(workdir, rc, train):
   it names any: (model, variables, meta). A committee's meta names each member teacher
   (`committee`: workdir, model, test accuracy); its members must share the architecture and
   the input normalisation, since they all see the same pixels."""
-  committee = tuple(rc.get("committee", ()))
+  committee = tuple(rc.committee)
   models, variables, metas = teacher_store.load_teachers(
       workdir, committee, train, "recover.committee", "committee members see the same pixels")
   meta = metas[0]
@@ -219,7 +227,6 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
                      devices=None, process_index: int = 0, process_count: int = 1) -> Progress:
   """Synthesises this process's batches into <workdir>/progress/<method>/, resuming any
   earlier progress of the same settings. Runs in the teacher's float dtype."""
-  config = compat.resolve(config)
   rc = config.recover
   devices = list(devices or jax.local_devices())
   cfg = synthesis_config(rc, method, devices[0].platform)
@@ -244,11 +251,12 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
       progress.check_done(*b)
   log = files.MetricsLog(files.as_path(workdir) / "metrics.jsonl")
   if len(todo) < len(owned):
-    print(f"recover: {method}: resuming, {len(owned) - len(todo)} of {len(owned)} batches done")
+    status.say(f"recover: {method}: resuming, {len(owned) - len(todo)} of {len(owned)} batches "
+               "done")
     log.write(f"recover/{method}/resume", 0, finished_batches=len(owned) - len(todo))
   if not todo:
     return progress
-  per_device = rc.get("batches_per_device", 1)
+  per_device = rc.batches_per_device
   # Every local device, even when fewer batches remain (a short group is padded): the program
   # depends on the device count (1 vs more, in the last bits), so a resumed run keeps it.
   runner = GroupRunner(model, variables, image_shape, mean, std, cfg, devices, per_device)
@@ -262,7 +270,7 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
   # compiled programs, so a resumed run computes the same bytes); after a chunk the in-flight
   # state is saved once checkpoint_every_s seconds have passed since the group's last save.
   every = rc.checkpoint_every or cfg.iterations
-  every_s = rc.get("checkpoint_every_s", 0.0)
+  every_s = rc.checkpoint_every_s
   chained = cfg.chained
   with tqdm.tqdm(total=len(todo) * cfg.iterations, desc=f"recover: {method}",
                   unit="batch-it", mininterval=1.0) as bar:
@@ -282,7 +290,7 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
       restored = progress.load_inflight(group_id, group.state)
       if restored is not None:
         group.state = restored
-        print(f"recover: {method}: batches {group_id} resume at iteration {group.t}")
+        status.say(f"recover: {method}: batches {group_id} resume at iteration {group.t}")
         log.write(f"recover/{method}/resume", group.t, group=group_id,
                   inflight_iteration=group.t)
       bar.update(len(batches) * group.t)
@@ -296,7 +304,7 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
               f"recover: the synthesis loss became non-finite (NaN/inf) in batches {batches}; "
               "lower recover.lr or check the teacher checkpoint.")
         log_iterations(log, method, batches, len(chunks), cfg, group.t - n, metrics,
-                       rc.get("scalars_every", 10))
+                       rc.scalars_every)
         if group.t < cfg.iterations and time.time() - saved_at >= every_s:
           save_started = time.time()
           saved_bytes = progress.save_inflight(group_id, group.state)
@@ -334,9 +342,6 @@ def run(config, workdir, method: str, devices=None) -> dict | None:
   `<workdir>/synthetic/<method>/`: images.npz (float32 in [0, 1], lossless), png/classNNN/*.png,
   grid.png (rows = ipc index, columns = classes), recover.json (settings, per-batch metrics) and
   manifest.json (sha256 of every file, written last). Returns the summary on process 0."""
-  if config.ipc < 1:
-    raise ValueError(f"ipc must be >= 1, got {config.ipc}.")
-  config = compat.resolve(config)
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   model, variables, meta = load_committee(workdir, config.recover, train)
   chunks = class_chunks(train.num_classes, config.recover.classes_per_batch)
@@ -362,5 +367,5 @@ def run(config, workdir, method: str, devices=None) -> dict | None:
                             synthesis, compat_record(config, cfg, train.num_classes),
                             init_description(config.recover, method), stage)
   files.remove_tree(progress.root)  # everything is in the outputs now
-  print(f"recover: {method} wrote {summary['num_images']} images to {out_dir}")
+  status.say(f"recover: {method} wrote {summary['num_images']} images to {out_dir}")
   return summary

@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 from tqdm import auto as tqdm
 
-from dwa_jax import (augment, compat, data, data_parallel, files, input_pipeline, teacher_store,
-                     train_checkpoints, train_lib, train_loop)
+from dwa_jax import (augment, compat, data, data_parallel, files, input_pipeline, status,
+                     teacher_store, train_checkpoints, train_lib, train_loop)
 from dwa_jax.models import build_model
 
 RANDOM_REAL = "random_real"
@@ -327,7 +327,6 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
   process (or `devices`); writes `<workdir>/results.json` and `results.md` and prints the
   table. Each student's result is kept as it finishes, so a rerun after a kill redoes only the
   unfinished ones (from their last checkpoint)."""
-  config = compat.resolve(config)
   rc = config.relabel
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   test = data.load_dataset(config.dataset, "test", config.data_dir)
@@ -379,6 +378,6 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
     files.write_bytes(files.as_path(workdir) / "results.md",
                       (f"Teacher {meta['model']}: {meta['test_accuracy']:.2f}% test top-1\n\n"
                        + table + "\n\n" + protocol_markdown(card) + "\n").encode())
-    print(f"\nStudents ({rc.student}, {rc.epochs} epochs) on {config.dataset}, "
+    status.say(f"\nStudents ({rc.student}, {rc.epochs} epochs) on {config.dataset}, "
           f"teacher {meta['test_accuracy']:.2f}%:\n{table}")
   return results

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import optax
 
-from dwa_jax import (convert, data, data_parallel, files, input_pipeline, teacher_store,
+from dwa_jax import (convert, data, data_parallel, files, input_pipeline, status, teacher_store,
                      train_checkpoints, train_lib, train_loop)
 from dwa_jax.models import build_model, model_template
 
@@ -101,7 +101,7 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
     checkpoints.remove()
   if jax.process_index() == 0:
     log.write("squeeze", config.teacher.epochs, final_test_accuracy=acc)
-    print(f"squeeze: teacher {config.teacher.model} ({source}) test top-1 {acc:.2f}%")
+    status.say(f"squeeze: teacher {config.teacher.model} ({source}) test top-1 {acc:.2f}%")
   return meta
 
 

@@ -114,9 +114,12 @@ class SynthesisConfig:
       raise ValueError("Invalid synthesis config: " + "; ".join(errors))
 
 
+SRE2L_R_VAR = 1.0  # SRe2L's weight of the BN variance term (DWA's is SynthesisConfig.r_var)
+
+
 def sre2l_config(**overrides) -> SynthesisConfig:
-  """SRe2L: no weight adjustment and r_var = 1 (its initialisation is Gaussian noise)."""
-  return SynthesisConfig(**{"method": "sre2l", "r_var": 1.0, **overrides})
+  """SRe2L: no weight adjustment and r_var = SRE2L_R_VAR (its initialisation is Gaussian noise)."""
+  return SynthesisConfig(**{"method": "sre2l", "r_var": SRE2L_R_VAR, **overrides})
 
 
 # ----------------------------------------------------------------------------- teacher forward
@@ -641,12 +644,3 @@ def delta_theta(model, variables, x, labels, offset, *, image_shape, cfg: Synthe
   view = lambda x: synthesis_view(x, AugmentDraws(offset), "roll")
   return directed_weight_adjustment(
       model, variables["params"], variables["batch_stats"], x, view, labels, bn_paths, cfg)
-
-
-# ============================================================================= the recover stage
-# Batches (ipc index i, class chunk j) are independent and keyed by (seed, i, j): whichever
-# process or device runs one, it gives the same bytes. Each process owns ipc indices
-# i ≡ process_index (mod process_count); within a process, groups of batches_per_device batches
-# per local device run as one program (see GroupRunner). Progress lives in <workdir>/progress/<method>/:
-# every finished batch as an .npz, and the in-flight group's pixels + Adam state as an Orbax
-# checkpoint every `checkpoint_every` iterations, so a killed run resumes bit-identically.

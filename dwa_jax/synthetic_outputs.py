@@ -25,7 +25,6 @@ def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str
   (the engine's settings), `switches` (recover.compat_record) and `init` are recorded in
   recover.json.
   """
-  config = compat.resolve(config)
   image_shape = tuple(meta["image_shape"])
   mean, std = (np.asarray(v) for v in compat.pixel_normalisation(config, meta))
   jpeg = bool(config.recover.compat_jpeg)

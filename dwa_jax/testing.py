@@ -1,17 +1,32 @@
-"""Small tfds data sets built locally, no download: the same directory layout, features and file
-format as tfds's `imagenet2012` or `cifar10`, filled with random images. The tests and
-benchmarks/imagenet_scale.py read them through the real loading code (`tfds.builder`,
+"""Small things to run the code on without real data or long runs: the tests' tiny config, and
+tfds data sets built locally, no download (the same directory layout, features and file format
+as tfds's `imagenet2012` or `cifar10`, filled with random images), which the tests and
+benchmarks/imagenet_scale.py read through the real loading code (`tfds.builder`,
 `as_data_source`).
 
-    python -m dwa_jax.fake_tfds --data_dir=DIR --name=imagenet2012 --per_class=4
+    python -m dwa_jax.testing --data_dir=DIR --name=imagenet2012 --per_class=4
 """
 
 import argparse
 import io
 import os
 
+import ml_collections
 import numpy as np
 from PIL import Image
+
+from dwa_jax import presets
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+  """The digits demo cut to seconds: DWA only, ipc 1, one teacher epoch, two synthesis
+  iterations, one student epoch and seed, no random real baseline."""
+  c = presets.demo_digits()
+  c.methods, c.ipc = ("dwa",), 1
+  c.teacher.epochs = 1
+  c.recover.iterations, c.recover.adjust_steps = 2, 1
+  c.relabel.epochs, c.relabel.seeds, c.relabel.random_real_baseline = 1, (0,), False
+  return c
 
 
 def _jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:

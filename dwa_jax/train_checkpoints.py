@@ -12,8 +12,6 @@ import orbax.checkpoint as ocp
 from dwa_jax import files, multihost
 
 
-
-
 class TrainCheckpoints:
   """The checkpoints of one run in `directory`; `fingerprint` (the settings that determine the
   run) is stamped beside them, and a run with other settings starts over."""
@@ -21,18 +19,8 @@ class TrainCheckpoints:
   def __init__(self, directory, fingerprint: dict, every_epochs: int):
     self.directory = files.absolute(directory)
     self.every = every_epochs
-    fingerprint = files.as_json(fingerprint)
-    stamp = self.directory / "fingerprint.json"
     self.hint = f"; delete {self.directory} to start this training over"
-    if jax.process_index() == 0:
-      if stamp.exists() and files.read_json(stamp, "resume checkpoint stamp",
-                                            self.hint) != fingerprint:
-        print(f"settings changed since the checkpoints in {self.directory} were saved; "
-              "starting over")
-        files.remove_tree(self.directory)
-      self.directory.mkdir(parents=True, exist_ok=True)
-      files.write_json(stamp, fingerprint)
-    multihost.barrier(f"checkpoints:{self.directory}")
+    multihost.claim_directory(self.directory, fingerprint, "resume checkpoints", self.hint)
     self.manager = ocp.CheckpointManager(
         self.directory / "epochs", options=ocp.CheckpointManagerOptions(
             max_to_keep=1, enable_async_checkpointing=False, cleanup_tmp_directories=True),

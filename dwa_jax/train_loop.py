@@ -37,8 +37,8 @@ class TrainState(train_state.TrainState):
 
 class EmaTrainState(TrainState):
   """A TrainState with the exponential moving average of the parameters and BatchNorm
-  statistics (`ema`), which is what is evaluated. (A subclass, so that runs without an EMA keep
-  the checkpoint layout they always had.)"""
+  statistics (`ema`), which is what is evaluated. (A subclass, so that runs without an EMA have
+  a checkpoint without the field.)"""
   ema: Any = None
 
   @property

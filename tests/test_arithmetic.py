@@ -121,7 +121,7 @@ def test_bfloat16_runs_the_split_convolutions_in_bfloat16():
 
 
 def test_the_recover_stage_picks_the_form_per_backend():
-  rc = presets.base_config().recover
+  rc = presets.resolve(presets.base_config()).recover
   cfg = recover.synthesis_config(rc, "dwa", "cpu")
   assert (cfg.delta_form, cfg.weight_bits) == ("direct", None)
   for platform, bits in (("tpu", 7), ("gpu", 10)):
@@ -144,16 +144,16 @@ def test_recover_records_how_much_of_delta_survived(tmp_path):
   digits teacher: cosine 0.99999 against 0.51)."""
   import json  # pylint: disable=g-import-not-at-top
   from dwa_jax import files, squeeze  # pylint: disable=g-import-not-at-top
-  from test_errors import tiny  # pylint: disable=g-import-not-at-top
+  from dwa_jax.testing import tiny_config as tiny  # pylint: disable=g-import-not-at-top
   config = tiny()
   config.stage = "squeeze"
-  squeeze.run(config, tmp_path)
+  squeeze.run(presets.resolve(config), tmp_path)
   figures, images = {}, {}
   for precision, form, tf32 in (("float32", "auto", True), ("float32", "auto", False),
                                 ("bfloat16", "auto", False), ("bfloat16", "direct", False)):
     config.recover.precision, config.recover.delta_form = precision, form
     config.recover.emulate_tf32 = tf32
-    summary = recover.run(config, tmp_path, "dwa")
+    summary = recover.run(presets.resolve(config), tmp_path, "dwa")
     images[precision, tf32] = (tmp_path / "synthetic" / "dwa" / "images.npz").read_bytes()
     figures[precision, form] = (summary["synthesis"]["delta_form"], summary["batches"][0])
   # recover.emulate_tf32 reached the convolutions:

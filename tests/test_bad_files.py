@@ -27,7 +27,7 @@ from PIL import Image
 
 from dwa_jax import convert, presets, teacher_store
 from dwa_jax import main as main_lib
-from test_errors import tiny  # the same tiny run (tests/ is on sys.path under pytest)
+from dwa_jax.testing import tiny_config as tiny
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Files a failed run may add or append to: logs, and resumable progress.
@@ -225,9 +225,9 @@ def cifar10_jpeg_cases() -> list[Case]:
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory) -> pathlib.Path:
-  from dwa_jax import fake_tfds
+  from dwa_jax import testing
   root = tmp_path_factory.mktemp("tfds")
-  fake_tfds.build(root, "cifar10", per_class=2, test_per_class=1, image_size=8)
+  testing.build(root, "cifar10", per_class=2, test_per_class=1, image_size=8)
   return root
 
 
@@ -527,7 +527,7 @@ def interrupted_runs(finished: pathlib.Path, root: pathlib.Path) -> pathlib.Path
   config.ipc = 2
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   model, variables, meta = teacher_store.load_teacher(work, train)
-  progress = recover.synthesize_owned(config, work, "dwa", train, model, variables, meta)
+  progress = recover.synthesize_owned(presets.resolve(config), work, "dwa", train, model, variables, meta)
   progress.done_path(1, 0).unlink()  # as if killed during the second batch
   keep = train_checkpoints.TrainCheckpoints.remove
   train_checkpoints.TrainCheckpoints.remove = lambda self: None  # leave them, as a kill would

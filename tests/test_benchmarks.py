@@ -120,14 +120,13 @@ def test_reproduce_cifar10_runs_end_to_end_on_digits(tmp_path):
 
 
 def test_diversity_per_class_matches_the_double_sum():
-  sys.path.insert(0, str(REPO / "benchmarks"))
-  import reproduce_cifar10  # pylint: disable=g-import-not-at-top
+  import common  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   features, labels = rng.normal(size=(12, 5)), np.repeat(np.arange(3), 4)
   expected = [sum(np.sum((features[i] - features[j])**2)
                   for i in np.flatnonzero(labels == c) for j in np.flatnonzero(labels == c))
               for c in range(3)]
-  np.testing.assert_allclose(reproduce_cifar10.diversity_per_class(features, labels, 3), expected)
+  np.testing.assert_allclose(common.diversity_per_class(features, labels, 3), expected)
 
 
 @pytest.mark.slow
@@ -208,7 +207,6 @@ def test_protocol_benchmark_rows_reuse_and_merge(tmp_path):
 def test_protocol_benchmark_names_its_custom_combinations():
   """--custom given once per combination: unnamed is protocol `custom`, `NAME:...` is
   `custom.NAME`; a value may hold ':' and '='; a repeated or badly named one is refused."""
-  sys.path.insert(0, str(REPO / "benchmarks"))
   import protocol_cifar10  # pylint: disable=g-import-not-at-top
   from absl import app  # pylint: disable=g-import-not-at-top
   customs = protocol_cifar10.custom_protocols([
@@ -225,7 +223,6 @@ def test_protocol_benchmark_names_its_custom_combinations():
 def test_protocol_benchmark_merges_rows_written_meanwhile(tmp_path):
   """A row is merged into the JSON as it is now on disk (another invocation's rows kept), and a
   rerun that trained no student keeps the seconds and command of the one that did."""
-  sys.path.insert(0, str(REPO / "benchmarks"))
   import protocol_cifar10  # pylint: disable=g-import-not-at-top
   from dwa_jax import files  # pylint: disable=g-import-not-at-top
   out = tmp_path / "protocol_cifar10.json"
@@ -246,10 +243,9 @@ def test_protocol_benchmark_merges_rows_written_meanwhile(tmp_path):
 def test_compat_ablation_jpeg_variant_keeps_its_manifest_true(tmp_path):
   """The `jpeg` variant rewrites a recovered set as the authors' JPEGs; relabel must still
   accept it (its manifest names the new digests) and train on the decoded JPEGs."""
-  sys.path.insert(0, str(REPO / "benchmarks"))
   import compat_ablation_cifar10  # pylint: disable=g-import-not-at-top
   from dwa_jax import main as main_lib, relabel  # pylint: disable=g-import-not-at-top
-  from test_errors import tiny  # pylint: disable=g-import-not-at-top
+  from dwa_jax.testing import tiny_config as tiny  # pylint: disable=g-import-not-at-top
   c = tiny()
   workdir = tmp_path / "w"
   assert main_lib.execute(c, workdir) == 0
@@ -266,18 +262,18 @@ def test_saved_sets_restore_the_same_images_and_refuse_other_settings(tmp_path):
   """reproduce_cifar10 --save_sets / --sets_from: a later run uses the saved images (relabel
   accepts them against their manifest; recover is marked done) and refuses sets saved from
   other synthesis settings."""
-  sys.path.insert(0, str(REPO / "benchmarks"))
+  import common  # pylint: disable=g-import-not-at-top
   import reproduce_cifar10  # pylint: disable=g-import-not-at-top
   from dwa_jax import files, main as main_lib, relabel  # pylint: disable=g-import-not-at-top
-  from test_errors import tiny  # pylint: disable=g-import-not-at-top
+  from dwa_jax.testing import tiny_config as tiny  # pylint: disable=g-import-not-at-top
   c = tiny()
   first, saved, second = tmp_path / "first", tmp_path / "saved", tmp_path / "second"
   assert main_lib.execute(c, first) == 0
   reproduce_cifar10.save_sets(c, first, saved)
   assert sorted(p.name for p in (saved / "dwa").iterdir()) == [
       "grid.png", "images.npz", "manifest.json", "recover.json"]
-  reproduce_cifar10.copy_teacher(first, second)
-  cache = reproduce_cifar10.StageCache(second)
+  common.copy_teacher(first, second)
+  cache = common.StageCache(second)
   reproduce_cifar10.restore_sets(c, second, saved, cache, "teacher-key")
   images, _ = relabel.synthetic_set(second, "dwa")  # raises if the manifest disagrees
   original, _ = relabel.synthetic_set(first, "dwa")
@@ -294,7 +290,6 @@ def test_saved_sets_restore_the_same_images_and_refuse_other_settings(tmp_path):
 
 def test_protocol_benchmark_keeps_one_json_to_one_base_sets(tmp_path):
   """Rows of one protocol JSON share their base sets: rows over other images are refused."""
-  sys.path.insert(0, str(REPO / "benchmarks"))
   import protocol_cifar10  # pylint: disable=g-import-not-at-top
   from absl import app  # pylint: disable=g-import-not-at-top
   out = tmp_path / "protocol_cifar10.json"

@@ -121,7 +121,7 @@ def test_recover_progress_files_on_an_object_store(bucket, monkeypatch):
 @pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None,
                     reason="gcsfs is installed: a gs:// workdir would go to the network")
 def test_a_gs_workdir_without_gcsfs_is_one_error_line(tmp_path, monkeypatch, capsys):
-  from test_errors import tiny  # pylint: disable=g-import-not-at-top
+  from dwa_jax.testing import tiny_config as tiny  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(tmp_path)
   assert main_lib.execute(tiny(), "gs://bucket/run") == 2
   err = capsys.readouterr().err

@@ -13,7 +13,7 @@ from dwa_jax import data, presets, recover, synthesis
 from dwa_jax import main as main_lib
 from dwa_jax.models import build_model
 
-from test_errors import tiny
+from dwa_jax.testing import tiny_config as tiny
 
 MEAN, STD = (0.5,), (0.25,)
 SHAPE = (8, 8, 1)
@@ -113,10 +113,10 @@ def test_a_committee_run_is_validated_and_recorded(two_teachers, tmp_path):
   c = tiny()
   c.recover.committee = ("",)
   with pytest.raises(ValueError, match="recover.committee must be squeeze workdirs"):
-    presets.validate(c)
+    presets.resolve(c)
   c.recover.committee, c.compat = (str(other),), "official"
   with pytest.raises(ValueError, match="recover.compat_q1"):
-    presets.validate(c)
+    presets.resolve(c)
   c.compat, c.stage = "clean", "recover"
   workdir = tmp_path / "w"
   shutil.copytree(run, workdir)

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dwa_jax import compat, data, presets, recover, relabel, train_loop
+from dwa_jax import synthesis
+from dwa_jax import progress as progress_lib
+from dwa_jax import device_dispatch
+from dwa_jax import compat, data, presets, recover, train_loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SWITCH_NAMES = ["compat_cifar10_std", "recover.compat_q1", "recover.compat_q2",
@@ -21,7 +24,7 @@ SWITCH_NAMES = ["compat_cifar10_std", "recover.compat_q1", "recover.compat_q2",
 
 
 def test_clean_default_turns_every_quirk_off():
-  settings = compat.settings(presets.cifar("cifar10"))
+  settings = compat.settings(presets.resolve(presets.cifar("cifar10")))
   assert settings == {"compat": "clean", **{name: False for name in SWITCH_NAMES}}
 
 
@@ -31,7 +34,7 @@ def test_clean_default_turns_every_quirk_off():
 def test_official_turns_on_what_the_authors_script_for_the_dataset_does(dataset, train_mode):
   c = presets.cifar(dataset)
   c.compat = "official"
-  settings = compat.settings(c)
+  settings = compat.settings(compat.resolve(c))
   # Their CIFAR validation labels with the teacher in train mode; Tiny/ImageNet in eval mode.
   assert settings.pop("relabel.teacher_train_mode") is train_mode
   assert settings == {"compat": "official", **{n: True for n in SWITCH_NAMES
@@ -48,15 +51,18 @@ def test_a_switch_set_explicitly_wins_over_compat():
   assert resolved.recover.compat_jpeg is True
   c = presets.cifar("cifar10")
   c.recover.compat_jpeg = True  # one quirk alone on the clean default
-  assert [n for n, v in compat.settings(c).items() if v is True] == ["recover.compat_jpeg"]
-  assert compat.settings(compat.resolve(compat.resolve(c))) == compat.settings(c)  # idempotent
+  resolved = compat.resolve(c)
+  assert [n for n, v in compat.settings(resolved).items() if v is True] == ["recover.compat_jpeg"]
+  assert compat.settings(compat.resolve(resolved)) == compat.settings(resolved)  # idempotent
+  with pytest.raises(TypeError, match="not resolved"):  # the stages never resolve one themselves
+    compat.settings(c)
 
 
 def test_unknown_compat_mode_is_rejected():
   c = presets.cifar("cifar10")
   c.compat = "authors"
   with pytest.raises(ValueError, match="compat must be one of"):
-    presets.validate(c)
+    presets.resolve(c)
   with pytest.raises(ValueError, match="compat must be one of"):
     compat.resolve(c)
 
@@ -66,12 +72,12 @@ def test_official_std_applies_to_cifar10_only():
   meta100 = dict(zip(("mean", "std"), data.NORMALISATION["cifar100"]))
   for dataset in ("cifar10", "cifar10_jpeg:/data/c.npz"):
     c = presets.cifar(dataset)
-    assert compat.pixel_normalisation(c, meta10) == data.NORMALISATION["cifar10"]
+    assert compat.pixel_normalisation(compat.resolve(c), meta10) == data.NORMALISATION["cifar10"]
     c.compat_cifar10_std = True
-    assert compat.pixel_normalisation(c, meta10) == (meta10["mean"], (0.2023, 0.1994, 0.2010))
+    assert compat.pixel_normalisation(compat.resolve(c), meta10) == (meta10["mean"], (0.2023, 0.1994, 0.2010))
   c = presets.cifar("cifar100")
   c.compat = "official"
-  assert compat.pixel_normalisation(c, meta100) == data.NORMALISATION["cifar100"]
+  assert compat.pixel_normalisation(compat.resolve(c), meta100) == data.NORMALISATION["cifar100"]
 
 
 def test_eval_epochs_clean_and_official():
@@ -147,11 +153,11 @@ def test_official_pipeline_from_the_command_line(tmp_path):
 
 def test_chained_groups_keep_chunk_order_per_ipc_index():
   todo = [(i, j) for i in range(3) for j in range(2)]
-  assert recover.batch_groups(todo, 2, False) == [todo[0:2], todo[2:4], todo[4:6]]
-  assert recover.batch_groups(todo, 2, True) == [[(0, 0), (1, 0)], [(0, 1), (1, 1)],
+  assert device_dispatch.batch_groups(todo, 2, False) == [todo[0:2], todo[2:4], todo[4:6]]
+  assert device_dispatch.batch_groups(todo, 2, True) == [[(0, 0), (1, 0)], [(0, 1), (1, 1)],
                                                  [(2, 0)], [(2, 1)]]
   # A resumed run: ipc 0 has only its second chunk left.
-  assert recover.batch_groups([(0, 1), (1, 0), (1, 1)], 2, True) == [[(0, 1), (1, 0)],
+  assert device_dispatch.batch_groups([(0, 1), (1, 0), (1, 1)], 2, True) == [[(0, 1), (1, 0)],
                                                                       [(1, 1)]]
 
 
@@ -171,7 +177,7 @@ def q2_config():
   c.recover.classes_per_batch = 5
   c.recover.compat_q2 = True
   c.recover.checkpoint_every, c.recover.checkpoint_every_s = 2, 0.0
-  return compat.resolve(c)
+  return presets.resolve(c)
 
 
 def chained_reference(model, variables, train, config, meta, chain=True):
@@ -179,7 +185,7 @@ def chained_reference(model, variables, train, config, meta, chain=True):
   (chain=False: every chunk from the teacher as loaded, as without Q2)."""
   cfg = recover.synthesis_config(config.recover, "dwa")
   cfg = cfg if chain else dataclasses.replace(cfg, compat_q2=False)
-  synth = recover.make_synthesizer(model, variables, (8, 8, 1), meta["mean"], meta["std"], cfg)
+  synth = synthesis.make_synthesizer(model, variables, (8, 8, 1), meta["mean"], meta["std"], cfg)
   starts = recover.initial_batches(train, config.ipc, config.seed, "real", meta["mean"],
                                    meta["std"])
   chunks = recover.class_chunks(10, 5)
@@ -210,7 +216,7 @@ def test_q2_chain_through_the_stage_matches_the_library_and_resumes(tiny_teacher
 
   # Interrupted after the first finished batch, then rerun: the carry comes from disk.
   calls = {"n": 0}
-  save_done = recover.Progress.save_done
+  save_done = progress_lib.Progress.save_done
 
   def crash_after_first(self, *args, **kwargs):
     if calls["n"] == 1:
@@ -218,12 +224,12 @@ def test_q2_chain_through_the_stage_matches_the_library_and_resumes(tiny_teacher
     calls["n"] += 1
     return save_done(self, *args, **kwargs)
 
-  monkeypatch.setattr(recover.Progress, "save_done", crash_after_first)
+  monkeypatch.setattr(progress_lib.Progress, "save_done", crash_after_first)
   with pytest.raises(KeyboardInterrupt):
-    recover.synthesize_owned(config, tmp_path, "dwa", train, model, variables, meta,
+    recover.synthesize_owned(presets.resolve(config), tmp_path, "dwa", train, model, variables, meta,
                              devices=jax.devices()[:2])
-  monkeypatch.setattr(recover.Progress, "save_done", save_done)
-  progress = recover.synthesize_owned(config, tmp_path, "dwa", train, model, variables, meta,
+  monkeypatch.setattr(progress_lib.Progress, "save_done", save_done)
+  progress = recover.synthesize_owned(presets.resolve(config), tmp_path, "dwa", train, model, variables, meta,
                                       devices=jax.devices()[:2])
   for (i, j), (x, delta_norm) in reference.items():
     ours, summary = progress.load_done(i, j)

@@ -185,7 +185,7 @@ def test_a_squeeze_workdir_exports_and_imports_back(tmp_path, capsys):
   """Our own trained teacher, exported from its workdir into the .npz that
   --config.teacher.checkpoint imports: the imported teacher is the same network."""
   from dwa_jax import main as main_lib, teacher_store
-  from test_errors import tiny  # pylint: disable=g-import-not-at-top
+  from dwa_jax.testing import tiny_config as tiny  # pylint: disable=g-import-not-at-top
   trained = tmp_path / "trained"
   c = tiny()
   c.stage = "squeeze"

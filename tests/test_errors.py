@@ -12,17 +12,11 @@ import pytest
 
 from dwa_jax import main as main_lib
 from dwa_jax import presets, teacher_store
+from dwa_jax.testing import tiny_config as tiny
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def tiny():
-  c = presets.demo_digits()
-  c.methods, c.ipc = ("dwa",), 1
-  c.teacher.epochs = 1
-  c.recover.iterations, c.recover.adjust_steps = 2, 1
-  c.relabel.epochs, c.relabel.seeds, c.relabel.random_real_baseline = 1, (0,), False
-  return c
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dwa_jax import data, fake_tfds, files, input_pipeline, train_lib
+from dwa_jax import data, testing, files, input_pipeline, train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -22,8 +22,8 @@ def tfds_dir(tmp_path_factory):
   """A fake CIFAR-10 (10 classes x 3, 32x32 PNG) and a fake ImageNet (1,000 classes x 1, JPEGs
   of varied sizes) in tfds's ArrayRecord layout."""
   root = tmp_path_factory.mktemp("tfds")
-  fake_tfds.build(root, "cifar10", per_class=3)
-  fake_tfds.build(root, "imagenet2012", per_class=1, test_per_class=1, image_size=64)
+  testing.build(root, "cifar10", per_class=3)
+  testing.build(root, "imagenet2012", per_class=1, test_per_class=1, image_size=64)
   return root
 
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from dwa_jax import cli
 from dwa_jax import main as main_lib
 from dwa_jax import presets
 
@@ -26,11 +27,11 @@ def env():
 
 
 def test_the_workdir_lock_is_exclusive_and_released(tmp_path):
-  with main_lib.workdir_lock(tmp_path):
-    with pytest.raises(main_lib.WorkdirInUse, match="in use by another dwa_jax run"):
-      with main_lib.workdir_lock(tmp_path):
+  with cli.workdir_lock(tmp_path):
+    with pytest.raises(cli.WorkdirInUse, match="in use by another dwa_jax run"):
+      with cli.workdir_lock(tmp_path):
         pass
-  with main_lib.workdir_lock(tmp_path):  # released on exit
+  with cli.workdir_lock(tmp_path):  # released on exit
     pass
   assert not list(tmp_path.iterdir())  # the lock writes nothing into the directory
 

@@ -1,6 +1,5 @@
 """Models and the torch-semantics BatchNorm, checked against direct formulas."""
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,21 +52,26 @@ def test_batchnorm_sows_input_statistics_only_when_asked():
   assert BN_STATS not in state
 
 
-@pytest.mark.parametrize("name,image,n_params,feature_shape", [
-    ("resnet18_cifar", (32, 32, 3), 11_173_962, (4, 4, 512)),
-    ("resnet18", (64, 64, 3), 11_181_642, (2, 2, 512)),
-    ("resnet50", (64, 64, 3), 23_528_522, (2, 2, 2048)),
-    ("convnet", (32, 32, 3), 320_010, (8, 8, 128)),
+@pytest.mark.parametrize("name,classes,image,n_params,feature_shape", [
+    ("resnet18_cifar", 10, (32, 32, 3), 11_173_962, (4, 4, 512)),
+    ("resnet18", 10, (64, 64, 3), 11_181_642, (2, 2, 512)),
+    ("resnet50", 10, (64, 64, 3), 23_528_522, (2, 2, 2048)),
+    ("convnet", 10, (32, 32, 3), 320_010, (8, 8, 128)),
+    ("mobilenet_v2", 1000, (224, 224, 3), 3_504_872, None),
+    ("shufflenet_v2_x1_0", 1000, (224, 224, 3), 2_278_604, None),
+    ("efficientnet_b0", 1000, (224, 224, 3), 5_288_548, None),
+    ("vgg16_bn", 1000, (224, 224, 3), 138_365_992, None),
 ])
-def test_parameter_counts_match_torchvision(name, image, n_params, feature_shape):
-  # Counts of torchvision resnet18/50 and the DC ConvNetW128 with 10 classes.
-  model = build_model(name, 10)
+def test_parameter_counts_match_torchvision(name, classes, image, n_params, feature_shape):
+  # Counts of the torchvision models and of the DC ConvNetW128.
+  model = build_model(name, classes)
   template = convert.model_template(model, image)
   count = sum(np.prod(l.shape) for l in jax.tree.leaves(template["params"]))
   assert count == n_params
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, features=True), template,
-                       jax.ShapeDtypeStruct((2, *image), jnp.float32))
-  assert out[0].shape == (2, 10) and out[1].shape == (2, *feature_shape)
+  if feature_shape is not None:
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, features=True), template,
+                         jax.ShapeDtypeStruct((2, *image), jnp.float32))
+    assert out[0].shape == (2, classes) and out[1].shape == (2, *feature_shape)
 
 
 def test_cifar_stem_has_3x3_stride1_conv_and_no_pool():

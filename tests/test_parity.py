@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DIR
-from dwa_jax import compat, convert, data, recover
+from dwa_jax import synthesis
+from dwa_jax import device_dispatch
+from dwa_jax import compat, convert, data, presets, recover
 from dwa_jax.models import build_model
 
 FIXTURE = SHARED_DIR / "parity" / "cifar10_resnet18_fp64"
@@ -55,7 +57,7 @@ def official_config(iterations: int):
   config = module.get_config()
   config.compat = "official"
   config.recover.iterations = iterations
-  return compat.resolve(config)
+  return presets.resolve(config)
 
 
 def compute():
@@ -77,8 +79,8 @@ def compute():
     x0 = jnp.asarray(np.load(FIXTURE / "init_ipc0.npy").astype(np.float64).transpose(0, 2, 3, 1))
     labels = jnp.arange(10)
     offsets = jnp.asarray(record["jitter_offsets"])
-    runner = recover.GroupRunner(model, variables, IMAGE_SHAPE, mean, std, cfg, jax.devices()[:1])
-    key, draws = jax.random.key(0), recover.AugmentDraws(offsets)
+    runner = device_dispatch.GroupRunner(model, variables, IMAGE_SHAPE, mean, std, cfg, jax.devices()[:1])
+    key, draws = jax.random.key(0), synthesis.AugmentDraws(offsets)
     group, [start_metrics] = runner.start([x0], [labels], [key], [draws])
     # Δθ and Q1's ascent gradient, copied before the iterations consume (donate) the state.
     delta = jax.tree.map(lambda a: np.asarray(a[0]), group.state.delta)
@@ -87,11 +89,11 @@ def compute():
     images, metrics = group.x(0), {**metrics, **start_metrics}
 
     # The first Adam step's gradient, assembled from the public pieces.
-    bn_paths = recover.bn_layer_paths(model, variables, IMAGE_SHAPE)
+    bn_paths = synthesis.bn_layer_paths(model, variables, IMAGE_SHAPE)
     params = jax.tree.map(jnp.add, variables["params"], delta)
-    layer_w = recover.bn_layer_weights(len(bn_paths), cfg.first_bn_weight)
-    loss = lambda x: recover.synthesis_loss(
-        model, params, variables["batch_stats"], recover.synthesis_view(x, offsets[0], "roll"),
+    layer_w = synthesis.bn_layer_weights(len(bn_paths), cfg.first_bn_weight)
+    loss = lambda x: synthesis.synthesis_loss(
+        model, params, variables["batch_stats"], synthesis.synthesis_view(x, offsets[0], "roll"),
         labels, bn_paths, layer_w, cfg)[0]
     first_grad = jax.grad(loss)(x0) + ascent_grad
     assert images.dtype == jnp.float64
@@ -103,7 +105,7 @@ def compute():
 
 def test_official_preset_has_the_recorded_settings(run):
   """compat=official turns on Q1 and the authors' std; everything else is the CIFAR default."""
-  assert run["cfg"] == recover.SynthesisConfig(
+  assert run["cfg"] == synthesis.SynthesisConfig(
       iterations=20, lr=0.25, r_bn=0.01, r_var=11.0, first_bn_weight=10.0, adjust_steps=12,
       rho=0.015, jitter=4, augment="roll", compat_q1=True)
   assert run["normalisation"] == (MEAN, STD)

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DIR
+from dwa_jax import synthesis
+from dwa_jax import device_dispatch
 from dwa_jax import convert, data, recover
 from dwa_jax.models import build_model
 
@@ -45,17 +47,17 @@ def nchw(x):
   return np.asarray(x).transpose(0, 3, 1, 2)
 
 
-def recorded_draws(record, chunk: int) -> recover.AugmentDraws:
+def recorded_draws(record, chunk: int) -> synthesis.AugmentDraws:
   steps = record["augment"][chunk]
-  return recover.AugmentDraws(roll=jnp.asarray([a["roll"] for a in steps], jnp.int32),
+  return synthesis.AugmentDraws(roll=jnp.asarray([a["roll"] for a in steps], jnp.int32),
                               crop=jnp.asarray([a["crop"] for a in steps], jnp.int32),
                               flip=jnp.asarray([a["flip"] for a in steps]))
 
 
-def synthesis_config(record, compat_q2: bool) -> recover.SynthesisConfig:
+def synthesis_config(record, compat_q2: bool) -> synthesis.SynthesisConfig:
   s = record["settings"]
   assert s["q1_included"]
-  return recover.SynthesisConfig(
+  return synthesis.SynthesisConfig(
       iterations=s["iterations_T"], lr=s["lr"], r_bn=s["r_bn"], r_var=s["r_var"],
       first_bn_weight=s["first_bn_multiplier"], adjust_steps=s["K"], rho=s["rho"],
       jitter=s["jitter"], augment="crop_flip_roll", compat_q1=True, compat_q2=compat_q2)
@@ -67,14 +69,14 @@ def engine(model, variables_id, cfg):
   blocks of unrolled iterations) and a jitted first-step image gradient; built once per config
   so that chunks with the same settings share compiled programs."""
   variables = VARIABLES[variables_id]
-  runner = recover.GroupRunner(model, variables, IMAGE_SHAPE, MEAN, STD, cfg, jax.devices()[:1])
-  bn_paths = recover.bn_layer_paths(model, variables, IMAGE_SHAPE)
-  layer_w = recover.bn_layer_weights(len(bn_paths), cfg.first_bn_weight)
+  runner = device_dispatch.GroupRunner(model, variables, IMAGE_SHAPE, MEAN, STD, cfg, jax.devices()[:1])
+  bn_paths = synthesis.bn_layer_paths(model, variables, IMAGE_SHAPE)
+  layer_w = synthesis.bn_layer_weights(len(bn_paths), cfg.first_bn_weight)
 
   @jax.jit
   def loss_grad(params, x, labels, draw):
-    loss = lambda x: recover.synthesis_loss(
-        model, params, variables["batch_stats"], recover.synthesis_view(x, draw, cfg.augment),
+    loss = lambda x: synthesis.synthesis_loss(
+        model, params, variables["batch_stats"], synthesis.synthesis_view(x, draw, cfg.augment),
         labels, bn_paths, layer_w, cfg)[0]
     return jax.grad(loss)(x)
 

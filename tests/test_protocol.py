@@ -1,4 +1,4 @@
-"""The evaluation-protocol controls of relabel (issue 17, part 1): each does what its config
+"""The evaluation-protocol controls of relabel: each does what its config
 field says, the defaults keep the official recipe, and every run writes its protocol card."""
 
 import json
@@ -14,7 +14,7 @@ from dwa_jax import main as main_lib
 from dwa_jax import presets, relabel, train_lib, train_loop
 from dwa_jax.models import build_model
 
-from test_errors import tiny
+from dwa_jax.testing import tiny_config as tiny
 
 
 def test_learning_rate_floor():
@@ -95,13 +95,13 @@ def test_protocol_fields_are_validated():
   c.relabel.labels, c.relabel.loss, c.relabel.headline = "soft", "l1", "mean"
   c.relabel.ema_decay, c.relabel.teacher_ensemble = 1.0, ("",)
   with pytest.raises(ValueError) as e:
-    presets.validate(c)
+    presets.resolve(c)
   for field in ("labels", "loss", "headline", "ema_decay", "teacher_ensemble"):
     assert f"relabel.{field}" in str(e.value)
   c = tiny()
   c.relabel.lr_floor = 2.0
   with pytest.raises(ValueError, match="relabel.lr_floor must be in"):
-    presets.validate(c)
+    presets.resolve(c)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from dwa_jax import data, presets, real_init, recover
 from dwa_jax import main as main_lib
 from dwa_jax.models import build_model
 
-from test_errors import tiny
+from dwa_jax.testing import tiny_config as tiny
 
 MEAN, STD = (0.5,), (0.25,)
 
@@ -74,7 +74,7 @@ def test_scored_start_validated_run_and_recorded(tmp_path):
   c = tiny()
   c.recover.init, c.recover.init_min_scale = "scored", 0.0
   with pytest.raises(ValueError, match="init_min_scale must be > 0"):
-    presets.validate(c)
+    presets.resolve(c)
   c.recover.init_min_scale, c.recover.init_candidates, c.recover.init_crops = 0.5, 2, 2
   assert main_lib.execute(c, tmp_path) == 0
   summary = json.loads((tmp_path / "synthetic" / "dwa" / "recover.json").read_text())

@@ -9,6 +9,8 @@ import numpy as np
 import optax
 import pytest
 
+from dwa_jax import progress as progress_lib
+from dwa_jax import device_dispatch
 from dwa_jax import recover, synthesis
 from dwa_jax.models import build_model
 from dwa_jax.models.convnet import ConvNet
@@ -37,19 +39,19 @@ def batch():
 
 def paths(teacher):
   model, variables = teacher
-  return recover.bn_layer_paths(model, variables, IMAGE)
+  return synthesis.bn_layer_paths(model, variables, IMAGE)
 
 
 def test_bn_layer_paths_follow_call_order():
   model = build_model("resnet18_cifar", 10)
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  order = recover.bn_layer_paths(model, variables, (32, 32, 3))
+  order = synthesis.bn_layer_paths(model, variables, (32, 32, 3))
   assert len(order) == 20
   assert order[:4] == (("bn1",), ("layer1_0", "bn1"), ("layer1_0", "bn2"), ("layer1_1", "bn1"))
   assert order[5:8] == (("layer2_0", "bn1"), ("layer2_0", "bn2"), ("layer2_0", "downsample_1"))
   deep = build_model("resnet101_cifar", 10)
   variables = jax.eval_shape(deep.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
-  order = [p[0] for p in recover.bn_layer_paths(deep, variables, (8, 8, 3))]
+  order = [p[0] for p in synthesis.bn_layer_paths(deep, variables, (8, 8, 3))]
   # Call order, not the sorted order of pytree keys (layer3_10 comes after layer3_9).
   assert order.index("layer3_10") > order.index("layer3_9")
 
@@ -65,14 +67,14 @@ def test_teacher_without_batchnorm_is_rejected():
   model = NoBatchNorm()
   variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
   with pytest.raises(ValueError, match="no BatchNorm layer"):
-    recover.bn_layer_paths(model, variables, (4, 4, 3))
+    synthesis.bn_layer_paths(model, variables, (4, 4, 3))
 
 
 def test_bn_terms_use_each_bn_layers_input(teacher, batch):
   model, variables = teacher
   x, _ = batch
   bn_paths = paths(teacher)
-  _, stats = recover.forward_with_bn_stats(model, variables["params"], variables["batch_stats"], x,
+  _, stats = synthesis.forward_with_bn_stats(model, variables["params"], variables["batch_stats"], x,
                                            bn_paths)
   # The input of the first BN layer is the first conv's output, computed independently.
   p = variables["params"]["features_0"]
@@ -81,7 +83,7 @@ def test_bn_terms_use_each_bn_layers_input(teacher, batch):
   flat = np.asarray(conv_out).reshape(-1, 8)
   np.testing.assert_allclose(stats[0][0], flat.mean(0), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(stats[0][1], flat.var(0), rtol=1e-4, atol=1e-6)
-  terms = recover.bn_matching_terms(stats, variables["batch_stats"], bn_paths, r_var=11.0)
+  terms = synthesis.bn_matching_terms(stats, variables["batch_stats"], bn_paths, r_var=11.0)
   running = variables["batch_stats"]["features_1"]
   expected0 = (11.0 * np.linalg.norm(flat.var(0) - running["var"])
                + np.linalg.norm(flat.mean(0) - running["mean"]))
@@ -93,10 +95,10 @@ def test_synthesis_loss_is_ce_plus_weighted_bn_terms(teacher, batch):
   model, variables = teacher
   x, labels = batch
   bn_paths = paths(teacher)
-  cfg = recover.SynthesisConfig(r_bn=0.05, r_var=3.0, first_bn_weight=10.0)
-  loss, (ce, terms) = recover.synthesis_loss(
+  cfg = synthesis.SynthesisConfig(r_bn=0.05, r_var=3.0, first_bn_weight=10.0)
+  loss, (ce, terms) = synthesis.synthesis_loss(
       model, variables["params"], variables["batch_stats"], x, labels, bn_paths,
-      recover.bn_layer_weights(2, 10.0), cfg)
+      synthesis.bn_layer_weights(2, 10.0), cfg)
   logits = np.asarray(model.apply(variables, x), np.float64)
   log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
   np.testing.assert_allclose(ce, -log_p[np.arange(4), np.asarray(labels)].mean(), rtol=1e-5)
@@ -104,15 +106,15 @@ def test_synthesis_loss_is_ce_plus_weighted_bn_terms(teacher, batch):
 
 
 def _ce_params(model, variables, x, labels):
-  return lambda params: recover.cross_entropy(
+  return lambda params: synthesis.cross_entropy(
       model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x), labels)
 
 
 def test_one_ascent_step_is_rho_times_unit_gradient(teacher, batch):
   model, variables = teacher
   x, labels = batch
-  cfg = recover.SynthesisConfig(adjust_steps=1, rho=0.1)
-  delta, ascent_grad, metrics = recover.delta_theta(model, variables, x, labels, jnp.array([0, 0]),
+  cfg = synthesis.SynthesisConfig(adjust_steps=1, rho=0.1)
+  delta, ascent_grad, metrics = synthesis.delta_theta(model, variables, x, labels, jnp.array([0, 0]),
                                                     image_shape=IMAGE, cfg=cfg)
   g = jax.grad(_ce_params(model, variables, x, labels))(variables["params"])
   norm = np.sqrt(sum(np.sum(np.square(l)) for l in jax.tree.leaves(g)))
@@ -125,9 +127,9 @@ def test_one_ascent_step_is_rho_times_unit_gradient(teacher, batch):
 def test_k_step_adjustment_moves_every_parameter_and_raises_the_loss(teacher, batch):
   model, variables = teacher
   x, labels = batch
-  cfg = recover.SynthesisConfig(adjust_steps=6, rho=0.5)
+  cfg = synthesis.SynthesisConfig(adjust_steps=6, rho=0.5)
   offset = jnp.array([1, 2])
-  delta, _, metrics = recover.delta_theta(model, variables, x, labels, offset, image_shape=IMAGE,
+  delta, _, metrics = synthesis.delta_theta(model, variables, x, labels, offset, image_shape=IMAGE,
                                           cfg=cfg)
   norm = float(optax.tree.norm(delta))
   assert 0.9 * 0.5 < norm <= 0.5 + 1e-6
@@ -139,32 +141,32 @@ def test_k_step_adjustment_moves_every_parameter_and_raises_the_loss(teacher, ba
   view = jnp.roll(x, (1, 2), axis=(1, 2))
   g = jax.grad(_ce_params(model, variables, view, labels))(variables["params"])
   first = jax.tree.map(lambda gi: (0.5 / 6) * gi / (optax.tree.norm(g) + 1e-12), g)
-  cfg1 = recover.SynthesisConfig(adjust_steps=1, rho=0.5 / 6)
-  delta1, _, _ = recover.delta_theta(model, variables, x, labels, offset, image_shape=IMAGE, cfg=cfg1)
+  cfg1 = synthesis.SynthesisConfig(adjust_steps=1, rho=0.5 / 6)
+  delta1, _, _ = synthesis.delta_theta(model, variables, x, labels, offset, image_shape=IMAGE, cfg=cfg1)
   for a, b in zip(jax.tree.leaves(delta1), jax.tree.leaves(first)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
 
 
 def test_random_adjustment_has_norm_rho(teacher):
   _, variables = teacher
-  a = recover.random_weight_adjustment(jax.random.key(0), variables["params"], 0.015)
-  b = recover.random_weight_adjustment(jax.random.key(1), variables["params"], 0.015)
+  a = synthesis.random_weight_adjustment(jax.random.key(0), variables["params"], 0.015)
+  b = synthesis.random_weight_adjustment(jax.random.key(1), variables["params"], 0.015)
   np.testing.assert_allclose(optax.tree.norm(a), 0.015, rtol=1e-5)
   assert not np.allclose(jax.tree.leaves(a)[0], jax.tree.leaves(b)[0])
 
 
 def test_cosine_lr_and_jitter_offsets():
-  lrs = [float(recover.cosine_lr(t, 10, 0.25, jnp.float32)) for t in range(10)]
+  lrs = [float(synthesis.cosine_lr(t, 10, 0.25, jnp.float32)) for t in range(10)]
   np.testing.assert_allclose(lrs, [0.125 * (1 + np.cos(np.pi * t / 10)) for t in range(10)],
                              rtol=1e-6)
-  offsets = np.asarray(recover.draw_jitter_offsets(jax.random.key(0), 2000, 4))
+  offsets = np.asarray(synthesis.draw_jitter_offsets(jax.random.key(0), 2000, 4))
   assert offsets.shape == (2000, 2)
   assert set(np.unique(offsets)) == {0, 1, 2, 3, 4}  # inclusive, never negative
 
 
 def test_roll_view_is_circular_shift(batch):
   x, _ = batch
-  v = recover.synthesis_view(x, jnp.array([3, 1]), "roll")
+  v = synthesis.synthesis_view(x, jnp.array([3, 1]), "roll")
   np.testing.assert_array_equal(v, np.roll(np.asarray(x), (3, 1), axis=(1, 2)))
 
 
@@ -173,24 +175,24 @@ def _first_step_by_hand(teacher, x, labels, cfg, offset, extra=0.0, delta=None):
   bn_paths = paths(teacher)
   params = variables["params"] if delta is None else jax.tree.map(jnp.add, variables["params"],
                                                                    delta)
-  loss = lambda x: recover.synthesis_loss(
+  loss = lambda x: synthesis.synthesis_loss(
       model, params, variables["batch_stats"], jnp.roll(x, tuple(offset), axis=(1, 2)), labels,
-      bn_paths, recover.bn_layer_weights(len(bn_paths), cfg.first_bn_weight), cfg)[0]
+      bn_paths, synthesis.bn_layer_weights(len(bn_paths), cfg.first_bn_weight), cfg)[0]
   g = np.asarray(jax.grad(loss)(x)) + extra
-  lo, hi = recover.pixel_bounds(MEAN, STD, jnp.float32)
+  lo, hi = synthesis.pixel_bounds(MEAN, STD, jnp.float32)
   # Adam's first step: m̂ = g, v̂ = g², so the update is lr·g/(|g| + eps).
   return np.clip(np.asarray(x) - cfg.lr * g / (np.abs(g) + cfg.adam_eps), lo, hi)
 
 
 def _synthesize(teacher, x, labels, cfg, offsets, key=jax.random.key(0)):
   model, variables = teacher
-  fn = recover.make_synthesizer(model, variables, IMAGE, MEAN, STD, cfg)
+  fn = synthesis.make_synthesizer(model, variables, IMAGE, MEAN, STD, cfg)
   return fn(variables, x, labels, key, offsets)
 
 
 def test_sre2l_first_step_matches_adam_formula(teacher, batch):
   x, labels = batch
-  cfg = recover.sre2l_config(iterations=1, lr=0.1)
+  cfg = synthesis.sre2l_config(iterations=1, lr=0.1)
   assert cfg.r_var == 1.0
   offsets = jnp.array([[2, 3]])
   images, metrics = _synthesize(teacher, x, labels, cfg, offsets)
@@ -202,11 +204,11 @@ def test_sre2l_first_step_matches_adam_formula(teacher, batch):
 @pytest.mark.parametrize("compat", [False, True])
 def test_dwa_first_step_with_and_without_quirk_q1(teacher, batch, compat):
   x, labels = batch
-  cfg = recover.SynthesisConfig(iterations=1, lr=0.1, adjust_steps=3, rho=0.2, compat_q1=compat)
+  cfg = synthesis.SynthesisConfig(iterations=1, lr=0.1, adjust_steps=3, rho=0.2, compat_q1=compat)
   offsets = jnp.array([[1, 4]])
   images, _ = _synthesize(teacher, x, labels, cfg, offsets)
   model, variables = teacher
-  delta, ascent_grad, _ = recover.delta_theta(model, variables, x, labels, offsets[0],
+  delta, ascent_grad, _ = synthesis.delta_theta(model, variables, x, labels, offsets[0],
                                               image_shape=IMAGE, cfg=cfg)
   assert bool(np.any(ascent_grad)) == compat
   expected = _first_step_by_hand(teacher, x, labels, cfg, (1, 4), np.asarray(ascent_grad), delta)
@@ -215,12 +217,12 @@ def test_dwa_first_step_with_and_without_quirk_q1(teacher, batch, compat):
 
 def test_synthesis_lowers_the_loss_and_respects_pixel_range(teacher, batch):
   x, labels = batch
-  cfg = recover.SynthesisConfig(iterations=40, lr=0.1, adjust_steps=2, rho=0.05)
-  offsets = recover.draw_jitter_offsets(jax.random.key(3), 40, 2)
+  cfg = synthesis.SynthesisConfig(iterations=40, lr=0.1, adjust_steps=2, rho=0.05)
+  offsets = synthesis.draw_jitter_offsets(jax.random.key(3), 40, 2)
   images, metrics = _synthesize(teacher, x, labels, cfg, offsets)
   loss = metrics["ce"] + cfg.r_bn * (metrics["bn_terms"] @ np.array([10.0, 1.0]))
   assert float(loss[-5:].mean()) < 0.75 * float(loss[:5].mean())
-  lo, hi = recover.pixel_bounds(MEAN, STD, jnp.float32)
+  lo, hi = synthesis.pixel_bounds(MEAN, STD, jnp.float32)
   assert np.all(images >= lo - 1e-6) and np.all(images <= hi + 1e-6)
   assert 0 < float(metrics["delta_norm"]) <= 0.05 + 1e-6
   assert metrics["bn_terms"].shape == (40, 2) and metrics["adjust_ce"].shape == (2,)
@@ -230,8 +232,8 @@ def test_random_ablation_and_methods_differ(teacher, batch):
   x, labels = batch
   offsets = jnp.zeros((3, 2), jnp.int32)
   outs = {m: _synthesize(teacher, x, labels,
-                         recover.SynthesisConfig(method=m, iterations=3, adjust_steps=2), offsets)
-          for m in recover.METHODS}
+                         synthesis.SynthesisConfig(method=m, iterations=3, adjust_steps=2), offsets)
+          for m in synthesis.METHODS}
   np.testing.assert_allclose(outs["random"][1]["delta_norm"], 0.015, rtol=1e-4)
   assert not np.allclose(outs["dwa"][0], outs["sre2l"][0])
   assert not np.allclose(outs["random"][0], outs["dwa"][0])
@@ -242,9 +244,9 @@ def test_no_teacher_weight_gradients_are_computed(teacher, batch):
   model, variables = teacher
   x, labels = batch
   bn_paths = paths(teacher)
-  cfg = recover.sre2l_config(iterations=1)
-  weights = recover.bn_layer_weights(len(bn_paths), 10.0)
-  loss = lambda p, x: recover.synthesis_loss(model, p, variables["batch_stats"], x, labels,
+  cfg = synthesis.sre2l_config(iterations=1)
+  weights = synthesis.bn_layer_weights(len(bn_paths), 10.0)
+  loss = lambda p, x: synthesis.synthesis_loss(model, p, variables["batch_stats"], x, labels,
                                              bn_paths, weights, cfg)[0]
 
   def flops(fn, *args):
@@ -252,7 +254,7 @@ def test_no_teacher_weight_gradients_are_computed(teacher, batch):
 
   input_only = flops(jax.grad(loss, argnums=1), variables["params"], x)
   with_weights = flops(jax.grad(loss, argnums=(0, 1)), variables["params"], x)
-  synth = functools.partial(recover.synthesize_batch, model, bn_paths=bn_paths, pixel_mean=MEAN,
+  synth = functools.partial(synthesis.synthesize_batch, model, bn_paths=bn_paths, pixel_mean=MEAN,
                             pixel_std=STD, cfg=cfg)
   engine = flops(synth, variables, x, labels, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
   assert with_weights > 1.2 * input_only  # the weight gradient is a real extra cost here...
@@ -268,16 +270,16 @@ def test_no_teacher_weight_gradients_are_computed(teacher, batch):
 ])
 def test_config_validation(bad, match):
   with pytest.raises(ValueError, match=match):
-    recover.SynthesisConfig(**bad)
+    synthesis.SynthesisConfig(**bad)
 
 
 def test_unreadable_inflight_checkpoint_restarts_the_group(tmp_path):
   """A SIGKILL in the middle of an Orbax save leaves a step Orbax cannot read: start over."""
-  cfg = recover.SynthesisConfig(iterations=4)
+  cfg = synthesis.SynthesisConfig(iterations=4)
   x = jnp.ones((1, 2, 4, 4, 3), jnp.float32)  # a group of one batch, stacked
-  state = recover.BatchState(x, synthesis._adam(cfg).init(x), None, jnp.zeros_like(x),
+  state = synthesis.BatchState(x, synthesis._adam(cfg).init(x), None, jnp.zeros_like(x),
                              jnp.asarray([2], jnp.int32))
-  progress = recover.Progress(tmp_path / "progress", {"a": 1})
+  progress = progress_lib.Progress(tmp_path / "progress", {"a": 1})
   progress.save_inflight("0:0", state)
   restored = progress.load_inflight("0:0", state._replace(t=jnp.asarray([0], jnp.int32)))
   assert int(restored.t[0]) == 2
@@ -289,8 +291,8 @@ def test_unreadable_inflight_checkpoint_restarts_the_group(tmp_path):
 
 
 def test_crop_flip_roll_draws_and_view():
-  cfg = recover.SynthesisConfig(iterations=200, augment="crop_flip_roll", jitter=3)
-  draws = recover.draw_augmentation(jax.random.key(0), 200, cfg, (14, 14))
+  cfg = synthesis.SynthesisConfig(iterations=200, augment="crop_flip_roll", jitter=3)
+  draws = synthesis.draw_augmentation(jax.random.key(0), 200, cfg, (14, 14))
   crop, flip, roll = (np.asarray(a) for a in (draws.crop, draws.flip, draws.roll))
   assert crop.shape == (200, 4) and flip.shape == (200,) and roll.shape == (200, 2)
   top, left, h, w = crop.T
@@ -298,7 +300,7 @@ def test_crop_flip_roll_draws_and_view():
   assert np.all((top + h <= 14) & (left + w <= 14)) and np.any(h != w)
   assert 0.3 < flip.mean() < 0.7 and set(np.unique(roll)) == {0, 1, 2, 3}
   # Roll-only draws are the CIFAR stream, unchanged by the crop draws.
-  plain = recover.draw_augmentation(jax.random.key(0), 200, recover.SynthesisConfig(
+  plain = synthesis.draw_augmentation(jax.random.key(0), 200, synthesis.SynthesisConfig(
       iterations=200, jitter=3), (14, 14))
   assert plain.crop is None
   np.testing.assert_array_equal(plain.roll, roll)
@@ -306,7 +308,7 @@ def test_crop_flip_roll_draws_and_view():
   from dwa_jax import augment  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.key(1), (3, 14, 14, 2))
   t = int(np.flatnonzero(flip)[0])
-  view = recover.synthesis_view(x, draws.at(t), "crop_flip_roll")
+  view = synthesis.synthesis_view(x, draws.at(t), "crop_flip_roll")
   resized = np.asarray(augment.crop_and_resize(x, crop[t], 14))
   expected = np.roll(resized[:, :, ::-1], tuple(roll[t]), axis=(1, 2))
   np.testing.assert_allclose(view, expected, rtol=1e-6)
@@ -318,10 +320,10 @@ def test_bfloat16_compute_stays_close_to_float32(teacher, batch):
   stays close to the float32 one: final CE and BN loss within 5 % relative, and the mean pixel
   difference under 10 % of how far the pixels moved (measured 1.6 %; CE 1.3439 vs 1.3432)."""
   x, labels = batch
-  offsets = recover.draw_jitter_offsets(jax.random.key(3), 30, 2)
+  offsets = synthesis.draw_jitter_offsets(jax.random.key(3), 30, 2)
   runs = {}
   for dtype in (None, "bfloat16"):
-    cfg = recover.SynthesisConfig(iterations=30, lr=0.1, adjust_steps=2, rho=0.05,
+    cfg = synthesis.SynthesisConfig(iterations=30, lr=0.1, adjust_steps=2, rho=0.05,
                                   compute_dtype=dtype)
     runs[dtype] = _synthesize(teacher, x, labels, cfg, offsets)
   (x32, m32), (x16, m16) = runs[None], runs["bfloat16"]
@@ -345,7 +347,7 @@ def test_bfloat16_compute_stays_close_to_float32(teacher, batch):
 def run_packed(model, variables, cfg, x0, labels, keys, draws, per_device):
   """The batches of x0 through a one-device GroupRunner, `per_device` at a time; returns the
   runner and the final images."""
-  runner = recover.GroupRunner(model, variables, IMAGE, MEAN, STD, cfg, jax.devices()[:1],
+  runner = device_dispatch.GroupRunner(model, variables, IMAGE, MEAN, STD, cfg, jax.devices()[:1],
                                per_device)
   out = []
   for g in range(0, len(x0), per_device):
@@ -360,7 +362,7 @@ def test_packed_batches_match_one_by_one(teacher):
   """batches_per_device = P: P batches in one vmapped program per device give the images of
   running them one at a time, within float32 rounding (measured max |Δ| 3.1e-6 here)."""
   model, variables = teacher
-  cfg = recover.SynthesisConfig(iterations=5, adjust_steps=2, jitter=2)
+  cfg = synthesis.SynthesisConfig(iterations=5, adjust_steps=2, jitter=2)
   keys = [jax.random.split(recover.batch_key(0, i, 0)) for i in range(4)]
   x0 = np.stack([np.asarray(jax.random.normal(k[0], (NUM_CLASSES, *IMAGE))) for k in keys])
   labels = np.tile(np.arange(NUM_CLASSES), (4, 1))
@@ -372,7 +374,7 @@ def test_packed_batches_match_one_by_one(teacher):
     assert runner.compilations() == {"start": 1, "advance": 2}  # blocks of 4 and 1 iterations
   # One batch on one device vs the unbatched engine (make_synthesizer): float32 rounding only
   # (a vmap of one batch is compiled differently; here 28.8 % of the pixels differ, by ~1e-7).
-  synth = recover.make_synthesizer(model, variables, IMAGE, MEAN, STD, cfg)
+  synth = synthesis.make_synthesizer(model, variables, IMAGE, MEAN, STD, cfg)
   for i in range(4):
     alone, _ = synth(variables, x0[i], labels[i], keys[i][1], draws[i])
     np.testing.assert_allclose(images[1][i], np.asarray(alone), atol=1e-4)
@@ -385,7 +387,7 @@ def test_packed_batches_compute_the_same_maths_in_float64(teacher):
   teacher; 2.9e-12 on a ResNet-18 after an iteration): float32 differences between layouts are
   rounding, which Adam's sign-like first steps amplify at pixels whose gradient is ~0."""
   model, variables = teacher
-  cfg = recover.SynthesisConfig(iterations=3, adjust_steps=2, jitter=2)
+  cfg = synthesis.SynthesisConfig(iterations=3, adjust_steps=2, jitter=2)
   with jax.enable_x64(True):
     variables64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
     keys = [jax.random.split(recover.batch_key(0, i, 0)) for i in range(2)]
@@ -404,13 +406,13 @@ def test_scanned_ascent_and_iterations_compute_what_the_unrolled_ones_do(teacher
   one pass, whatever K), the CPU unrolled: the same images in float64 (1e-12) and within float32
   rounding (measured max |Δ| 2e-6 here), with the same compiled-program counts."""
   model, variables = teacher
-  cfg = recover.SynthesisConfig(iterations=6, adjust_steps=3, jitter=2)
+  cfg = synthesis.SynthesisConfig(iterations=6, adjust_steps=3, jitter=2)
   keys = [jax.random.split(recover.batch_key(0, i, 0)) for i in range(2)]
   draws = [recover.batch_draws(0, i, 0, cfg, IMAGE[:2]) for i in range(2)]
   labels = np.tile(np.arange(NUM_CLASSES), (2, 1))
 
   def run(variables, x0, unroll):
-    runner = recover.GroupRunner(model, variables, IMAGE, MEAN, STD, cfg, jax.devices()[:1], 2,
+    runner = device_dispatch.GroupRunner(model, variables, IMAGE, MEAN, STD, cfg, jax.devices()[:1], 2,
                                  unroll=unroll)
     group, start = runner.start(x0, labels, [k[1] for k in keys], draws)
     runner.advance(group, cfg.iterations)

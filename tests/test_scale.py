@@ -38,7 +38,7 @@ def config(ipc=4, iterations=60):
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("teacher")
-  squeeze.run(config(), path)
+  squeeze.run(presets.resolve(config()), path)
   return path / "teacher"
 
 
@@ -95,7 +95,7 @@ def test_device_count_and_packing_keep_the_batches(teacher_dir, tmp_path):
     workdir = workdir_with(teacher_dir, tmp_path / f"d{n_devices}p{per_device}")
     model, variables, meta = teacher_store.load_teacher(workdir, train)
     train_cfg.recover.batches_per_device = per_device
-    progress = recover.synthesize_owned(train_cfg, workdir, "dwa", train, model, variables, meta,
+    progress = recover.synthesize_owned(presets.resolve(train_cfg), workdir, "dwa", train, model, variables, meta,
                                         devices=jax.devices()[:n_devices])
     outputs[n_devices, per_device] = [progress.load_done(i, 0) for i in range(8)]
     compiled = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
@@ -207,7 +207,7 @@ def test_in_flight_checkpoints_follow_the_clock_and_change_nothing(teacher_dir, 
     cfg.recover.checkpoint_every_s = every_s
     workdir = workdir_with(teacher_dir, tmp_path / f"every_{every_s:g}")
     model, variables, meta = teacher_store.load_teacher(workdir, train)
-    progress = recover.synthesize_owned(cfg, workdir, "dwa", train, model, variables, meta,
+    progress = recover.synthesize_owned(presets.resolve(cfg), workdir, "dwa", train, model, variables, meta,
                                         devices=jax.devices()[:1])
     images[every_s] = progress.load_done(0, 0)[0]
     saves[every_s] = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text()

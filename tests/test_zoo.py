@@ -45,14 +45,6 @@ def test_logits_match_torchvision_fixture(name, torch_outputs):
   assert diff < TOLERANCE
 
 
-@pytest.mark.parametrize("name,n_params", [
-    ("mobilenet_v2", 3_504_872), ("shufflenet_v2_x1_0", 2_278_604),
-    ("efficientnet_b0", 5_288_548), ("vgg16_bn", 138_365_992)])
-def test_parameter_counts_match_torchvision(name, n_params):
-  template = convert.model_template(build_model(name, 1000), (224, 224, 3))
-  assert sum(np.prod(l.shape) for l in jax.tree.leaves(template["params"])) == n_params
-
-
 def test_torch_names_of_nested_sequentials_and_depthwise_layout():
   sd = convert.variables_to_state_dict(jax.tree.map(
       lambda l: np.zeros(l.shape, np.float32),
@@ -144,7 +136,7 @@ def test_new_models_work_as_students_and_teachers(name):
 
   cfg = presets.cifar("cifar10")
   cfg.teacher.model = cfg.relabel.student = name
-  presets.validate(cfg)
+  presets.resolve(cfg)
 
 
 class _DropoutNet(nn.Module):
