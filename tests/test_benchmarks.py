@@ -130,6 +130,26 @@ def test_diversity_per_class_matches_the_double_sum():
 
 
 @pytest.mark.slow
+def test_synthesis_curve_runs_on_digits(tmp_path):
+  """The curve's rows on tiny digits settings: the starting images (t0) are the real images
+  synthesis starts from, DWA moves away from them with T, and a random real subset row."""
+  command = [sys.executable, "benchmarks/synthesis_curve.py", "--config=configs/demo_digits.py",
+             f"--workdir={tmp_path / 'work'}", f"--results_dir={tmp_path / 'results'}",
+             "--config.teacher.epochs=1", "--config.ipc=2", "--config.relabel.epochs=2",
+             "--config.relabel.eval_every=1", "--config.relabel.seeds=(0,1)",
+             "--rows=t0,t3,t10,real_s1"]
+  proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((tmp_path / "results" / "synthesis_curve.json").read_text())["rows"]
+  assert set(rows) == {"t0", "t3", "t10", "real_s1"}
+  assert 0 < rows["t3"]["rmse_from_start"] < rows["t10"]["rmse_from_start"]
+  assert rows["t0"]["iterations"] == 0 and rows["t0"]["d_fea_relative_to_start"] == 1.0
+  assert all(len(r["runs"]) == 2 and r["command"].endswith(f"--rows={name}")
+             for name, r in rows.items())
+  assert (tmp_path / "results" / "synthesis_curve.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
 def test_data_parallel_benchmark_quick(tmp_path):
   out = tmp_path / "dp.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -107,6 +107,10 @@ def check_script_flags(argv: list[str], cwd) -> None:
     if name.startswith("--") and not name.startswith("--config"):
       assert re.search(rf"{re.escape(name)}\b", out.stdout), f"{name} is not a flag of {head}"
   config_args = [a for a in args if a.startswith("--config")]
+  if config_args and not any(a.startswith("--config=") for a in config_args):
+    default = re.search(r"--config:.*?\(default: '([^']+)'\)", out.stdout, re.S)
+    assert default, f"{head}: --config.X given, but no --config and no default config"
+    config_args.insert(0, f"--config={default.group(1)}")
   if config_args:
     check_main_flags(config_args)
 

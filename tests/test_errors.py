@@ -119,7 +119,7 @@ def test_unwritable_workdir(tmp_path, capsys):
 
 def test_processes_sharing_a_workdir_can_all_check_it(tmp_path):
   """Multi-process runs check the same workdir at once: their probe files must not collide."""
-  code = ("import sys; from dwa_jax.main import prepare_workdir\n"
+  code = ("import sys; from dwa_jax.cli import prepare_workdir\n"
           "for _ in range(300): prepare_workdir(sys.argv[1])")
   procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "shared")],
                             stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -38,7 +38,7 @@ def test_the_workdir_lock_is_exclusive_and_released(tmp_path):
 
 HOLDER = """
 import sys, time
-from dwa_jax.main import workdir_lock
+from dwa_jax.cli import workdir_lock
 import pathlib
 with workdir_lock(pathlib.Path(sys.argv[1])):
   print("locked", flush=True)
