@@ -28,8 +28,8 @@ from ml_collections import config_flags
 import numpy as np
 
 import common
-from dwa_jax import (compat, data, files, presets, provenance, recover, relabel, synthetic_outputs,
-                     teacher_store)
+from dwa_jax import (compat, data, files, image_files, presets, provenance, recover, relabel,
+                     synthetic_outputs, teacher_store)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def to_jpeg(out: pathlib.Path) -> None:
   files.save_npz(out / "images.npz", **arrays)
   summary = files.read_json(out / "recover.json")
   summary["format"] = "jpeg_q75"
-  summary["pixel_statistics"]["jpeg"] = files.pixel_statistics(arrays["images"])
+  summary["pixel_statistics"]["jpeg"] = image_files.pixel_statistics(arrays["images"])
   files.write_json(out / "recover.json", summary)
   # The rewritten files' digests, so relabel's manifest check accepts the set.
   listed = files.read_json(out / "manifest.json")["files"]

@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import common
-from dwa_jax import (data, files, presets, provenance, recover, relabel, squeeze, synthetic_outputs,
-                     teacher_store)
+from dwa_jax import (data, errors, files, image_files, presets, provenance, recover, relabel,
+                     squeeze, synthetic_outputs, teacher_store)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Paper top-1 (%) at CIFAR-10 ipc 10 (SPEC.md); None: not reported for that student.
@@ -100,9 +100,9 @@ def restore_sets(config, workdir: pathlib.Path, src: pathlib.Path, cache: common
   for method in config.methods:
     saved = record["methods"].get(method)
     if saved is None:
-      raise files.InputError(f"--sets_from={src}: no {method!r} set saved there")
+      raise errors.InputError(f"--sets_from={src}: no {method!r} set saved there")
     if saved["key"] != keys[method]:
-      raise files.InputError(
+      raise errors.InputError(
           f"--sets_from={src}: its {method!r} set was synthesised from another teacher, data or "
           "synthesis settings than this config's; drop --sets_from to synthesise it here")
     out = workdir / "synthetic" / method
@@ -179,7 +179,7 @@ def scatter_png(panels: list, path: pathlib.Path, size: int = 420) -> None:
     for (x, y), c in zip(to_px(syn_xy), syn_y):
       draw.rectangle([ox + x - 4, 24 + y - 4, ox + x + 4, 24 + y + 4], fill=PALETTE[c % 10],
                      outline="black")
-  files.save_png(path, np.asarray(canvas))
+  image_files.save_png(path, np.asarray(canvas))
 
 
 # ----------------------------------------------------------------------------- report

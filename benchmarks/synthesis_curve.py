@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import common
-from dwa_jax import data, files, provenance, recover, relabel, squeeze, teacher_store
+from dwa_jax import data, files, image_files, provenance, recover, relabel, squeeze, teacher_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -137,7 +137,7 @@ def plot(rows: dict, path: pathlib.Path, width: int = 640, height: int = 400) ->
   for t, m, s in curve:
     draw.line([x_of(t), y_of(m + s), x_of(t), y_of(m - s)], fill=(31, 119, 180))
     draw.ellipse([x_of(t) - 3, y_of(m) - 3, x_of(t) + 3, y_of(m) + 3], fill=(31, 119, 180))
-  files.save_png(path, np.asarray(canvas))
+  image_files.save_png(path, np.asarray(canvas))
 
 
 def main(argv):

@@ -16,7 +16,7 @@ from absl import flags
 import ml_collections
 from tqdm import auto as tqdm
 
-from dwa_jax import files
+from dwa_jax import errors, files
 
 FLAGS = flags.FLAGS
 
@@ -34,9 +34,9 @@ def prepare_workdir(workdir: str):
     probe.unlink()
   except OSError as e:
     raise PermissionError(f"workdir {workdir!r} is not writable: "
-                          f"{e.strerror or files.describe_error(e)}") from None
+                          f"{e.strerror or errors.describe_error(e)}") from None
   except ImportError as e:  # gs:// and the like without their file-system library
-    raise files.InputError(f"workdir {workdir!r} cannot be opened here: {e}") from None
+    raise errors.InputError(f"workdir {workdir!r} cannot be opened here: {e}") from None
   return path
 
 
@@ -161,7 +161,7 @@ def _bad_config_file(argv, error: BaseException):
   """A config file that cannot be loaded (syntax error, no get_config, get_config raising)."""
   lines = [line.strip() for line in str(error).splitlines()]
   errno = next((line for line in lines if "Errno" in line), None)  # a file that is not there
-  detail = errno or files.describe_error(error)
+  detail = errno or errors.describe_error(error)
   _flag_error(f"--config={_config_file(argv)}: cannot load the config file: {detail}")
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dwa_jax import files, teacher_store
+from dwa_jax import errors, files, teacher_store
 from dwa_jax.models import build_model, model_template
 
 # Torch buffers with no Flax counterpart.
@@ -35,7 +35,7 @@ _LEAF_TO_TORCH = {
 }
 
 
-class StateDictError(files.InputError):
+class StateDictError(errors.InputError):
   """A state dict does not fit the model it is loaded into."""
 
 

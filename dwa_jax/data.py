@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm import auto as tqdm
 
-from dwa_jax import files, xla_cpu
+from dwa_jax import errors, files, xla_cpu
 
 NORMALISATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -50,7 +50,7 @@ STATS_SAMPLE = 10_000
 CHECK_CHUNK_BYTES = 16 << 20
 
 
-class DataError(files.InputError):
+class DataError(errors.InputError):
   """A data set cannot be found or read."""
 
 
@@ -111,7 +111,7 @@ def decode_image(blob_or_path, size: int | None = None, mode: str = "RGB",
       array = np.asarray(_fit(image.convert(mode), size, resize))
   except Exception as e:  # pylint: disable=broad-except  (PIL raises OSError, SyntaxError, ...)
     where = "" if isinstance(blob_or_path, bytes) else f" {blob_or_path}"
-    raise DataError(f"Cannot decode image{where}: {files.describe_error(e)}") from None
+    raise DataError(f"Cannot decode image{where}: {errors.describe_error(e)}") from None
   return array[..., None] if array.ndim == 2 else array
 
 
@@ -442,7 +442,7 @@ class TfdsImages(ImageSource):
       return decode_image(self.source()[i]["image"], self.size, resize=self.resize)
     except Exception as e:  # pylint: disable=broad-except  (a damaged record file)
       raise DataError(f"tfds data set in {self.builder_dir}: {self.split} record {i}: "
-                      f"{files.describe_error(e)}") from None
+                      f"{errors.describe_error(e)}") from None
 
   def labels(self, chunk: int = 4096, cache: bool = True) -> np.ndarray:
     """Every label, without decoding an image: records are read in chunks with the image left

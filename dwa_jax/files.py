@@ -1,4 +1,5 @@
-"""Files the pipeline writes: atomic writes, JSON-lines metrics, PNG image sets and grids.
+"""Files the pipeline reads and writes: atomic writes, JSON, npz, hashes, and read failures
+turned into one clear error (errors.InputError).
 
 Every path under the work directory goes through `etils.epath`, so a `gs://` (or `s3://`)
 workdir works wherever the cloud file-system libraries are installed (gcsfs, or TensorFlow's
@@ -10,25 +11,23 @@ gfile). What atomic means there (object stores have no rename):
     on an object store a copy of each object, so a kill during the copy can leave a folder with
     some of the new files. Recover keeps its progress until the copy has finished, so rerunning it
     writes the folder again; relabel refuses a set whose images do not match its manifest;
-  * appending to the metrics log (`MetricsLog`) rewrites the object (no append on object stores).
+  * appending to the metrics log (metrics_log.MetricsLog) rewrites the object (no append on object
+    stores).
 """
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import pathlib
-import re
-import sys
 import tempfile
-import time
 import zipfile
 from typing import Any, Iterator
 
 import numpy as np
 from etils import epath
-from PIL import Image
+
+from dwa_jax.errors import InputError, describe_error
 
 # Path prefixes of object stores (etils.epath): no rename, no append, no flock.
 REMOTE_PREFIXES = ("gs://", "s3://", "az://", "hf://")
@@ -89,18 +88,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     tmp.unlink(missing_ok=True)
 
 
-class InputError(ValueError):
-  """A file or setting the user gave (or a file an earlier run left) cannot be used: reported as
-  one `dwa_jax: error:` line, exit status 2. Subclasses: data.DataError, teacher_store.TeacherError,
-  convert.StateDictError."""
-
-
-def describe_error(error: BaseException) -> str:
-  """An exception as a short phrase: its type and the first line of its message."""
-  text = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-
-
 @contextlib.contextmanager
 def reading(path, what: str, hint: str = "", error: type = InputError):
   """Any failure to read `path` (truncated, random bytes, wrong layout: whatever the parsing
@@ -155,13 +142,13 @@ def write_bytes(path, data: bytes) -> None:
 
 
 def write_json(path, obj: Any) -> None:
-  write_bytes(path, (json.dumps(obj, indent=1, default=_to_builtin) + "\n").encode())
+  write_bytes(path, (json.dumps(obj, indent=1, default=json_default) + "\n").encode())
 
 
 def as_json(obj: Any) -> Any:
   """`obj` as it reads back from JSON (tuples become lists, numpy numbers builtins): what a
   stamp written with write_json is compared against."""
-  return json.loads(json.dumps(obj, default=_to_builtin))
+  return json.loads(json.dumps(obj, default=json_default))
 
 
 def read_json(path, what: str = "JSON file", hint: str = "", keys: tuple = ()) -> Any:
@@ -241,89 +228,10 @@ def sha256(path, chunk: int = 1 << 24) -> str:
   return digest.hexdigest()
 
 
-def _to_builtin(x):
+def json_default(x):
   if isinstance(x, (np.generic, np.ndarray)) or hasattr(x, "__array__"):
     return np.asarray(x).tolist()
   raise TypeError(f"Not JSON serialisable: {type(x)}")
-
-
-def _import_tensorboardx():
-  """tensorboardX, imported with torch hidden unless torch is loaded already: tensorboardX
-  imports torch whenever it is installed (only to accept torch tensors, which we never pass),
-  and that costs a JAX process about 600 MB of resident memory and two seconds."""
-  if "torch" in sys.modules:
-    import tensorboardX  # pylint: disable=g-import-not-at-top
-    return tensorboardX
-  sys.modules["torch"] = None  # `import torch` now raises ImportError
-  try:
-    import tensorboardX  # pylint: disable=g-import-not-at-top
-  finally:
-    del sys.modules["torch"]
-  return tensorboardX
-
-
-class MetricsLog:
-  """Appends one JSON object per line (stage, step, wall time, values) to `path`, and writes
-  every finite number among the values as a TensorBoard scalar `<stage>/<name>` (tensorboardX
-  event files in `<path's folder>/tensorboard/`, one file per process). Every file has one
-  writer: process k > 0 of a multi-process run appends to `<stem>.p<k><suffix>` instead
-  (metrics.p1.jsonl: its own recover batches)."""
-
-  def __init__(self, path, tensorboard: bool = True):
-    import jax  # pylint: disable=g-import-not-at-top
-    self.path = as_path(path)
-    process = jax.process_index()
-    if process:
-      self.path = self.path.with_name(f"{self.path.stem}.p{process}{self.path.suffix}")
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    self.tensorboard = tensorboard
-    self._writer = None
-
-  def write(self, stage: str, step: int, **values) -> None:
-    record = {"stage": stage, "step": int(step), "time": round(time.time(), 3), **values}
-    line = json.dumps(record, default=_to_builtin) + "\n"
-    if is_remote(self.path):  # object stores cannot append: the object is written again
-      before = self.path.read_text() if self.path.exists() else ""
-      write_bytes(self.path, (before + line).encode())
-    else:
-      with self.path.open("a") as f:
-        f.write(line)
-    if self.tensorboard:
-      self._scalars(stage, int(step), values)
-
-  def series(self, stage: str, name: str, steps, values) -> None:
-    """Many points of one TensorBoard scalar (not in the JSONL log): per-iteration curves."""
-    if not self.tensorboard:
-      return
-    writer = self._tensorboard()
-    tag = self._tag(stage, name)
-    for step, value in zip(steps, values):
-      if np.isfinite(value):
-        writer.add_scalar(tag, float(value), int(step))
-    writer.flush()
-
-  def _tensorboard(self):
-    if self._writer is None:
-      import jax  # pylint: disable=g-import-not-at-top
-      self._writer = _import_tensorboardx().SummaryWriter(
-          os.fspath(self.path.parent / "tensorboard"),
-          filename_suffix=f".p{jax.process_index()}")
-    return self._writer
-
-  @staticmethod
-  def _tag(stage: str, name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_./-]+", "_", f"{stage}/{name}")
-
-  def _scalars(self, stage: str, step: int, values: dict) -> None:
-    scalars = {k: float(v) for k, v in values.items()
-               if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-               and np.isfinite(v)}
-    if not scalars:
-      return
-    writer = self._tensorboard()
-    for name, value in scalars.items():
-      writer.add_scalar(self._tag(stage, name), value, step)
-    writer.flush()
 
 
 def tree_digest(tree) -> str:
@@ -336,75 +244,3 @@ def tree_digest(tree) -> str:
   return digest.hexdigest()
 
 
-def to_uint8(images01: np.ndarray) -> np.ndarray:
-  """[0, 1] floats -> uint8, rounded (the official code truncates and then saves JPEG)."""
-  return np.clip(np.rint(np.asarray(images01) * 255.0), 0, 255).astype(np.uint8)
-
-
-def _png_bytes(image_uint8: np.ndarray) -> bytes:
-  if image_uint8.shape[-1] == 1:
-    image_uint8 = image_uint8[..., 0]
-  buf = io.BytesIO()
-  Image.fromarray(image_uint8).save(buf, format="PNG")
-  return buf.getvalue()
-
-
-def save_image_folder(root, images01: np.ndarray, labels: np.ndarray, ids=None) -> list[str]:
-  """Writes `root/class{c:03d}/class{c:03d}_id{i:03d}.png` (8-bit PNG); returns the files. `ids`
-  gives each image's i; by default images are numbered per class in order."""
-  root = as_path(root)
-  counts: dict[int, int] = {}
-  files = []
-  for k, (image, label) in enumerate(zip(to_uint8(images01), np.asarray(labels))):
-    c = int(label)
-    i = counts.get(c, 0) if ids is None else int(ids[k])
-    counts[c] = i + 1
-    rel = f"class{c:03d}/class{c:03d}_id{i:03d}.png"
-    write_bytes(root / rel, _png_bytes(image))
-    files.append(rel)
-  return files
-
-
-def pixel_statistics(images01: np.ndarray) -> dict:
-  """Pixel std of a set in [0, 1], and the fraction of pixels at 0 or 255 in 8 bits."""
-  return PixelStatistics().update(images01).result()
-
-
-class PixelStatistics:
-  """`pixel_statistics` accumulated over batches (float64 sums), for sets streamed to disk."""
-
-  def __init__(self):
-    self.count, self.total, self.squares, self.clipped = 0, 0.0, 0.0, 0
-
-  def update(self, images01) -> "PixelStatistics":
-    x = np.asarray(images01, np.float64)
-    levels = np.rint(x * 255)
-    self.count += x.size
-    self.total += float(x.sum())
-    self.squares += float(np.square(x).sum())
-    self.clipped += int(np.count_nonzero((levels <= 0) | (levels >= 255)))
-    return self
-
-  def result(self) -> dict:
-    mean = self.total / self.count
-    return {"std": float(np.sqrt(max(self.squares / self.count - mean * mean, 0.0))),
-            "clipped_fraction": self.clipped / self.count}
-
-
-def image_grid(images01: np.ndarray, rows: int, cols: int, min_cell: int = 32) -> np.ndarray:
-  """Tiles (rows*cols, H, W, C) images row-major, nearest-upscaled so small images stay visible."""
-  images = to_uint8(images01)
-  n, h, w, c = images.shape
-  scale = max(1, -(-min_cell // max(h, w)))
-  images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-  h, w, pad = h * scale, w * scale, 2
-  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
-  for k in range(min(n, rows * cols)):
-    r, q = divmod(k, cols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = \
-        images[k]
-  return grid
-
-
-def save_png(path, image_uint8: np.ndarray) -> None:
-  write_bytes(path, _png_bytes(image_uint8))

@@ -40,7 +40,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from dwa_jax import files, status
+from dwa_jax import errors, files, status
 
 SYNC_DIR = ".multihost"
 HEARTBEAT_S = 5.0
@@ -53,7 +53,7 @@ class StartError(RuntimeError):
   """The processes cannot be started as asked."""
 
 
-class PreflightError(files.InputError):
+class PreflightError(errors.InputError):
   """A process lacks an input or does not share the work directory."""
 
 
@@ -332,7 +332,7 @@ def preflight(workdir, check_inputs: Callable[[], None], *, barrier_timeout_s: f
       (workdir / SYNC_DIR / token).mkdir(parents=True, exist_ok=True)
       files.write_json(run_file, {"token": token, "processes": count})
     except OSError as e:
-      problem = _label(process) + f"cannot write {run_file}: {files.describe_error(e)}"
+      problem = _label(process) + f"cannot write {run_file}: {errors.describe_error(e)}"
   multihost_utils.sync_global_devices("dwa_jax preflight: workdir token")
   if process != 0 and not problem:
     try:

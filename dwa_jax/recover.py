@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import auto as tqdm
 
-from dwa_jax import (arithmetic, compat, data, files, input_pipeline, real_init, status,
-                     teacher_store)
+from dwa_jax import (arithmetic, compat, data, files, input_pipeline, metrics_log, real_init,
+                     status, teacher_store)
 from dwa_jax.device_dispatch import GroupRunner, batch_groups
 from dwa_jax.progress import Progress, wait_for_batches
 from dwa_jax.synthesis import (SynthesisConfig, bn_layer_weights, draw_augmentation,
@@ -195,7 +195,7 @@ def owned_batches(ipc: int, num_chunks: int, process_index: int, process_count: 
   return every[process_index::process_count]
 
 
-def log_iterations(log: files.MetricsLog, method: str, group, num_chunks: int, cfg, first: int,
+def log_iterations(log: metrics_log.MetricsLog, method: str, group, num_chunks: int, cfg, first: int,
                    metrics, every: int) -> None:
   """TensorBoard curves of every `every`-th iteration of each batch of the group (its CE and
   weighted BN loss), at step (batch index · iterations + iteration), so one curve per quantity
@@ -249,7 +249,7 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
   for b in owned:
     if b not in todo:
       progress.check_done(*b)
-  log = files.MetricsLog(files.as_path(workdir) / "metrics.jsonl")
+  log = metrics_log.MetricsLog(files.as_path(workdir) / "metrics.jsonl")
   if len(todo) < len(owned):
     status.say(f"recover: {method}: resuming, {len(owned) - len(todo)} of {len(owned)} batches "
                "done")

@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 from tqdm import auto as tqdm
 
-from dwa_jax import (augment, compat, data, data_parallel, files, input_pipeline, status,
-                     teacher_store, train_checkpoints, train_lib, train_loop)
+from dwa_jax import (augment, compat, data, data_parallel, errors, files, input_pipeline,
+                     metrics_log, status, teacher_store, train_checkpoints, train_lib, train_loop)
 from dwa_jax.models import build_model
 
 RANDOM_REAL = "random_real"
@@ -111,7 +111,7 @@ def evaluation_epochs(rc) -> set[int]:
 
 
 def train_student(trainer: train_loop.Trainer, teacher_vars, images, labels,
-                  test: data.Dataset, seed: int, desc: str, log: files.MetricsLog,
+                  test: data.Dataset, seed: int, desc: str, log: metrics_log.MetricsLog,
                   checkpoints=None) -> dict:
   """Trains one student on `images` (N, H, W, C: uint8, or float in [0, 1]; an array or an
   ImageSource, read through the input pipeline) and their `labels`; returns final/best top-1
@@ -198,7 +198,7 @@ def set_identity(workdir, name: str) -> str:
   if manifest.exists():
     listed = files.read_json(manifest, "synthetic set manifest", keys=("files",))["files"]
     if not isinstance(listed, dict):
-      raise files.InputError(f"synthetic set manifest {manifest}: 'files' is not an object; "
+      raise errors.InputError(f"synthetic set manifest {manifest}: 'files' is not an object; "
                              "rerun the recover stage")
     return listed.get("images.npz", name)
   return name
@@ -234,7 +234,7 @@ def student_run(trainer, config, workdir, name, images, labels, identity, seed, 
                             "student again", keys=("fingerprint", "result"))
     if saved["fingerprint"] == fingerprint:
       if not (isinstance(saved["result"], dict) and {"final", "best", "history"} <= set(saved["result"])):
-        raise files.InputError(f"finished student result {done} lacks final, best or history; "
+        raise errors.InputError(f"finished student result {done} lacks final, best or history; "
                                "delete it to train that student again")
       if jax.process_index() == 0:
         log.write(f"relabel/{name} seed {seed}/resume", 0, finished_seed=True)
@@ -335,7 +335,7 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
   meta = metas[0] if metas else teacher_store.read_teacher_meta(
       teacher_store.teacher_path(workdir) / "teacher.json")
   mean, std = compat.pixel_normalisation(config, meta)
-  log = files.MetricsLog(files.as_path(workdir) / "metrics.jsonl")
+  log = metrics_log.MetricsLog(files.as_path(workdir) / "metrics.jsonl")
   pipeline = input_pipeline.PipelineConfig.from_config(config)
   layout = data_parallel.Layout.from_config(config, devices)
   lead = jax.process_index() == 0

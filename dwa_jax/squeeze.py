@@ -9,8 +9,8 @@ import jax
 import ml_collections
 import optax
 
-from dwa_jax import (convert, data, data_parallel, files, input_pipeline, status, teacher_store,
-                     train_checkpoints, train_lib, train_loop)
+from dwa_jax import (convert, data, data_parallel, files, input_pipeline, metrics_log, status,
+                     teacher_store, train_checkpoints, train_lib, train_loop)
 from dwa_jax.models import build_model, model_template
 
 
@@ -29,7 +29,7 @@ def cross_entropy(logits, labels):
 
 
 def train_teacher(cfg: ml_collections.ConfigDict, train: data.Dataset, test: data.Dataset,
-                  seed: int, log: files.MetricsLog, layout: data_parallel.Layout,
+                  seed: int, log: metrics_log.MetricsLog, layout: data_parallel.Layout,
                   pipeline: input_pipeline.PipelineConfig, checkpoints=None):
   """The official teacher recipe: SGD + per-epoch cosine, crop+flip, CE, data-parallel over
   `layout`; returns (model, variables, the accuracy function)."""
@@ -72,7 +72,7 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
   `<workdir>/squeeze/checkpoints` (every `teacher.save_every_epochs` epochs)."""
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   test = data.load_dataset(config.dataset, "test", config.data_dir)
-  log = files.MetricsLog(files.as_path(workdir) / "metrics.jsonl")
+  log = metrics_log.MetricsLog(files.as_path(workdir) / "metrics.jsonl")
   pipeline = input_pipeline.PipelineConfig.from_config(config)
   layout = data_parallel.Layout.from_config(config, devices)
   image_shape = train.images.shape[1:]

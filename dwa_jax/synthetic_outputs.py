@@ -6,7 +6,7 @@ import pathlib
 
 import numpy as np
 
-from dwa_jax import compat, files
+from dwa_jax import compat, files, image_files
 from dwa_jax.progress import Progress
 
 GRID_MAX_ROWS, GRID_MAX_CLASSES = 10, 20
@@ -33,7 +33,7 @@ def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str
   norm = {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
   shown = min(num_classes, GRID_MAX_CLASSES)
   grid = np.zeros((min(config.ipc, GRID_MAX_ROWS), shown, *image_shape), np.float32)
-  stats = {"lossless": files.PixelStatistics(), **({"jpeg": files.PixelStatistics()} if jpeg else {})}
+  stats = {"lossless": image_files.PixelStatistics(), **({"jpeg": image_files.PixelStatistics()} if jpeg else {})}
   written, batches = ["images.npz"] + (["images_lossless.npz"] if jpeg else []), []
   with files.NpzWriter(out_dir / "images.npz") as main, (
       files.NpzWriter(out_dir / "images_lossless.npz") if jpeg else contextlib.nullcontext()
@@ -61,7 +61,7 @@ def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str
                               ).astype(np.float32) / 255.0
             stats["jpeg"].update(pixels)
           else:
-            written += [f"png/{f}" for f in files.save_image_folder(
+            written += [f"png/{f}" for f in image_files.save_image_folder(
                 out_dir / "png", pixels, classes, ids=np.full(len(classes), i))]
           write_main(pixels)
           if i < len(grid):
@@ -78,8 +78,8 @@ def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str
 def _finish_outputs(out_dir, config, method, meta, grid, stats, batches, written, mean,
                     std, n_images, synthesis, switches, init, stage) -> dict:
   image_shape = grid.shape[2:]
-  files.save_png(out_dir / "grid.png",
-                 files.image_grid(grid.reshape(-1, *image_shape), grid.shape[0], grid.shape[1]))
+  image_files.save_png(out_dir / "grid.png", image_files.image_grid(
+      grid.reshape(-1, *image_shape), grid.shape[0], grid.shape[1]))
   written.append("grid.png")
   summary = {"method": method, "ipc": config.ipc, "num_images": n_images,
              "synthesis": synthesis, "init": init, "seed": config.seed, "teacher": meta,

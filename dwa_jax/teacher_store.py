@@ -9,13 +9,13 @@ import math
 import jax
 import orbax.checkpoint as ocp
 
-from dwa_jax import data, files, multihost
+from dwa_jax import data, errors, files, multihost
 from dwa_jax.models import MODELS, build_model, model_template
 
 TEACHER_DIR = "teacher"
 
 
-class TeacherError(files.InputError):
+class TeacherError(errors.InputError):
   """The teacher checkpoint is missing, corrupt or does not fit the data."""
 
 

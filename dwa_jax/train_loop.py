@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from tqdm import auto as tqdm
 
-from dwa_jax import data_parallel, files, input_pipeline, train_checkpoints, train_lib
+from dwa_jax import data_parallel, input_pipeline, metrics_log, train_checkpoints, train_lib
 
 
 class TrainState(train_state.TrainState):
@@ -148,7 +148,7 @@ class Trainer:
                       groups=self.layout.groups(size))
 
   def train(self, images, labels, test, *, seed: int, aux, evaluate_after: set,
-            log: files.MetricsLog, log_name: str, desc: str,
+            log: metrics_log.MetricsLog, log_name: str, desc: str,
             checkpoints: train_checkpoints.TrainCheckpoints | None = None,
             leave_bar: bool = True) -> tuple[TrainState, list]:
     """Trains from scratch on `images`/`labels` (state from key(seed)), evaluating top-1 on
@@ -203,7 +203,7 @@ def time_steps(trainer: Trainer, images, labels, *, steps: int, aux=None, seed: 
 
 def fit(trainer: Trainer, state: TrainState, batches, *, key, aux, epochs: int,
         steps_per_epoch: int, learning_rate: Callable, evaluate: Callable[[dict], float],
-        evaluate_after: set, log: files.MetricsLog, log_name: str, desc: str,
+        evaluate_after: set, log: metrics_log.MetricsLog, log_name: str, desc: str,
         checkpoints: train_checkpoints.TrainCheckpoints | None = None,
         leave_bar: bool = True) -> tuple[TrainState, list]:
   """`epochs` epochs of `steps_per_epoch` steps over the `batches` iterator; step (epoch, i)

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from dwa_jax import errors
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -304,7 +305,7 @@ def test_saved_sets_restore_the_same_images_and_refuse_other_settings(tmp_path):
   assert files.read_json(saved / "sets.json")["methods"]["dwa"]["images_sha256"] == \
       relabel.set_identity(first, "dwa")
   c.recover.lr *= 2
-  with pytest.raises(files.InputError, match="another teacher, data or synthesis settings"):
+  with pytest.raises(errors.InputError, match="another teacher, data or synthesis settings"):
     reproduce_cifar10.restore_sets(c, second, saved, cache, "teacher-key")
 
 

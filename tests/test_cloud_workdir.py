@@ -15,7 +15,7 @@ import pytest
 from etils import epath
 from etils.epath import testing as epath_testing
 
-from dwa_jax import files, progress
+from dwa_jax import files, metrics_log, progress
 from dwa_jax import main as main_lib
 from dwa_jax.synthesis import BatchState  # noqa: F401  (progress's types import cleanly)
 
@@ -75,7 +75,7 @@ def test_files_layer_on_an_object_store(bucket):
   assert copy.is_file() and files.sha256(copy) == digest
   assert files.local_copy(copy, digest) == copy  # local paths are used in place
 
-  log = files.MetricsLog(f"{root}/metrics.jsonl", tensorboard=False)
+  log = metrics_log.MetricsLog(f"{root}/metrics.jsonl", tensorboard=False)
   log.write("s", 1, a=1.0)
   log.write("s", 2, a=2.0)
   lines = (bucket / "bucket/run/metrics.jsonl").read_text().splitlines()

@@ -14,7 +14,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 
 from absl import flags
 from ml_collections import config_flags
@@ -116,7 +115,9 @@ def check_script_flags(argv: list[str], cwd) -> None:
 
 
 def check_install(argv: list[str]) -> None:
-  extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+  text = (REPO / "pyproject.toml").read_text()  # (tomllib is Python 3.11+; we support 3.10)
+  section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+  extras = set(re.findall(r"^(\w+) = \[", section, re.M))
   for arg in argv:
     match = re.fullmatch(r"\.\[([\w,]+)\]", arg)
     if match:
