@@ -12,8 +12,9 @@
    and relative to the random real subset;
 5. pictures: the synthetic image grids and a PCA plot of teacher features, real test images vs
    each synthetic set.
-Prints a table and writes `<results_dir>/reproduce_cifar10_<model>.json` plus PNGs. Every config
-field can be overridden (`--config.teacher.epochs=5`, `--config.relabel.seeds="(0,)"`).
+Prints a table and writes `<results_dir>/reproduce_cifar10_<model>.json` (or `--results_name`)
+plus PNGs. Every config field can be overridden (`--config.teacher.epochs=5`,
+`--config.relabel.seeds="(0,)"`, `--config.compat=official`).
 """
 
 import json
@@ -221,13 +222,12 @@ def targets(paper: dict, results: dict) -> dict:
   return out
 
 
-def analyse(config, workdir: pathlib.Path, results_dir: pathlib.Path) -> dict:
+def analyse(config, workdir: pathlib.Path, results_dir: pathlib.Path, name: str) -> dict:
   """D_fea per class and method, image grids and the PCA plot."""
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   test = data.load_dataset(config.dataset, "test", config.data_dir)
   model, variables, meta = teacher_store.load_teacher(workdir, train)
   mean, std = tuple(meta["mean"]), tuple(meta["std"])
-  name = f"reproduce_cifar10_{config.teacher.model}"
   sets = {}
   for method in config.methods:
     with np.load(workdir / "synthetic" / method / "images.npz") as f:
@@ -275,7 +275,8 @@ def main(argv):
   if FLAGS.save_sets:
     save_sets(config, workdir, pathlib.Path(FLAGS.save_sets))
   results = files.read_json(workdir / "results.json")
-  diversity = analyse(config, workdir, results_dir)
+  name = FLAGS.results_name or f"reproduce_cifar10_{model_name}"
+  diversity = analyse(config, workdir, results_dir, name)
   paper = paper_numbers(config)
   table = report_table(paper, config.relabel.student, results, diversity)
   report = {"provenance": provenance.record(),
@@ -286,7 +287,7 @@ def main(argv):
             "total_seconds": time.time() - started, "paper": paper,
             "results": results, "diversity": diversity, "targets": targets(paper, results),
             "config": config.to_dict()}
-  out = results_dir / f"reproduce_cifar10_{model_name}.json"
+  out = results_dir / f"{name}.json"
   files.write_json(out, common.portable(report))
   print(f"\nTeacher {model_name} ({config.teacher.epochs} epochs): "
         f"{results['teacher_test_accuracy']:.2f}% test top-1\n\n{table}\n")
@@ -302,6 +303,9 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Work directory (default workdir/reproduce_cifar10_<model>).")
   flags.DEFINE_string("results_dir", str(REPO / "benchmarks" / "results"),
                       "Where the JSON and PNGs go.")
+  flags.DEFINE_string("results_name", None, "Name of the JSON and the PNGs' prefix (default "
+                      "reproduce_cifar10_<model>), so that a variant (--config.compat=official) "
+                      "does not overwrite the main run's results.")
   flags.DEFINE_string("sets_from", None, "Use the synthetic sets saved there (by --save_sets) "
                       "instead of synthesising; refused if they came from another teacher, data "
                       "or synthesis settings.")

@@ -17,7 +17,12 @@ from the starting images (RMSE and PSNR in [0, 1] pixels), D_fea (the paper's di
 teacher's last feature map) absolute and relative to the starting images, and the final CE
 and BN loss (mean over the synthetic batches). Rows already finished (the same settings) are
 reused; each row's exact command is kept. Writes benchmarks/results/synthesis_curve.json and
-synthesis_curve.png (best top-1 against T, with the random real subsets as a band).
+synthesis_curve.png (best top-1 against T, with the random real subsets as a band), or
+`--results_name`.{json,png} for a variant:
+
+  python benchmarks/synthesis_curve.py --results_name=synthesis_curve_best_protocol \
+      --workdir=workdir/synthesis_curve_best_protocol --rows=t0,t100,t1000 \
+      --config.relabel.batch_size=50 --config.relabel.lr_floor=0.5 --config.relabel.epochs=1000
 """
 
 import pathlib
@@ -63,14 +68,22 @@ def synthesis_metrics(workdir, train, config, features) -> dict:
   """Pixel distance from the starting images, D_fea and the final losses of a DWA set."""
   with np.load(workdir / "synthetic" / "dwa" / "images.npz") as f:
     images, labels = f["images"], f["labels"]
-  start = np.asarray(train.images[start_rows(train, config)], np.float32) / 255.0
-  rmse = float(np.sqrt(np.mean((images - start) ** 2)))
   batches = files.read_json(workdir / "synthetic" / "dwa" / "recover.json")["batches"]
-  return {"rmse_from_start": rmse, "psnr_from_start_db": float(20 * np.log10(1.0 / rmse)),
-          "d_fea": float(common.diversity_per_class(features(images), labels,
-                                                    train.num_classes).mean()),
-          "final_ce": float(np.mean([b["final_ce"] for b in batches])),
-          "final_bn_loss": float(np.mean([b["final_bn_loss"] for b in batches]))}
+  out = {"d_fea": float(common.diversity_per_class(features(images), labels,
+                                                   train.num_classes).mean()),
+         "final_ce": float(np.mean([b["final_ce"] for b in batches])),
+         "final_bn_loss": float(np.mean([b["final_bn_loss"] for b in batches]))}
+  if starts_from_sample(config):
+    start = np.asarray(train.images[start_rows(train, config)], np.float32) / 255.0
+    rmse = float(np.sqrt(np.mean((images - start) ** 2)))
+    out.update(rmse_from_start=rmse, psnr_from_start_db=float(20 * np.log10(1.0 / rmse)))
+  return out
+
+
+def starts_from_sample(config) -> bool:
+  """Whether DWA starts from `sample_per_class(config.seed)` (init real, the default), so that
+  `t0` and the pixel distance from the start are defined."""
+  return config.recover.init in ("auto", "real")
 
 
 def run_row(base, row: str, root: pathlib.Path, train, features) -> dict:
@@ -151,6 +164,9 @@ def main(argv):
     if not (row.startswith("real_s") and row[len("real_s"):].isdigit()
             or row.startswith("t") and row[1:].isdigit()):
       raise app.UsageError(f"--rows: {row!r} is not tN or real_sK")
+  if "t0" in rows and not starts_from_sample(base):
+    raise app.UsageError(f"--rows: t0 is the images sample_per_class gives, which recover.init="
+                         f"{base.recover.init!r} does not start from")
   # The teacher, imported once (squeeze), copied into every row's workdir.
   teacher_config = common.with_overrides(base, {"stage": "squeeze"})
   if not (root / "teacher" / teacher_store.TEACHER_DIR / "teacher.json").exists():
@@ -159,7 +175,7 @@ def main(argv):
   train = data.load_dataset(teacher_config.dataset, "train", teacher_config.data_dir)
   model, variables, meta = teacher_store.load_teacher(root / "teacher", train)
   features = common.make_feature_fn(model, variables, tuple(meta["mean"]), tuple(meta["std"]))
-  out = pathlib.Path(FLAGS.results_dir) / "synthesis_curve.json"
+  out = pathlib.Path(FLAGS.results_dir) / f"{FLAGS.results_name}.json"
   report = files.read_json(out) if out.exists() else {"rows": {}}
   command = provenance.command()
   for row in rows:
@@ -178,11 +194,11 @@ def main(argv):
   print("| row | T | best top-1 | final top-1 | RMSE | PSNR dB | D_fea | CE | BN |")
   print("|---|---|---|---|---|---|---|---|---|")
   for name, r in sorted(report["rows"].items()):
-    extra = (f"{r['rmse_from_start']:.4f} | {r['psnr_from_start_db']:.1f} | {r['d_fea']:.1f} | "
-             f"{r['final_ce']:.4f} | {r['final_bn_loss']:.3f}" if "rmse_from_start" in r
-             else f"— | — | {r['d_fea']:.1f} | — | —")
+    cells = [f"{r[k]:{f}}" if k in r else "—" for k, f in (
+        ("rmse_from_start", ".4f"), ("psnr_from_start_db", ".1f"), ("d_fea", ".1f"),
+        ("final_ce", ".4f"), ("final_bn_loss", ".3f"))]
     print(f"| {name} | {r.get('iterations', '—')} | {common.fmt(r['best_mean'], r['best_std'])} | "
-          f"{common.fmt(r['final_mean'], r['final_std'])} | {extra} |")
+          f"{common.fmt(r['final_mean'], r['final_std'])} | {' | '.join(cells)} |")
 
 
 def define_flags() -> None:
@@ -195,7 +211,10 @@ def define_flags() -> None:
                       "Comma-separated rows: tN (DWA, T = N; t0 = the starting images) or "
                       "real_sK (the random real subset at seed K).")
   flags.DEFINE_string("results_dir", str(REPO / "benchmarks" / "results"),
-                      "Where synthesis_curve.json and .png go.")
+                      "Where the JSON and the plot go.")
+  flags.DEFINE_string("results_name", "synthesis_curve", "Name of the JSON and the plot, one per "
+                      "variant of the base config (another protocol, init=scored): rows are "
+                      "reused only within one file.")
 
 
 if __name__ == "__main__":

@@ -148,6 +148,20 @@ def test_synthesis_curve_runs_on_digits(tmp_path):
   assert all(len(r["runs"]) == 2 and r["command"].endswith(f"--rows={name}")
              for name, r in rows.items())
   assert (tmp_path / "results" / "synthesis_curve.png").stat().st_size > 1000
+  # A variant under its own name: teacher-scored starting images, so no t0 and no distance
+  # from sample_per_class's images; the main file is left alone.
+  scored = command[:-1] + ["--config.recover.init=scored", "--results_name=curve_scored",
+                           "--config.relabel.seeds=(0,)"]
+  refused = subprocess.run(scored + ["--rows=t0"], cwd=REPO, capture_output=True, text=True,
+                           timeout=900)
+  assert refused.returncode != 0 and "t0" in refused.stderr
+  proc = subprocess.run(scored + ["--rows=t3"], cwd=REPO, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = json.loads((tmp_path / "results" / "curve_scored.json").read_text())["rows"].values()
+  assert "rmse_from_start" not in row and row["final_bn_loss"] > 0 and len(row["runs"]) == 1
+  assert set(json.loads((tmp_path / "results" / "synthesis_curve.json").read_text())["rows"]) == {
+      "t0", "t3", "t10", "real_s1"}
 
 
 @pytest.mark.slow
