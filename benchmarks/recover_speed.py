@@ -84,7 +84,7 @@ def jax_method(batch: int, method: str, iterations: int = 1000, adjust_steps: in
   keys = jax.random.split(recover.batch_key(0, 0, 0))
   inputs = (np.asarray(jax.random.normal(keys[0], (1, batch, 32, 32, 3))), np.arange(batch)[None],
             [keys[1]], [recover.batch_draws(0, 0, 0, cfg, (32, 32))])
-  block = synthesis.ITERATION_BLOCK
+  block = device_dispatch.ITERATION_BLOCK
   holder = {"group": runner.start(*inputs)[0]}
 
   def start():
@@ -166,7 +166,7 @@ def interleaved(batch: int, rounds: int, iterations_per_round: int) -> dict:
     loop = torch_loop(batch, grads)
     if loop is not None:
       runs[name] = loop
-  block = 4  # synthesis.ITERATION_BLOCK
+  block = 4  # device_dispatch.ITERATION_BLOCK
   calls = {name: max(1, iterations_per_round // block) if name in ("sre2l", "dwa")
            else iterations_per_round for name in runs}
   per_iteration = {name: [] for name in runs}
@@ -324,7 +324,7 @@ def packing_table(batch: int, per_device_values=(1, 2, 4, 8), iterations: int = 
     images = group.x(0)
     first = images if first is None else first
     compiled = runner.compilations()
-    cost = runner.cost_analysis(group, synthesis.ITERATION_BLOCK if runner.unroll else iterations)
+    cost = runner.cost_analysis(group, device_dispatch.ITERATION_BLOCK if runner.unroll else iterations)
     difference = float(np.abs(images - first).max())
     rows.append({"batches_per_device": per_device, "devices": len(devices), "batch": batch,
                  "images_per_second": n * batch * iterations / seconds,

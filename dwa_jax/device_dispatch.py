@@ -25,10 +25,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dwa_jax.synthesis import (AugmentDraws, BatchState, ChainCarry, SynthesisConfig, as_draws,
-                               bn_layer_paths, empty_chain, first_teacher, iteration_blocks,
-                               run_iterations, start_batch)
+                               bn_layer_paths, empty_chain, first_teacher, run_iterations,
+                               start_batch)
 
 BATCH_AXIS = "batches"
+ITERATION_BLOCK = 4  # iterations per compiled program: fast on CPU, compiles in seconds
+
+
+def iteration_blocks(num_steps: int, block: int = ITERATION_BLOCK) -> list[int]:
+  """num_steps split into blocks of `block` (the last one shorter)."""
+  return [min(block, num_steps - s) for s in range(0, num_steps, block)]
 
 
 @dataclasses.dataclass
@@ -74,10 +80,14 @@ def _pad(tree, size: int):
 
 
 class GroupRunner:
-  """Runs up to `size` = len(devices) × batches_per_device batches at once, as one program."""
+  """Runs up to `size` = len(devices) × batches_per_device batches at once, as one program: the
+  recover stage's executor, and the library's (`synthesize`, one batch; devices default to
+  the first local one)."""
 
-  def __init__(self, model, variables, image_shape, mean, std, cfg: SynthesisConfig, devices,
-               batches_per_device: int = 1, unroll: bool | None = None):
+  def __init__(self, model, variables, image_shape, mean, std, cfg: SynthesisConfig,
+               devices=None, batches_per_device: int = 1, unroll: bool | None = None):
+    if devices is None:
+      devices = jax.devices()[:1]
     if batches_per_device < 1:
       raise ValueError(f"batches_per_device must be >= 1, got {batches_per_device}")
     self.cfg = cfg
@@ -204,6 +214,15 @@ class GroupRunner:
     metrics = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs], axis=1),
                            *per_block)
     return self._per_batch(metrics, group.count)
+
+  def synthesize(self, x, labels, key, draws, chain=None):
+    """One batch from start to end: (final normalised images, metrics) with the start metrics
+    and, under compat_q2, metrics['chain'], the carry into the next class-chunk."""
+    group, (start_metrics,) = self.start([x], [labels], [key], [draws], [chain])
+    (metrics,) = self.advance(group, self.cfg.iterations)
+    if self.cfg.chained:
+      metrics["chain"] = group.chain(0)
+    return group.x(0), {**metrics, **start_metrics}
 
   @staticmethod
   def _per_batch(metrics, count: int) -> list:

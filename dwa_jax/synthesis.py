@@ -14,7 +14,7 @@ gradients are taken w.r.t. the pixels only, so XLA never computes teacher weight
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -518,8 +518,8 @@ def run_iterations(model, variables, state: BatchState, labels, key, draws, num_
   Running T iterations in one call or in several chunks computes the same thing, which is what
   lets the recover stage checkpoint inside a batch. `unroll=True` traces num_steps copies instead
   of a `lax.scan` (XLA's CPU backend runs convolutions inside loops ~3x slower); use it for short
-  blocks, see `make_synthesizer`. Metrics per iteration: `ce`, `bn_terms` (num_steps, L),
-  `grad_norm` (of the gradient Adam received), `lr`. Only under compat_q2 are teacher weight
+  blocks, as `device_dispatch.GroupRunner` does on the CPU. Metrics per iteration: `ce`,
+  `bn_terms` (num_steps, L), `grad_norm` (of the gradient Adam received), `lr`. Only under compat_q2 are teacher weight
   gradients computed (and summed into state.weight_grad_sum), as the official loop does.
   """
   del key  # the draws hold all the randomness of the iterations
@@ -596,43 +596,6 @@ def synthesize_batch(model, variables, x_init, labels, key, draws, *, bn_paths, 
                                   bn_paths=bn_paths, pixel_mean=pixel_mean, pixel_std=pixel_std,
                                   cfg=cfg)
   return state.x, {**metrics, **start_metrics}
-
-
-ITERATION_BLOCK = 4  # iterations per compiled program: fast on CPU, compiles in seconds
-
-
-def iteration_blocks(num_steps: int, block: int = ITERATION_BLOCK) -> list[int]:
-  """num_steps split into blocks of `block` (the last one shorter)."""
-  return [min(block, num_steps - s) for s in range(0, num_steps, block)]
-
-
-def make_synthesizer(model, variables, image_shape, pixel_mean, pixel_std, cfg: SynthesisConfig,
-                     block: int = ITERATION_BLOCK) -> Callable:
-  """`(variables, x_init, labels, key, draws, chain=None) -> (images, metrics)` for this teacher.
-
-  The same computation as `synthesize_batch`, run as a jitted weight adjustment followed by
-  jitted blocks of `block` unrolled iterations. Under compat_q2, metrics['chain'] is the
-  `ChainCarry` to pass to the next class-chunk of the same ipc index.
-  """
-  bn_paths = bn_layer_paths(model, first_teacher(variables, cfg), image_shape)
-  start = jax.jit(functools.partial(start_batch, model, bn_paths=bn_paths, cfg=cfg))
-  advance = functools.lru_cache()(lambda n: jax.jit(
-      functools.partial(run_iterations, model, num_steps=n, bn_paths=bn_paths,
-                        pixel_mean=pixel_mean, pixel_std=pixel_std, cfg=cfg, unroll=True)))
-
-  def synthesize(variables, x_init, labels, key, draws, chain=None):
-    draws = as_draws(draws)
-    state, start_metrics = start(variables, x_init, labels, key, draws, chain=chain)
-    per_block = []
-    for n in iteration_blocks(cfg.iterations, block):
-      state, m = advance(n)(variables, state, labels, key, draws)
-      per_block.append(m)
-    metrics = jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_block)
-    if cfg.chained:
-      metrics["chain"] = state.chain()
-    return state.x, {**metrics, **start_metrics}
-
-  return synthesize
 
 
 def delta_theta(model, variables, x, labels, offset, *, image_shape, cfg: SynthesisConfig):

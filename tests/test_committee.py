@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dwa_jax import data, presets, recover, synthesis
+from dwa_jax import data, device_dispatch, presets, recover, synthesis
 from dwa_jax import main as main_lib
 from dwa_jax.models import build_model
 
@@ -37,8 +37,8 @@ def batch():
 def synthesize(model, variables, batch, cfg):
   x, labels = batch
   draws = synthesis.draw_augmentation(jax.random.key(5), cfg.iterations, cfg, SHAPE[:2])
-  run = synthesis.make_synthesizer(model, variables, SHAPE, MEAN, STD, cfg)
-  return run(variables, x, labels, jax.random.key(1), draws)
+  runner = device_dispatch.GroupRunner(model, variables, SHAPE, MEAN, STD, cfg)
+  return runner.synthesize(x, labels, jax.random.key(1), draws)
 
 
 CFG = synthesis.SynthesisConfig(iterations=6, adjust_steps=3, rho=0.1, jitter=1)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dwa_jax import synthesis
 from dwa_jax import progress as progress_lib
 from dwa_jax import device_dispatch
 from dwa_jax import compat, data, presets, recover, train_loop
@@ -185,7 +184,7 @@ def chained_reference(model, variables, train, config, meta, chain=True):
   (chain=False: every chunk from the teacher as loaded, as without Q2)."""
   cfg = recover.synthesis_config(config.recover, "dwa")
   cfg = cfg if chain else dataclasses.replace(cfg, compat_q2=False)
-  synth = synthesis.make_synthesizer(model, variables, (8, 8, 1), meta["mean"], meta["std"], cfg)
+  runner = device_dispatch.GroupRunner(model, variables, (8, 8, 1), meta["mean"], meta["std"], cfg)
   starts = recover.initial_batches(train, config.ipc, config.seed, "real", meta["mean"],
                                    meta["std"])
   chunks = recover.class_chunks(10, 5)
@@ -195,8 +194,7 @@ def chained_reference(model, variables, train, config, meta, chain=True):
     for j, classes in enumerate(chunks):
       key = jax.random.split(recover.batch_key(config.seed, i, j))[1]
       draws = recover.batch_draws(config.seed, i, j, cfg, (8, 8))
-      x, metrics = synth(variables, jnp.asarray(starts[i, classes]), jnp.asarray(classes), key,
-                         draws, chain)
+      x, metrics = runner.synthesize(starts[i, classes], classes, key, draws, chain)
       chain = metrics.get("chain")
       out[i, j] = (np.asarray(x), float(metrics["delta_norm"]))
   return out

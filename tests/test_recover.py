@@ -186,8 +186,8 @@ def _first_step_by_hand(teacher, x, labels, cfg, offset, extra=0.0, delta=None):
 
 def _synthesize(teacher, x, labels, cfg, offsets, key=jax.random.key(0)):
   model, variables = teacher
-  fn = synthesis.make_synthesizer(model, variables, IMAGE, MEAN, STD, cfg)
-  return fn(variables, x, labels, key, offsets)
+  runner = device_dispatch.GroupRunner(model, variables, IMAGE, MEAN, STD, cfg)
+  return runner.synthesize(x, labels, key, offsets)
 
 
 def test_sre2l_first_step_matches_adam_formula(teacher, batch):
@@ -372,9 +372,11 @@ def test_packed_batches_match_one_by_one(teacher):
     runner, images[per_device] = run_packed(model, variables, cfg, x0, labels, keys, draws,
                                             per_device)
     assert runner.compilations() == {"start": 1, "advance": 2}  # blocks of 4 and 1 iterations
-  # One batch on one device vs the unbatched engine (make_synthesizer): float32 rounding only
-  # (a vmap of one batch is compiled differently; here 28.8 % of the pixels differ, by ~1e-7).
-  synth = synthesis.make_synthesizer(model, variables, IMAGE, MEAN, STD, cfg)
+  # One batch on one device vs the unbatched pure maths (synthesize_batch): float32 rounding
+  # only (a vmap of one batch is compiled differently, and a scan instead of unrolled blocks).
+  synth = jax.jit(functools.partial(
+      synthesis.synthesize_batch, model, bn_paths=synthesis.bn_layer_paths(model, variables, IMAGE),
+      pixel_mean=MEAN, pixel_std=STD, cfg=cfg))
   for i in range(4):
     alone, _ = synth(variables, x0[i], labels[i], keys[i][1], draws[i])
     np.testing.assert_allclose(images[1][i], np.asarray(alone), atol=1e-4)

@@ -60,15 +60,16 @@ def test_import_applies_them_and_jax_runs_with_them():
 SYNTHESIS = """
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from dwa_jax import synthesis
+from dwa_jax import device_dispatch, synthesis
 from dwa_jax.models.convnet import ConvNet
 model = ConvNet(4, width=64, depth=2)
 variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
 cfg = synthesis.SynthesisConfig(iterations=6, adjust_steps=3, jitter=2, lr=0.05)
-synth = synthesis.make_synthesizer(model, variables, (16, 16, 3), (0.5,) * 3, (0.25,) * 3, cfg)
+runner = device_dispatch.GroupRunner(model, variables, (16, 16, 3), (0.5,) * 3, (0.25,) * 3, cfg)
 x0 = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
-images, m = synth(variables, x0, jnp.arange(4), jax.random.key(2),
-                  synthesis.draw_jitter_offsets(jax.random.key(3), cfg.iterations, cfg.jitter))
+images, m = runner.synthesize(x0, jnp.arange(4), jax.random.key(2),
+                              synthesis.draw_jitter_offsets(jax.random.key(3), cfg.iterations,
+                                                            cfg.jitter))
 np.save(sys.argv[1], np.asarray(images))
 print(json.dumps({"ce": np.asarray(m["ce"]).tolist(), "bn": np.asarray(m["bn_terms"]).tolist(),
                   "flags": __import__("os").environ.get("XLA_FLAGS", "")}))
