@@ -64,7 +64,7 @@ def official_value(section, name: str, dataset: str) -> bool:
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A copy of `config` with every unset switch set from `config.compat`. Idempotent."""
-  if config.get("compat", "clean") not in MODES:
+  if config.compat not in MODES:
     raise ValueError(f"compat must be one of {MODES}, got {config.compat!r}")
   out = config.copy_and_resolve_references()
   with out.unlocked():

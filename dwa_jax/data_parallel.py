@@ -40,7 +40,7 @@ class Layout:
 
   @classmethod
   def from_config(cls, config, devices=None) -> "Layout":
-    return cls(data_mesh(devices), bool(config.get("sync_batch_norm", False)))
+    return cls(data_mesh(devices), bool(config.sync_batch_norm))
 
   @property
   def num_devices(self) -> int:

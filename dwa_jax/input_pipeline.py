@@ -37,9 +37,7 @@ class PipelineConfig:
 
   @classmethod
   def from_config(cls, config) -> "PipelineConfig":
-    p = config.get("pipeline") if hasattr(config, "get") else None
-    if p is None:
-      return cls()
+    p = config.pipeline
     return cls(workers=int(p.workers), threads=int(p.threads), prefetch=int(p.prefetch))
 
 

@@ -179,10 +179,10 @@ def imagenet(methods=("dwa",)) -> ml_collections.ConfigDict:
 CHOICES = {
     ("teacher", "optimizer"): ("sgd", "adamw"),
     ("teacher", "augment"): ("crop_flip", "rrc_flip", "none"),
-    ("recover", "augment"): ("roll", "crop_flip_roll"),
+    ("recover", "augment"): synthesis.AUGMENTS,
     ("recover", "init"): ("auto", "real", "noise", "scored"),
     ("recover", "precision"): ("float32", "bfloat16"),
-    ("recover", "delta_form"): ("auto", "direct", "split"),
+    ("recover", "delta_form"): ("auto", *synthesis.DELTA_FORMS),
     ("relabel", "optimizer"): ("sgd", "adamw"),
     ("relabel", "augment"): ("crop_flip", "rrc_flip", "none"),
     ("relabel", "mixing"): ("mixup", "cutmix", "none"),

@@ -213,7 +213,7 @@ def seed_fingerprint(config, name: str, identity: str, num_images: int, seed: in
   return files.as_json(
       {"set": name, "images": identity, "num_images": num_images, "seed": seed,
        "relabel": recipe, "teacher": teacher_digest, "dataset": config.dataset,
-       "sync_batch_norm": config.get("sync_batch_norm"), "processes": jax.process_count()})
+       "sync_batch_norm": config.sync_batch_norm, "processes": jax.process_count()})
 
 
 def run_dir(workdir, name: str, seed: int):

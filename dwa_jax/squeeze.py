@@ -50,7 +50,7 @@ def checkpoint_fingerprint(config: ml_collections.ConfigDict) -> dict:
   """What determines a teacher run (a resumed run must match it); the processes because each
   saves its own input-pipeline position."""
   return {"dataset": config.dataset, "data_dir": config.data_dir, "seed": config.seed,
-          "teacher": config.teacher.to_dict(), "sync_batch_norm": config.get("sync_batch_norm"),
+          "teacher": config.teacher.to_dict(), "sync_batch_norm": config.sync_batch_norm,
           "processes": jax.process_count()}
 
 

@@ -27,6 +27,7 @@ from dwa_jax.models.layers import BN_STATS, BatchNorm
 
 METHODS = ("dwa", "sre2l", "random")
 DELTA_FORMS = ("direct", "split")  # how Δθ enters the teacher: SynthesisConfig.delta_form
+AUGMENTS = ("roll", "crop_flip_roll")  # the views of the synthetic batch: SynthesisConfig.augment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +88,8 @@ class SynthesisConfig:
     errors = []
     if self.method not in METHODS:
       errors.append(f"method must be one of {METHODS}, got {self.method!r}")
-    if self.augment not in ("roll", "crop_flip_roll"):
-      errors.append(f"augment must be 'roll' or 'crop_flip_roll', got {self.augment!r}")
+    if self.augment not in AUGMENTS:
+      errors.append(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
     if self.iterations < 1:
       errors.append(f"iterations must be >= 1, got {self.iterations}")
     if self.method == "dwa" and self.adjust_steps < 1:
