@@ -150,8 +150,8 @@ def test_synthesis_curve_runs_on_digits(tmp_path):
   assert (tmp_path / "results" / "synthesis_curve.png").stat().st_size > 1000
   # A variant under its own name: teacher-scored starting images, so no t0 and no distance
   # from sample_per_class's images; the main file is left alone.
-  scored = command[:-1] + ["--config.recover.init=scored", "--results_name=curve_scored",
-                           "--config.relabel.seeds=(0,)"]
+  scored = [a for a in command[:-1] if not a.startswith("--config.relabel.seeds")] + [
+      "--config.recover.init=scored", "--results_name=curve_scored", "--config.relabel.seeds=(0,)"]
   refused = subprocess.run(scored + ["--rows=t0"], cwd=REPO, capture_output=True, text=True,
                            timeout=900)
   assert refused.returncode != 0 and "t0" in refused.stderr
