@@ -324,7 +324,8 @@ def packing_table(batch: int, per_device_values=(1, 2, 4, 8), iterations: int = 
     images = group.x(0)
     first = images if first is None else first
     compiled = runner.compilations()
-    cost = runner.cost_analysis(group, device_dispatch.ITERATION_BLOCK if runner.unroll else iterations)
+    cost = runner.cost_analysis(group, device_dispatch.ITERATION_BLOCK if runner.unroll
+                                else iterations)
     difference = float(np.abs(images - first).max())
     rows.append({"batches_per_device": per_device, "devices": len(devices), "batch": batch,
                  "images_per_second": n * batch * iterations / seconds,

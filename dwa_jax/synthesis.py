@@ -520,8 +520,9 @@ def run_iterations(model, variables, state: BatchState, labels, key, draws, num_
   lets the recover stage checkpoint inside a batch. `unroll=True` traces num_steps copies instead
   of a `lax.scan` (XLA's CPU backend runs convolutions inside loops ~3x slower); use it for short
   blocks, as `device_dispatch.GroupRunner` does on the CPU. Metrics per iteration: `ce`,
-  `bn_terms` (num_steps, L), `grad_norm` (of the gradient Adam received), `lr`. Only under compat_q2 are teacher weight
-  gradients computed (and summed into state.weight_grad_sum), as the official loop does.
+  `bn_terms` (num_steps, L), `grad_norm` (of the gradient Adam received), `lr`. Only under
+  compat_q2 are teacher weight gradients computed (and summed into state.weight_grad_sum), as
+  the official loop does.
   """
   del key  # the draws hold all the randomness of the iterations
   params, batch_stats = variables["params"], variables["batch_stats"]
