@@ -141,15 +141,16 @@ def image_overrides(name: str) -> dict:
 
 
 def reuse_finished_students(base_workdir: pathlib.Path, workdir: pathlib.Path) -> int:
-  """Copies the base run's finished-student results that this row lacks; relabel reuses those
-  whose fingerprint (settings, images, teacher, seed) is this row's and retrains the others.
-  Returns how many were copied."""
+  """Copies the base run's finished-student results (each with its store's stamp) that this
+  row lacks; relabel reuses those whose stamp (settings, images, teacher, seed) is this row's
+  and retrains the others. Returns how many were copied."""
   copied = 0
   for result in (base_workdir / "relabel").glob("*/seed_*/result.json"):
     target = workdir / result.relative_to(base_workdir)
     if not target.exists():
       target.parent.mkdir(parents=True, exist_ok=True)
-      shutil.copyfile(result, target)
+      for name in ("fingerprint.json", "result.json"):
+        shutil.copyfile(result.parent / name, target.parent / name)
       copied += 1
   return copied
 

@@ -40,7 +40,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from dwa_jax import errors, files, status
+from dwa_jax import errors, files
 
 SYNC_DIR = ".multihost"
 HEARTBEAT_S = 5.0
@@ -249,28 +249,6 @@ def barrier(name: str) -> None:
     _SESSION.barrier(name)
   else:
     multihost_utils.sync_global_devices(name)
-
-
-def claim_directory(directory, fingerprint: dict, what: str, hint: str) -> None:
-  """The fingerprint-or-restart rule of every resumable directory (the squeeze and relabel
-  checkpoints, recover's progress). Process 0 compares `directory/fingerprint.json`, the
-  settings the saved state was computed with, with `fingerprint`; when they differ it says so
-  and deletes the directory; then it creates and stamps it. After a barrier, every other
-  process checks that it computes with the same settings. `what` names the directory in
-  messages; `hint` ends error messages."""
-  stamp = directory / "fingerprint.json"
-  fingerprint = files.as_json(fingerprint)
-  if jax.process_index() == 0:
-    if stamp.exists() and files.read_json(stamp, f"{what} stamp", hint) != fingerprint:
-      status.say(f"{what}: settings changed since {directory} was saved; starting over")
-      files.remove_tree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    files.write_json(stamp, fingerprint)
-  barrier(f"claim {directory}")
-  if jax.process_index() != 0 and files.read_json(stamp, f"{what} stamp", hint) != fingerprint:
-    raise ValueError(f"{what}: process {jax.process_index()} runs with other settings than "
-                     f"process 0 (a different teacher, data or config?); compare {stamp} with "
-                     "this process's inputs")
 
 
 # ----------------------------------------------------------------------------- preflight

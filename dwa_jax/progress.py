@@ -1,13 +1,13 @@
-"""Progress persistence of recover: finished batches (.npz), the compat_q2 chain carries and the
-in-flight group's Orbax checkpoint, so a killed run resumes where it stopped."""
+"""Progress of recover, a store.Store per method: finished batches (.npz) and the compat_q2
+chain carries beside its steps, and the in-flight group as each process's one step, so a killed
+run resumes where it stopped."""
 
 import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from dwa_jax import files, multihost, status
+from dwa_jax import files, multihost, status, store
 from dwa_jax.synthesis import BatchState, ChainCarry
 
 
@@ -15,18 +15,8 @@ class Progress:
   """Finished batches (.npz, atomic) and the in-flight group (Orbax) of one method's run."""
 
   def __init__(self, root, fingerprint: dict):
-    self.root = root = files.as_path(root)
-    self.hint = f"; delete {root} to start this synthesis over"
-    multihost.claim_directory(root, fingerprint, "recover progress", self.hint)
-    # One in-flight checkpoint per process, each written by its own process alone.
-    process = jax.process_index()
-    self.marker = root / f"inflight_p{process}.json"
-    (root / f"inflight_p{process}").mkdir(exist_ok=True)
-    self.manager = ocp.CheckpointManager(
-        files.absolute(root / f"inflight_p{process}"), options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=False, enable_async_checkpointing=False,
-            multiprocessing_options=ocp.options.MultiprocessingOptions(
-                primary_host=process, active_processes={process})))
+    self.store = store.Store(root, fingerprint, "synthesis", per_process=True)
+    self.root, self.hint = self.store.directory, self.store.hint
 
   def done_path(self, i: int, j: int):
     return self.root / "done" / f"batch_{i:05d}_{j:03d}.npz"
@@ -80,39 +70,31 @@ class Progress:
     self.carry_path(i, j).unlink(missing_ok=True)
 
   def clear_inflight(self) -> None:
-    for step in self.manager.all_steps():
-      try:
-        self.manager.delete(step)
-      except Exception:  # pylint: disable=broad-except
-        files.remove_tree(self.manager.directory / str(step))
+    self.store.clear()
 
   def save_inflight(self, group_id: str, state: BatchState) -> int:
-    """Replaces the in-flight checkpoint of a group (`state` stacked over its batches); the
-    group marker is written before the state, so a kill at any point leaves either a matching
-    pair or nothing to resume from. Returns the bytes of state saved."""
-    self.clear_inflight()
-    files.write_json(self.marker, {"group": group_id})
+    """Replaces the in-flight checkpoint with a group's (`state` stacked over its batches; the
+    group's name saved with it). Returns the bytes of state saved."""
     tree = _host_tree(state)
-    self.manager.save(int(np.asarray(state.t)[0]), args=ocp.args.StandardSave(tree))
-    self.manager.wait_until_finished()
+    self.store.save(int(np.asarray(state.t)[0]), tree, {"group": group_id})
     return sum(a.nbytes for a in jax.tree.leaves(tree))
 
   def load_inflight(self, group_id: str, state: BatchState):
     """The saved pixels/Adam/t of this group as a stacked state placed like `state`, or None
     (no checkpoint, or another group's)."""
-    step = self.manager.latest_step()
-    if step is None or not self.marker.exists():
+    step = self.store.latest()
+    if step is None:
       return None
     try:
-      if files.read_json(self.marker, "in-flight marker").get("group") != group_id:
-        return None
-      restored = self.manager.restore(step, args=ocp.args.StandardRestore(_host_tree(state)))
+      restored, meta = self.store.restore(step, _host_tree(state))
     except Exception as e:  # pylint: disable=broad-except
       # A kill in the middle of a save can leave a step directory Orbax cannot read. The group
       # is a pure function of its inputs, so restarting it gives the same bytes.
       status.say(f"recover: in-flight checkpoint of batches {group_id} is unreadable "
-            f"({type(e).__name__}); restarting them")
+                 f"({type(e).__name__}); restarting them")
       self.clear_inflight()
+      return None
+    if meta.get("group") != group_id:
       return None
     part = jax.tree.map(lambda a, old: jax.device_put(a, old.sharding), restored,
                         _resumable(state))

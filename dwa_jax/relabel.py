@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import auto as tqdm
 
 from dwa_jax import (augment, compat, data, data_parallel, errors, files, input_pipeline,
-                     metrics_log, status, teacher_store, train_checkpoints, train_lib, train_loop)
+                     metrics_log, status, store, teacher_store, train_lib, train_loop)
 from dwa_jax.models import build_model
 
 RANDOM_REAL = "random_real"
@@ -223,31 +223,26 @@ def run_dir(workdir, name: str, seed: int):
 
 def student_run(trainer, config, workdir, name, images, labels, identity, seed, teacher_vars,
                 teacher_digest, test, log) -> dict:
-  """One student, resumable: its result is written to `relabel/<set>/seed_<s>/result.json` as
-  soon as it finishes (and reused by a rerun with the same settings); while it trains, a
-  checkpoint is saved every `relabel.save_every_epochs` epochs."""
-  directory = run_dir(workdir, name, seed)
+  """One student, resumable, in the store `relabel/<set>/seed_<s>/`: its result is written to
+  `result.json` there as soon as it finishes (and reused by a rerun with the same settings);
+  while it trains, a checkpoint is saved every `relabel.save_every_epochs` epochs."""
   fingerprint = seed_fingerprint(config, name, identity, len(images), seed, teacher_digest)
-  done = directory / "result.json"
+  student = store.Store(run_dir(workdir, name, seed), fingerprint, "student")
+  done = student.directory / "result.json"
   if done.exists():
-    saved = files.read_json(done, "finished student result", "; delete it to train that "
-                            "student again", keys=("fingerprint", "result"))
-    if saved["fingerprint"] == fingerprint:
-      if not (isinstance(saved["result"], dict) and {"final", "best", "history"} <= set(saved["result"])):
-        raise errors.InputError(f"finished student result {done} lacks final, best or history; "
-                               "delete it to train that student again")
-      if jax.process_index() == 0:
-        log.write(f"relabel/{name} seed {seed}/resume", 0, finished_seed=True)
-      return saved["result"]
+    result = files.read_json(done, "finished student result", "; delete it to train that "
+                             "student again", keys=("final", "best", "history"))
+    if jax.process_index() == 0:
+      log.write(f"relabel/{name} seed {seed}/resume", 0, finished_seed=True)
+    student.finish()
+    return result
   every = config.relabel.save_every_epochs
-  checkpoints = (train_checkpoints.TrainCheckpoints(directory / "checkpoints", fingerprint, every)
-                 if every else None)
   result = train_student(trainer, teacher_vars, images, labels, test, seed,
-                         f"relabel: {name} seed {seed}", log, checkpoints)
+                         f"relabel: {name} seed {seed}", log,
+                         train_loop.TrainCheckpoints(student, every) if every else None)
   if jax.process_index() == 0:
-    files.write_json(done, {"fingerprint": fingerprint, "result": result})
-  if checkpoints is not None:
-    checkpoints.remove()  # (a barrier: every process sees result.json from here on)
+    files.write_json(done, result)
+  student.finish()  # (a barrier: every process sees result.json from here on)
   return result
 
 

@@ -10,7 +10,7 @@ import ml_collections
 import optax
 
 from dwa_jax import (convert, data, data_parallel, files, input_pipeline, metrics_log, status,
-                     teacher_store, train_checkpoints, train_lib, train_loop)
+                     store, teacher_store, train_lib, train_loop)
 from dwa_jax.models import build_model, model_template
 
 
@@ -83,9 +83,9 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
     source = f"imported from {config.teacher.checkpoint}"
   else:
     if config.teacher.save_every_epochs:
-      checkpoints = train_checkpoints.TrainCheckpoints(
+      checkpoints = train_loop.TrainCheckpoints(store.Store(
           files.as_path(workdir) / "squeeze" / "checkpoints", checkpoint_fingerprint(config),
-          config.teacher.save_every_epochs)
+          "teacher training"), config.teacher.save_every_epochs)
     model, variables, accuracy = train_teacher(config.teacher, train, test, config.seed, log,
                                                layout, pipeline, checkpoints)
     source = f"trained for {config.teacher.epochs} epochs"
@@ -98,7 +98,7 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
     meta["checkpoint"] = checkpoint_identity(config.teacher.checkpoint)
   teacher_store.save_teacher(workdir, variables, meta)
   if checkpoints is not None:
-    checkpoints.remove()
+    checkpoints.store.remove()
   if jax.process_index() == 0:
     log.write("squeeze", config.teacher.epochs, final_test_accuracy=acc)
     status.say(f"squeeze: teacher {config.teacher.model} ({source}) test top-1 {acc:.2f}%")

@@ -2,7 +2,7 @@
 KD on online teacher logits): a `TrainState`, a pure `train_step`, a `Trainer` that compiles it
 once for a mesh of every device (data_parallel.py), and `fit`, which runs epochs of
 input-pipeline batches, evaluates after the chosen epochs, logs, and saves and resumes
-checkpoints (train_checkpoints.py).
+checkpoints (TrainCheckpoints, in a store.Store).
 
 What differs between the two stages is `prepare`: how a batch of images and labels becomes the
 model's input and the loss's target (augmentation, mixing, the teacher's logits), and `loss`.
@@ -18,7 +18,41 @@ import numpy as np
 import optax
 from tqdm import auto as tqdm
 
-from dwa_jax import data_parallel, input_pipeline, metrics_log, train_checkpoints, train_lib
+from dwa_jax import data_parallel, files, input_pipeline, metrics_log, store, train_lib
+
+
+class TrainCheckpoints:
+  """Resume of one training run (a teacher, a student): every `every` epochs the train state
+  (parameters, BatchNorm statistics, optimizer state, step), the PRNG key, the input pipeline's
+  position and the evaluations so far, as the one step of `store`. Restoring it and going on
+  gives the same bits as a run that was never stopped (on the same devices)."""
+
+  def __init__(self, store_: store.Store, every: int):
+    self.store, self.every = store_, every
+
+  def due(self, epoch: int, epochs: int) -> bool:
+    """Whether to save after (1-based) `epoch`: every N epochs, not after the last."""
+    return bool(self.every) and epoch % self.every == 0 and epoch < epochs
+
+  def save(self, epoch: int, state, key, batches, history: list) -> None:
+    # The key as its raw uint32 data, beside the state.
+    self.store.save(epoch, {"train_state": state, "key": jax.random.key_data(key)},
+                    {"history": history}, data=batches)
+
+  def restore(self, state, batches):
+    """(epoch, state, key, history) of the saved epoch, with `batches` moved to its position;
+    None without one. `state` gives the structure and the shardings."""
+    epoch = self.store.latest()
+    if epoch is None:
+      return None
+    template = {"train_state": state, "key": jax.random.key_data(jax.random.key(0))}
+    # A step that cannot be read was damaged after it was written: reported, never deleted
+    # here (it may hold hours of training).
+    with files.reading(self.store.steps / str(epoch), "resume checkpoint", self.store.hint):
+      restored, meta = self.store.restore(epoch, template, batches)
+      history = [tuple(h) for h in meta["history"]]
+      key = jax.random.wrap_key_data(restored["key"])
+    return epoch, restored["train_state"], key, history
 
 
 class TrainState(train_state.TrainState):
@@ -149,7 +183,7 @@ class Trainer:
 
   def train(self, images, labels, test, *, seed: int, aux, evaluate_after: set,
             log: metrics_log.MetricsLog, log_name: str, desc: str,
-            checkpoints: train_checkpoints.TrainCheckpoints | None = None,
+            checkpoints: TrainCheckpoints | None = None,
             leave_bar: bool = True) -> tuple[TrainState, list]:
     """Trains from scratch on `images`/`labels` (state from key(seed)), evaluating top-1 on
     `test` after the epochs in `evaluate_after`; resumes from `checkpoints` when they hold a
@@ -204,7 +238,7 @@ def time_steps(trainer: Trainer, images, labels, *, steps: int, aux=None, seed: 
 def fit(trainer: Trainer, state: TrainState, batches, *, key, aux, epochs: int,
         steps_per_epoch: int, learning_rate: Callable, evaluate: Callable[[dict], float],
         evaluate_after: set, log: metrics_log.MetricsLog, log_name: str, desc: str,
-        checkpoints: train_checkpoints.TrainCheckpoints | None = None,
+        checkpoints: TrainCheckpoints | None = None,
         leave_bar: bool = True) -> tuple[TrainState, list]:
   """`epochs` epochs of `steps_per_epoch` steps over the `batches` iterator; step (epoch, i)
   uses fold_in(key, epoch · 100003 + i) and the rate learning_rate(epoch · steps_per_epoch)

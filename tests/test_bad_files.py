@@ -428,12 +428,13 @@ def progress_cases() -> list[Case]:
                                                              "relabel" else ()):
       for name in progress_names:
         def prepare(workdir, scratch, stage=stage, sub=sub, which=which, name=name):
-          shutil.copytree(PROGRESS_BASE[0] / stage / sub, workdir / sub, dirs_exist_ok=True)
+          shutil.rmtree(workdir / sub, ignore_errors=True)  # as the killed run left it
+          shutil.copytree(PROGRESS_BASE[0] / stage / sub, workdir / sub)
           if which == "result.json":
             (workdir / RELABEL_RESULT[0]).write_bytes(RELABEL_RESULT[1])
           if which == "a checkpoint file":
             path = max((p for p in (workdir / sub).rglob("*") if p.is_file()
-                        and "epochs" in p.parts), key=lambda p: p.stat().st_size)
+                        and "steps" in p.parts), key=lambda p: p.stat().st_size)
           else:
             path = next((workdir / sub).rglob(which))
           path.write_bytes(byte_mutations(path.read_bytes())[name])
@@ -520,7 +521,7 @@ def finished(tmp_path_factory, tfds_dir):
 def interrupted_runs(finished: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
   """Progress as a killed run leaves it: recover's finished batches and settings stamp (ipc 2,
   one batch done), and squeeze/relabel checkpoints after epoch 1 of 2."""
-  from dwa_jax import recover, train_checkpoints, data
+  from dwa_jax import recover, store, data
   work = root / "recover"
   shutil.copytree(finished, work)
   config = tiny()
@@ -529,8 +530,8 @@ def interrupted_runs(finished: pathlib.Path, root: pathlib.Path) -> pathlib.Path
   model, variables, meta = teacher_store.load_teacher(work, train)
   progress = recover.synthesize_owned(presets.resolve(config), work, "dwa", train, model, variables, meta)
   progress.done_path(1, 0).unlink()  # as if killed during the second batch
-  keep = train_checkpoints.TrainCheckpoints.remove
-  train_checkpoints.TrainCheckpoints.remove = lambda self: None  # leave them, as a kill would
+  keep = store.Store._close  # pylint: disable=protected-access
+  store.Store._close = lambda self, delete: None  # leave the steps, as a kill would
   try:
     for stage in ("squeeze", "relabel"):
       shutil.copytree(finished, root / stage)
@@ -540,7 +541,7 @@ def interrupted_runs(finished: pathlib.Path, root: pathlib.Path) -> pathlib.Path
       config.teacher.save_every_epochs = config.relabel.save_every_epochs = 1
       assert main_lib.execute(config, root / stage) == 0
   finally:
-    train_checkpoints.TrainCheckpoints.remove = keep
+    store.Store._close = keep
   # Killed while training the student: its checkpoint is there, its result not yet (kept
   # aside for the cases about a damaged result).
   result = next((root / "relabel" / "relabel").rglob("result.json"))

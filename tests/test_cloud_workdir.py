@@ -15,7 +15,7 @@ import pytest
 from etils import epath
 from etils.epath import testing as epath_testing
 
-from dwa_jax import files, metrics_log, progress
+from dwa_jax import files, metrics_log, progress, store
 from dwa_jax import main as main_lib
 from dwa_jax.synthesis import BatchState  # noqa: F401  (progress's types import cleanly)
 
@@ -102,7 +102,7 @@ def test_staged_dir_replaces_a_folder_on_an_object_store(bucket):
 def test_recover_progress_files_on_an_object_store(bucket, monkeypatch):
   """Finished batches and the fingerprint stamp of recover's progress (not its Orbax in-flight
   checkpoint: Orbax asks the real storage API about the bucket, so its manager is stubbed)."""
-  monkeypatch.setattr(progress.ocp, "CheckpointManager", lambda *a, **k: None)
+  monkeypatch.setattr(store.ocp, "CheckpointManager", lambda *a, **k: None)
   root = "gs://bucket/run/progress/dwa"
   stamp = {"seed": 0}
   p = progress.Progress(root, stamp)

@@ -46,7 +46,8 @@ def run_stage(workdir, data_file, stage: str, ipc: int) -> float:
          "--config.recover.checkpoint_every=0", "--config.relabel.epochs=1",
          "--config.relabel.batch_size=64", "--config.relabel.seeds=(0,)",
          "--config.relabel.random_real_baseline=False"]
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "DWA_JAX_XLA_DEFAULTS")}
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "DWA_JAX_XLA_DEFAULTS")
+         and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           env=env)
   output = proc.stdout.read().decode(errors="replace")
