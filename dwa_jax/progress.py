@@ -16,7 +16,7 @@ class Progress:
 
   def __init__(self, root, fingerprint: dict):
     self.store = store.Store(root, fingerprint, "synthesis", per_process=True)
-    self.root, self.hint = self.store.directory, self.store.hint
+    self.root = self.store.directory
 
   def done_path(self, i: int, j: int):
     return self.root / "done" / f"batch_{i:05d}_{j:03d}.npz"
@@ -61,7 +61,7 @@ class Progress:
     """The carry batch (i, j) saved, shaped like ChainCarry(params, params)."""
     template = ChainCarry(params, params)
     path = self.carry_path(i, j)
-    with files.reading(path, "recover chain carry", self.hint):
+    with files.reading(path, "recover chain carry", self.store.hint):
       with files.open_npz(path) as f:
         leaves = [f[f"leaf_{n:04d}"] for n in range(len(f.files))]
       return jax.tree.unflatten(jax.tree.structure(template), leaves)

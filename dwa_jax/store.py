@@ -47,7 +47,6 @@ class Store:
 
   def __init__(self, directory, fingerprint: dict, what: str, *, per_process: bool = False):
     self.directory = files.absolute(directory)
-    self.what = what
     self.hint = f"; delete {self.directory} to start this {what} over"
     claim(self.directory, fingerprint, what, self.hint)
     process = jax.process_index()
