@@ -54,19 +54,12 @@ def torch_name(collection: str, path: tuple[str, ...]) -> str:
 
 def to_flax_layout(value: np.ndarray) -> np.ndarray:
   """OIHW conv weights -> HWIO; (out, in) linear weights -> (in, out); vectors unchanged."""
-  if value.ndim == 4:
-    return np.transpose(value, (2, 3, 1, 0))
-  if value.ndim == 2:
-    return value.T
-  return value
+  return np.transpose(value, {4: (2, 3, 1, 0), 2: (1, 0)}.get(value.ndim, range(value.ndim)))
 
 
 def to_torch_layout(value: np.ndarray) -> np.ndarray:
-  if value.ndim == 4:
-    return np.transpose(value, (3, 2, 0, 1))
-  if value.ndim == 2:
-    return value.T
-  return value
+  """The inverse of `to_flax_layout`."""
+  return np.transpose(value, {4: (3, 2, 0, 1), 2: (1, 0)}.get(value.ndim, range(value.ndim)))
 
 
 def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict[str, np.ndarray]:
@@ -120,20 +113,15 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], template: Any,
     out[key] = jnp.asarray(value, dtype=dtype or leaf.dtype)
   unexpected = sorted(k for k in state_dict
                       if k not in used and not k.endswith(IGNORED_SUFFIXES))
-  problems = []
-  if not used:
-    problems.append(f"none of the checkpoint's {len(state_dict)} tensors has a name the model "
-                    "uses (wrong architecture?)")
-  if mismatched:
-    problems.append("shape mismatch: " + _some(mismatched, "; "))
-  if wrong_dtype:
-    problems.append("not floating point: " + _some(wrong_dtype))
-  if non_finite:
-    problems.append("NaN or infinite values in: " + _some(non_finite))
-  if missing:
-    problems.append(f"missing from checkpoint: {_some(sorted(missing))}")
-  if unexpected:
-    problems.append(f"not used by the model: {_some(unexpected)}")
+  problems = [] if used else [f"none of the checkpoint's {len(state_dict)} tensors has a name "
+                              "the model uses (wrong architecture?)"]
+  for what, names, sep in (("shape mismatch", mismatched, "; "),
+                           ("not floating point", wrong_dtype, ", "),
+                           ("NaN or infinite values in", non_finite, ", "),
+                           ("missing from checkpoint", sorted(missing), ", "),
+                           ("not used by the model", unexpected, ", ")):
+    if names:
+      problems.append(f"{what}: {_some(names, sep)}")
   if problems:
     raise StateDictError("State dict does not fit the model — " + " | ".join(problems))
   return flax.traverse_util.unflatten_dict(out)
@@ -237,14 +225,10 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   return strip_prefix({k: to_numpy(v) for k, v in obj.items() if isinstance(v, torch.Tensor)})
 
 
-def load_workdir_state_dict(path: str) -> dict[str, np.ndarray]:
-  """The teacher a squeeze stage saved in workdir `path`, as a torchvision-layout state dict
-  (to export our own teachers into the same .npz an import reads)."""
-  try:
-    _, variables, _ = teacher_store.load_teacher(path)
-  except teacher_store.TeacherError as e:
-    raise StateDictError(str(e)) from None
-  return variables_to_state_dict(variables)
+# State-dict file suffix -> its reader (.pth/.pt need torch).
+_READERS = {".npz": load_npz_state_dict, ".safetensors": load_safetensors_state_dict,
+            ".pth": load_torch_state_dict, ".pt": load_torch_state_dict}
+STATE_DICT_SUFFIXES = tuple(_READERS)
 
 
 def check_state_dict_file(path: str, field: str) -> None:
@@ -266,18 +250,15 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """A torchvision-layout state dict from .npz, .safetensors, .pth/.pt (needs torch), or a
   squeeze workdir (a folder holding teacher/teacher.json)."""
   path = str(path)
-  if os.path.isdir(path):
-    return load_workdir_state_dict(path)
-  if path.endswith(".npz"):
-    return load_npz_state_dict(path)
-  if path.endswith(".safetensors"):
-    return load_safetensors_state_dict(path)
-  if path.endswith((".pth", ".pt")):
-    return load_torch_state_dict(path)
+  if os.path.isdir(path):  # export our own teacher into the same .npz an import reads
+    try:
+      return variables_to_state_dict(teacher_store.load_teacher(path)[1])
+    except teacher_store.TeacherError as e:
+      raise StateDictError(str(e)) from None
+  for suffix, read in _READERS.items():
+    if path.endswith(suffix):
+      return read(path)
   raise _unsupported_format(path)
-
-
-STATE_DICT_SUFFIXES = (".npz", ".safetensors", ".pth", ".pt")
 
 
 def _unsupported_format(path: str) -> StateDictError:

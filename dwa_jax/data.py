@@ -13,9 +13,9 @@ ones stay on disk as an `ImageSource` that decodes one image per read, so the in
                          stored uncompressed (np.savez), else loaded                       disk
   folder:PATH            an ImageFolder: PATH/<class name>/*.png|jpg (PATH/<split> if present) disk
   cifar10_jpeg:PATH      the JPEG-bytes CIFAR-10 file of ../shared/data (decoded once, cached) memory
-The switch between memory and disk is `IN_MEMORY_MAX_BYTES` (tfds sets) and the source kind.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -121,8 +121,7 @@ class FileImages(ImageSource):
   def __init__(self, paths: Sequence, size: int | None = None, mode: str = "RGB"):
     self.paths = [str(p) for p in paths]
     self.size, self.mode, self.dtype = size, mode, np.uint8
-    first = decode_image(self.paths[0], size, mode)
-    self.shape = (len(self.paths), *first.shape)
+    self.shape = (len(self.paths), *decode_image(self.paths[0], size, mode).shape)
 
   def read(self, i: int) -> np.ndarray:
     image = decode_image(self.paths[i], self.size, self.mode)
@@ -145,10 +144,9 @@ class SubsetImages(ImageSource):
 
 def _read_npy_header(f):
   """(shape, fortran_order, dtype) of the .npy stream `f`, positioned at its data after."""
-  version = np.lib.format.read_magic(f)
-  read = {(1, 0): np.lib.format.read_array_header_1_0}.get(version,
-                                                          np.lib.format.read_array_header_2_0)
-  return read(f)
+  if np.lib.format.read_magic(f) == (1, 0):
+    return np.lib.format.read_array_header_1_0(f)
+  return np.lib.format.read_array_header_2_0(f)
 
 
 def _npy_layout(path: pathlib.Path, key: str | None):
@@ -225,8 +223,8 @@ def _sample_chunks(images):
 
 
 def _stats(images) -> tuple[tuple, tuple]:
-  """Per-channel mean and std in [0, 1] units, over at most STATS_SAMPLE evenly spaced images,
-  read a chunk at a time (two passes: the mean, then the squared deviations from it)."""
+  """Per-channel mean and std in [0, 1] units over `_sample_chunks` (two passes: the mean, then
+  the squared deviations from it)."""
   channels = images.shape[-1]
 
   def pixels(chunk):
@@ -316,6 +314,7 @@ TFDS_CONVERT_HINT = ("tfds.data_source reads ArrayRecord only; convert it once w
                      "tensorflow && tfds convert_format --dataset_version_dir={path} "
                      "--out_file_format=array_record` (or rebuild it with `tfds build {name} "
                      "--data_dir=DIR --file_format=array_record`)")
+TFDS_DEFAULT_DIR = "the default tfds data_dir (~/tensorflow_datasets)"
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -343,7 +342,6 @@ def tfds_builder(name: str, data_dir: str | None):
   it first when tfds can (CIFAR; ImageNet needs the manual files). Every failure is a DataError
   that says what to do."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
   except Exception as e:  # pylint: disable=broad-except
@@ -355,10 +353,10 @@ def tfds_builder(name: str, data_dir: str | None):
                           path=builder.data_dir, name=name))
     return builder
   if name == "imagenet2012":
-    raise DataError(f"tfds data set imagenet2012 is not prepared in {where}: put the ILSVRC2012 "
-                    "train/val tars in DIR/downloads/manual and run `tfds build imagenet2012 "
-                    "--data_dir=DIR --file_format=array_record` (pip install 'dwa_jax[prepare]' "
-                    "first), then pass --config.data_dir=DIR.")
+    raise DataError(f"tfds data set imagenet2012 is not prepared in {data_dir or TFDS_DEFAULT_DIR}"
+                    ": put the ILSVRC2012 train/val tars in DIR/downloads/manual and run `tfds "
+                    "build imagenet2012 --data_dir=DIR --file_format=array_record` (pip install "
+                    "'dwa_jax[prepare]' first), then pass --config.data_dir=DIR.")
   if xla_cpu.accelerator_expected(os.environ):
     _prepare_in_child(name, data_dir)
     return tfds.builder(name, data_dir=data_dir or None)
@@ -396,20 +394,20 @@ def prepare_tfds(name: str, data_dir: str | None):
   """Downloads `name` and prepares it as ArrayRecord in this process (what tfds.data_source
   does on a first run); every failure a DataError that says what to do."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
+  where = data_dir or TFDS_DEFAULT_DIR
+  hint = TFDS_PREPARE_HINT.format(name=name)
   try:
     builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
     builder.download_and_prepare()
   except Exception as e:  # pylint: disable=broad-except
     if _is_download_failure(e):
       raise DataError(f"tfds could not download {name!r} into {where} (no network?); "
-                      + TFDS_PREPARE_HINT.format(name=name)) from None
+                      f"{hint}") from None
     if isinstance(e, ModuleNotFoundError) and e.name == "tensorflow":
       raise DataError(f"tfds needs TensorFlow to prepare {name!r}: pip install "
-                      "'dwa_jax[prepare]' and run again, or " + TFDS_PREPARE_HINT.format(name=name)
-                      ) from None
+                      f"'dwa_jax[prepare]' and run again, or {hint}") from None
     raise DataError(f"tfds could not prepare {name!r} in {where}: {type(e).__name__}: {e}; "
-                    + TFDS_PREPARE_HINT.format(name=name)) from None
+                    f"{hint}") from None
   return builder
 
 
@@ -427,7 +425,7 @@ class TfdsImages(ImageSource):
   def __getstate__(self):
     return {**self.__dict__, "_source": None, "_pid": None}
 
-  def source(self, decode_image_field: bool = False):
+  def source(self):
     """tfds's random-access source of this split (one per process)."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     if self._pid != os.getpid():
@@ -445,26 +443,19 @@ class TfdsImages(ImageSource):
                       f"{errors.describe_error(e)}") from None
 
   def labels(self, chunk: int = 4096, cache: bool = True) -> np.ndarray:
-    """Every label, without decoding an image: records are read in chunks with the image left
-    as bytes (ArrayRecord reads a chunk in parallel); 82.5 s per million 9.5 kB records on one
-    core (benchmarks/imagenet_scale.py). Kept in the cache directory (`default_cache_dir()`) keyed by the split's files, so
-    later runs and other processes of the same machine read them in milliseconds."""
+    """Every label, without decoding an image (chunks of records, which ArrayRecord reads in
+    parallel, images left as bytes); cached in `default_cache_dir()`, keyed by the split's files."""
     cached = self._label_cache() if cache else None
     if cached is not None and cached.exists():
-      try:
+      with contextlib.suppress(OSError, ValueError):  # unreadable: read the labels again
         labels = np.load(cached)
         if labels.shape == (len(self),):
           return labels
-      except (OSError, ValueError):
-        pass  # unreadable: read the labels again
     labels = self._read_labels(chunk)
     if cached is not None:
-      try:
-        from dwa_jax import files  # pylint: disable=g-import-not-at-top
+      with contextlib.suppress(OSError):  # unwritable: only costs the next run the read
         with files.atomic_path(cached) as tmp, tmp.open("wb") as f:
           np.save(f, labels)
-      except OSError:
-        pass  # an unwritable cache only costs the next run the read
     return labels
 
   def _label_cache(self) -> pathlib.Path | None:
@@ -492,28 +483,24 @@ def load_tfds(name: str, split: str, data_dir: str | None = None) -> Dataset:
   """A tfds image-classification split: in memory when its decoded images fit in
   IN_MEMORY_MAX_BYTES (CIFAR), else decoded on read (ImageNet: resize 256, centre crop 224).
   A damaged data_dir (unreadable metadata or record files) is a DataError naming it."""
-  where = data_dir or "the default tfds data_dir (~/tensorflow_datasets)"
-  with files.reading(where, f"tfds data set {name!r} in",
+  with files.reading(data_dir or TFDS_DEFAULT_DIR, f"tfds data set {name!r} in",
                      f"; rebuild it (`tfds build {name} --data_dir=DIR "
                      "--file_format=array_record`)", error=DataError):
-    return _load_tfds(name, split, data_dir)
-
-
-def _load_tfds(name: str, split: str, data_dir: str | None) -> Dataset:
-  builder = tfds_builder(name, data_dir)
-  tfds_split = _tfds_split(name, split)
-  if tfds_split not in builder.info.splits:
-    raise DataError(f"tfds data set {name!r} in {builder.data_dir} has no split {tfds_split!r} "
-                    f"(has {sorted(builder.info.splits)}).")
-  shape = builder.info.features["image"].shape
-  crop = {"size": 224, "resize": 256} if name == "imagenet2012" else {}
-  images = TfdsImages(builder.data_dir, tfds_split, image_shape=(224, 224, 3) if crop else None,
-                      **crop)
-  labels = images.labels()
-  if None not in shape and len(images) * int(np.prod(shape)) <= IN_MEMORY_MAX_BYTES:
-    images = np.stack([images.read(i) for i in tqdm.trange(
-        len(images), desc=f"decoding {name} {split}", unit="img", mininterval=2)])
-  return _make(images, labels, builder.info.features["label"].names, name, NORMALISATION.get(name))
+    builder = tfds_builder(name, data_dir)
+    tfds_split = _tfds_split(name, split)
+    if tfds_split not in builder.info.splits:
+      raise DataError(f"tfds data set {name!r} in {builder.data_dir} has no split {tfds_split!r} "
+                      f"(has {sorted(builder.info.splits)}).")
+    shape = builder.info.features["image"].shape
+    crop = {"size": 224, "resize": 256} if name == "imagenet2012" else {}
+    images = TfdsImages(builder.data_dir, tfds_split, image_shape=(224, 224, 3) if crop else None,
+                        **crop)
+    labels = images.labels()
+    if None not in shape and len(images) * int(np.prod(shape)) <= IN_MEMORY_MAX_BYTES:
+      images = np.stack([images.read(i) for i in tqdm.trange(
+          len(images), desc=f"decoding {name} {split}", unit="img", mininterval=2)])
+    names = builder.info.features["label"].names
+    return _make(images, labels, names, name, NORMALISATION.get(name))
 
 
 # ----------------------------------------------------------------------------- files
@@ -537,15 +524,13 @@ def image_folder_files(root, class_names: Sequence[str] | None = None):
   return paths, labels, class_names
 
 
-def load_image_folder(root, image_size: int | None = None, mode: str = "RGB",
-                      class_names: Sequence[str] | None = None, name: str | None = None,
-                      mean_std=None) -> Dataset:
-  """ImageFolder layout `root/<class>/*.png|jpg` (see `image_folder_files`), decoded on read.
-  The authors' released synthetic sets (`new{c:03d}/class{c:03d}_id{i:03d}.jpg`) are this
-  layout, their zero-padded folder names sorting into their class order."""
+def load_image_folder(root, image_size: int | None = None, class_names: Sequence[str] | None = None,
+                      name: str | None = None, mean_std=None) -> Dataset:
+  """ImageFolder layout `root/<class>/*.png|jpg` (see `image_folder_files`), decoded on read: the
+  authors' released synthetic sets (`new{c:03d}/...`) included."""
   paths, labels, class_names = image_folder_files(root, class_names)
-  return _make(FileImages(paths, image_size, mode), labels, class_names,
-               name or f"folder:{root}", mean_std)
+  return _make(FileImages(paths, image_size), labels, class_names, name or f"folder:{root}",
+               mean_std)
 
 
 def load_tiny_imagenet(root, split: str) -> Dataset:
@@ -569,49 +554,41 @@ def load_tiny_imagenet(root, split: str) -> Dataset:
 
 def load_npz(path, split: str | None = None, allow_float: bool = False) -> Dataset:
   """A .npz with `images` (uint8 NHWC; float in [0, 1] too with `allow_float`, for synthetic
-  sets) and `labels`; optional
-  `class_names`, `mean`, `std`. `{split}_images`/`{split}_labels` are used instead when present.
-  Images stored uncompressed (np.savez) are read row by row; compressed ones are loaded.
-  Anything damaged is a DataError naming the file."""
+  sets) and `labels`; optional `class_names`, `mean`, `std`. `{split}_images`/`{split}_labels`
+  are used instead when present. Images stored uncompressed (np.savez) are read row by row,
+  compressed ones loaded; anything damaged is a DataError naming the file."""
   path = pathlib.Path(path)
-  if not path.exists():
-    raise DataError(f"npz data file not found: {path}")
   with files.reading(path, "npz data file", error=DataError):
-    return _load_npz(path, split, allow_float)
-
-
-def _load_npz(path: pathlib.Path, split: str | None, allow_float: bool) -> Dataset:
-  with np.load(path, allow_pickle=False) as f:
-    prefix = f"{split}_" if split and f"{split}_images" in f.files else ""
-    if f"{prefix}images" not in f.files or f"{prefix}labels" not in f.files:
-      raise DataError(f"{path} needs arrays 'images' and 'labels' (found {sorted(f.files)}).")
-    labels = f[f"{prefix}labels"]
-    names = [str(s) for s in f["class_names"]] if "class_names" in f.files else None
-    mean_std = (f["mean"], f["std"]) if "mean" in f.files and "std" in f.files else None
-  try:
-    images = NpyRows(path, f"{prefix}images")
-  except NotRowReadable:
     with np.load(path, allow_pickle=False) as f:
-      images = f[f"{prefix}images"]
-  floating = allow_float and np.issubdtype(images.dtype, np.floating)
-  if len(images.shape) != 4 or not (images.dtype == np.uint8 or floating):
-    kinds = "uint8 or float" if allow_float else "uint8"
-    raise DataError(f"{path}: images must be {kinds} (N, H, W, C), got {images.dtype} "
-                    f"{images.shape}.")
-  if floating:
-    _check_unit_range(images, path)
-  if not np.issubdtype(labels.dtype, np.integer):
-    raise DataError(f"{path}: labels must be integer class indices, one per image; got "
-                    f"{labels.dtype} of shape {labels.shape}.")
-  if mean_std is not None:
-    mean_std = _check_mean_std(*mean_std, images.shape[-1], path)
-  names = names or [str(c) for c in range(int(labels.max()) + 1 if labels.size else 0)]
-  return _make(images, labels, names, f"npz:{path}", mean_std)
+      prefix = f"{split}_" if split and f"{split}_images" in f.files else ""
+      if f"{prefix}images" not in f.files or f"{prefix}labels" not in f.files:
+        raise DataError(f"{path} needs arrays 'images' and 'labels' (found {sorted(f.files)}).")
+      labels = f[f"{prefix}labels"]
+      names = [str(s) for s in f["class_names"]] if "class_names" in f.files else None
+      mean_std = (f["mean"], f["std"]) if "mean" in f.files and "std" in f.files else None
+    try:
+      images = NpyRows(path, f"{prefix}images")
+    except NotRowReadable:
+      with np.load(path, allow_pickle=False) as f:
+        images = f[f"{prefix}images"]
+    floating = allow_float and np.issubdtype(images.dtype, np.floating)
+    if len(images.shape) != 4 or not (images.dtype == np.uint8 or floating):
+      kinds = "uint8 or float" if allow_float else "uint8"
+      raise DataError(f"{path}: images must be {kinds} (N, H, W, C), got {images.dtype} "
+                      f"{images.shape}.")
+    if floating:
+      _check_unit_range(images, path)
+    if not np.issubdtype(labels.dtype, np.integer):
+      raise DataError(f"{path}: labels must be integer class indices, one per image; got "
+                      f"{labels.dtype} of shape {labels.shape}.")
+    if mean_std is not None:
+      mean_std = _check_mean_std(*mean_std, images.shape[-1], path)
+    names = names or [str(c) for c in range(int(labels.max()) + 1 if labels.size else 0)]
+    return _make(images, labels, names, f"npz:{path}", mean_std)
 
 
 def _check_unit_range(images, path) -> None:
-  """Float images must be finite and in [0, 1]; checked on up to STATS_SAMPLE images, evenly
-  spaced, a chunk at a time, so a large set is neither read whole nor held here."""
+  """Float images must be finite and in [0, 1]; checked on `_sample_chunks`."""
   low, high = np.inf, -np.inf
   for chunk in _sample_chunks(images):
     if not np.all(np.isfinite(chunk)):
@@ -640,12 +617,10 @@ def load_cifar10_jpeg(path, split: str, cache_dir=None) -> Dataset:
   class_names); decoded once with PIL and cached as .npz in `cache_dir` (an unreadable cache
   is decoded again). Anything damaged in the file is a DataError naming it."""
   path = pathlib.Path(path)
-  if not path.exists():
-    raise DataError(f"CIFAR-10 JPEG file not found: {path}")
   cache = pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-  # Keyed by the file's contents: an edited or replaced file is decoded again.
-  cached = cache / f"{path.stem}_{files.sha256(path)[:16]}_{_check_split(split)}.npz"
   with files.reading(path, "CIFAR-10 JPEG file", error=DataError):
+    # Keyed by the file's contents: an edited or replaced file is decoded again.
+    cached = cache / f"{path.stem}_{files.sha256(path)[:16]}_{_check_split(split)}.npz"
     with np.load(path, allow_pickle=False) as f:
       keys = (f"{split}_jpeg", f"{split}_offsets", f"{split}_labels", "class_names")
       missing = [k for k in keys if k not in f.files]
@@ -657,10 +632,8 @@ def load_cifar10_jpeg(path, split: str, cache_dir=None) -> Dataset:
       images = _cached_images(cached, len(labels))
       if images is None:
         images = _decode_jpeg_blob(path, split, f[f"{split}_jpeg"], offsets, len(labels))
-        try:
+        with contextlib.suppress(OSError):  # unwritable: only costs the next run the decoding
           files.save_npz(cached, images=images)
-        except OSError:
-          pass  # an unwritable cache only costs the next run the decoding
   return _make(images, labels.astype(np.int32), class_names, f"cifar10_jpeg:{path}",
                NORMALISATION["cifar10"])
 

@@ -2,17 +2,8 @@
 turned into one clear error (errors.InputError).
 
 Every path under the work directory goes through `etils.epath`, so a `gs://` (or `s3://`)
-workdir works wherever the cloud file-system libraries are installed (gcsfs, or TensorFlow's
-gfile). What atomic means there (object stores have no rename):
-  * one file (`atomic_path`, `write_json`, `save_npz`, `NpzWriter`): written to a local temporary
-    file, then uploaded as one object; an object appears whole or not at all, so readers never see
-    half a file, as with the local rename;
-  * a folder replaced as a whole (`staged_dir`, recover's synthetic set): locally two renames;
-    on an object store a copy of each object, so a kill during the copy can leave a folder with
-    some of the new files. Recover keeps its progress until the copy has finished, so rerunning it
-    writes the folder again; relabel refuses a set whose images do not match its manifest;
-  * appending to the metrics log (metrics_log.MetricsLog) rewrites the object (no append on object
-    stores).
+workdir works; what atomic means on object stores (no rename, no append) is in
+docs/scale-out.md ("Cloud work directories").
 """
 
 import contextlib
@@ -119,7 +110,7 @@ def remove_tree(path) -> None:
 def staged_dir(path) -> Iterator[epath.Path]:
   """Yields an empty folder beside `path`; on success it replaces `path` (two renames: the old
   folder is moved aside first, then deleted), on failure it is deleted and `path` is untouched.
-  On an object store the renames are copies of every object (not atomic; module docstring)."""
+  On an object store the renames are copies of every object (not atomic; docs/scale-out.md)."""
   path = as_path(path)
   staging = path.parent / f".{path.name}.partial"
   old = path.parent / f".{path.name}.old"

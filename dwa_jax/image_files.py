@@ -74,8 +74,8 @@ def image_grid(images01: np.ndarray, rows: int, cols: int, min_cell: int = 32) -
   grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
   for k in range(min(n, rows * cols)):
     r, q = divmod(k, cols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = \
-        images[k]
+    top, left = pad + r * (h + pad), pad + q * (w + pad)
+    grid[top:top + h, left:left + w] = images[k]
   return grid
 
 

@@ -1,20 +1,10 @@
-"""The input pipeline: batches of a `data.Dataset` read through grain.
+"""The input pipeline: batches of a `data.Dataset` read through grain (docs/data.md).
 
-Every stage reads images through here: squeeze (teacher batches, evaluation), recover (the
-starting real images of each synthetic batch, `read`), relabel (student batches over a synthetic
-or random real set, evaluation).
-
-- The order is a pure function of the seed: epoch e visits `epoch_order(seed, e, n)`, cut into
-  batches of `batch_size` (the last one partial unless `drop_remainder`), so a run can be
-  repeated, and resumed from grain's iterator state (`iterator.get_state()`).
-- Each process reads only its part of every global batch (`process_slice`): with P processes,
-  process p reads the p-th of P near-equal slices, so the processes read disjoint shards that
-  together cover the set.
-- Decoding (and the fit to the model's image size) happens in `Dataset.images[i]`, that is in
-  grain's worker processes when `workers > 0`, or in `threads` reader threads of this process
-  when 0; `prefetch` batches are read ahead either way.
-Augmentation stays on the device, inside the jitted steps (augment.py): it is a function of the
-step's key, so it does not depend on which process or worker read the images.
+Epoch e visits `epoch_order(seed, e, n)`, so the order depends on the seed alone and a run resumes
+from grain's iterator state (`get_state()`); with P processes, process p reads the p-th of P
+near-equal slices of every global batch (`process_slice`). Images are decoded in
+`Dataset.images[i]`, so in grain's worker processes when `workers > 0`; augmentation stays on the
+device, a function of the step's key, independent of which process or worker read the images.
 """
 
 import dataclasses
@@ -95,7 +85,6 @@ def _iterate(dataset: grain.MapDataset, pipeline: PipelineConfig) -> grain.Datas
   if pipeline.workers > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a library call or a
       flags.FLAGS.mark_as_parsed()   # notebook has not parsed them: use their defaults
-
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=pipeline.workers, per_worker_buffer_size=max(pipeline.prefetch, 1)))
   return iter(it)

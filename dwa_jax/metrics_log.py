@@ -14,8 +14,7 @@ from dwa_jax.files import as_path, is_remote, json_default, write_bytes
 
 def _import_tensorboardx():
   """tensorboardX, imported with torch hidden unless torch is loaded already: tensorboardX
-  imports torch whenever it is installed (only to accept torch tensors, which we never pass),
-  and that costs a JAX process about 600 MB of resident memory and two seconds."""
+  imports torch whenever it is installed, only to accept torch tensors (docs/code.md)."""
   if "torch" in sys.modules:
     import tensorboardX  # pylint: disable=g-import-not-at-top
     return tensorboardX
@@ -54,18 +53,13 @@ class MetricsLog:
       with self.path.open("a") as f:
         f.write(line)
     if self.tensorboard:
-      self._scalars(stage, int(step), values)
+      self._scalars(stage, [(name, v, step) for name, v in values.items()
+                            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)])
 
   def series(self, stage: str, name: str, steps, values) -> None:
     """Many points of one TensorBoard scalar (not in the JSONL log): per-iteration curves."""
-    if not self.tensorboard:
-      return
-    writer = self._tensorboard()
-    tag = self._tag(stage, name)
-    for step, value in zip(steps, values):
-      if np.isfinite(value):
-        writer.add_scalar(tag, float(value), int(step))
-    writer.flush()
+    if self.tensorboard:
+      self._scalars(stage, [(name, value, step) for step, value in zip(steps, values)])
 
   def _tensorboard(self):
     if self._writer is None:
@@ -75,17 +69,12 @@ class MetricsLog:
           filename_suffix=f".p{jax.process_index()}")
     return self._writer
 
-  @staticmethod
-  def _tag(stage: str, name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_./-]+", "_", f"{stage}/{name}")
-
-  def _scalars(self, stage: str, step: int, values: dict) -> None:
-    scalars = {k: float(v) for k, v in values.items()
-               if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-               and np.isfinite(v)}
-    if not scalars:
+  def _scalars(self, stage: str, points) -> None:
+    """Writes the finite ones of the (name, value, step) `points` as scalars `<stage>/<name>`."""
+    points = [(name, float(v), int(step)) for name, v, step in points if np.isfinite(v)]
+    if not points:
       return
     writer = self._tensorboard()
-    for name, value in scalars.items():
-      writer.add_scalar(self._tag(stage, name), value, step)
+    for name, value, step in points:
+      writer.add_scalar(re.sub(r"[^A-Za-z0-9_./-]+", "_", f"{stage}/{name}"), value, step)
     writer.flush()

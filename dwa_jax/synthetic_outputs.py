@@ -16,34 +16,26 @@ def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str
                   num_classes: int, chunks, synthesis: dict, switches: dict, init: str,
                   stage: dict | None = None) -> dict:
   """Streams the finished batches (in ipc/class order, one batch in memory at a time) into the
-  outputs, then the manifest.
+  outputs (docs/config.md; with recover.compat_jpeg docs/compatibility.md), then the manifest.
 
-  images.npz (uncompressed, row n = ipc index n // C, class n % C) always holds the set students
-  train on: the last iterate in [0, 1] (lossless), or with recover.compat_jpeg the decoded JPEGs
-  of the authors' format, saved in their layout jpg/new{c:03d}/class{c:03d}_id{i:03d}.jpg (the
-  lossless set then goes to images_lossless.npz; else 8-bit PNGs go to png/). `synthesis`
-  (the engine's settings), `switches` (recover.compat_record) and `init` are recorded in
-  recover.json.
+  images.npz always holds the set students train on. `synthesis` (the engine's settings),
+  `switches` (recover.compat_record) and `init` are recorded in recover.json.
   """
   image_shape = tuple(meta["image_shape"])
   mean, std = (np.asarray(v) for v in compat.pixel_normalisation(config, meta))
   jpeg = bool(config.recover.compat_jpeg)
   n_images = config.ipc * num_classes
-  labels = np.tile(np.arange(num_classes, dtype=np.int32), config.ipc)
-  norm = {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
   shown = min(num_classes, GRID_MAX_CLASSES)
   grid = np.zeros((min(config.ipc, GRID_MAX_ROWS), shown, *image_shape), np.float32)
-  stats = {"lossless": image_files.PixelStatistics(), **({"jpeg": image_files.PixelStatistics()} if jpeg else {})}
+  kinds = ("lossless", "jpeg") if jpeg else ("lossless",)
+  stats = {kind: image_files.PixelStatistics() for kind in kinds}
+  # images.npz: the set students train on; images_lossless.npz: the last iterate, beside JPEGs.
   written, batches = ["images.npz"] + (["images_lossless.npz"] if jpeg else []), []
-  with files.NpzWriter(out_dir / "images.npz") as main, (
-      files.NpzWriter(out_dir / "images_lossless.npz") if jpeg else contextlib.nullcontext()
-  ) as lossless:
+  with contextlib.ExitStack() as stack:
+    writers = [stack.enter_context(files.NpzWriter(out_dir / name)) for name in written]
     with contextlib.ExitStack() as streams:
-      write_main = streams.enter_context(main.rows("images", (n_images, *image_shape),
-                                                   np.float32))
-      if jpeg:
-        write_lossless = streams.enter_context(lossless.rows("images", (n_images, *image_shape),
-                                                             np.float32))
+      write = [streams.enter_context(writer.rows("images", (n_images, *image_shape), np.float32))
+               for writer in writers]
       for i in range(config.ipc):
         for j, classes in enumerate(chunks):
           x, summary = progress.load_done(i, j, (len(classes), *image_shape))
@@ -51,7 +43,7 @@ def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str
           pixels = np.clip(x * std + mean, 0.0, 1.0).astype(np.float32)  # de-normalise
           stats["lossless"].update(pixels)
           if jpeg:
-            write_lossless(pixels)
+            write[1](pixels)  # images_lossless.npz
             blobs = [compat.official_jpeg_bytes(image) for image in pixels]
             for c, blob in zip(classes, blobs):
               name = f"jpg/new{c:03d}/class{c:03d}_id{i:03d}.jpg"
@@ -63,14 +55,14 @@ def write_outputs(out_dir: pathlib.Path, progress: Progress, config, method: str
           else:
             written += [f"png/{f}" for f in image_files.save_image_folder(
                 out_dir / "png", pixels, classes, ids=np.full(len(classes), i))]
-          write_main(pixels)
+          write[0](pixels)
           if i < len(grid):
             keep = classes < shown
             grid[i, classes[keep]] = pixels[keep]
-    for writer in (main, lossless) if jpeg else (main,):
-      writer.add("labels", labels)
-      for key, value in norm.items():
-        writer.add(key, value)
+    for writer in writers:
+      writer.add("labels", np.tile(np.arange(num_classes, dtype=np.int32), config.ipc))
+      writer.add("mean", mean.astype(np.float32))
+      writer.add("std", std.astype(np.float32))
   return _finish_outputs(out_dir, config, method, meta, grid, stats, batches, written,
                          mean, std, n_images, synthesis, switches, init, stage)
 

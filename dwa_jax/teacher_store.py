@@ -1,7 +1,6 @@
 """The teacher a squeeze stage leaves in its workdir: `<workdir>/teacher/variables` (an Orbax
 checkpoint) and `teacher.json` (model, classes, image shape, normalisation, test accuracy,
-where it came from), written last so that its presence marks a complete teacher. Every later
-stage, the converter and the checks before a run read teachers through here.
+where it came from), written last so that its presence marks a complete teacher.
 """
 
 import math

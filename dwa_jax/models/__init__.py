@@ -3,6 +3,7 @@
 Every model takes NHWC images and is called as `model.apply(variables, x, train=..., capture_stats=...)`.
 """
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -16,21 +17,19 @@ from dwa_jax.models.resnet import resnet
 from dwa_jax.models.shufflenet import ShuffleNetV2
 from dwa_jax.models.vgg import VGG
 
-# name -> constructor(num_classes, dtype). "_cifar" variants use the 3x3 stride-1 stem, no max-pool.
+# name -> constructor(num_classes, dtype=...); "_cifar": the 3x3 stride-1 stem, no max-pool.
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "convnet": lambda num_classes, dtype=None: ConvNet(num_classes, dtype=dtype),
+    "convnet": ConvNet,
     # A small BN teacher for 224 px runs on a CPU (benchmarks/imagenet_scale.py).
-    "convnet_w16_d5": lambda num_classes, dtype=None: ConvNet(num_classes, width=16, depth=5,
-                                                              dtype=dtype),
-    **{f"resnet{d}": (lambda num_classes, dtype=None, d=d: resnet(d, num_classes, False, dtype))
-       for d in (18, 34, 50, 101)},
-    **{f"resnet{d}_cifar": (lambda num_classes, dtype=None, d=d: resnet(d, num_classes, True, dtype))
+    "convnet_w16_d5": functools.partial(ConvNet, width=16, depth=5),
+    **{f"resnet{d}": functools.partial(resnet, d) for d in (18, 34, 50, 101)},
+    **{f"resnet{d}_cifar": functools.partial(resnet, d, cifar_stem=True)
        for d in (18, 34, 50, 101)},
     # torchvision ImageNet architectures; they run on any input size (32x32 CIFAR included).
-    "mobilenet_v2": lambda num_classes, dtype=None: MobileNetV2(num_classes, dtype=dtype),
-    "shufflenet_v2_x1_0": lambda num_classes, dtype=None: ShuffleNetV2(num_classes, dtype=dtype),
-    "efficientnet_b0": lambda num_classes, dtype=None: EfficientNetB0(num_classes, dtype=dtype),
-    "vgg16_bn": lambda num_classes, dtype=None: VGG(num_classes, dtype=dtype),
+    "mobilenet_v2": MobileNetV2,
+    "shufflenet_v2_x1_0": ShuffleNetV2,
+    "efficientnet_b0": EfficientNetB0,
+    "vgg16_bn": VGG,
 }
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dwa_jax.models.layers import BatchNorm, conv
+from dwa_jax.models.layers import batch_norm, conv
 
 
 class ConvNet(nn.Module):
@@ -25,9 +25,8 @@ class ConvNet(nn.Module):
       # The reference pads the first conv by 3 on 1-channel (MNIST-like) inputs.
       pad = 3 if (d == 0 and x.shape[-1] == 1) else 1
       x = conv(self.width, 3, 1, pad=pad, bias=True, name=f"features_{4 * d}", dtype=self.dtype)(x)
-      x = BatchNorm(use_running_average=not train, name=f"features_{4 * d + 1}", dtype=self.dtype)(
-          x, capture_stats=capture_stats)
-      x = nn.relu(x)
+      x = nn.relu(batch_norm(x, name=f"features_{4 * d + 1}", train=train,
+                             capture_stats=capture_stats, dtype=self.dtype))
       if d == self.depth - 1:
         feature_map = x
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))

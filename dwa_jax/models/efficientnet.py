@@ -3,9 +3,8 @@
 Names: `features_0_0` <-> `features.0.0`, block `features_<stage>_<i>` with `block_<j>_0/1`
 (conv, BN) and the squeeze-excitation `block_<j>` (`fc1`, `fc2`), `classifier_1`.
 
-Eval mode is exact. In training, stochastic depth (torchvision's per-block rate, 0.2 * block
-index / 16, row mode) and the classifier's 0.2 dropout are applied only when a 'dropout' PRNG is
-passed (`rngs={'dropout': key}`), as the squeeze and relabel training steps do.
+Stochastic depth (torchvision's per-block rate 0.2 * block index / 16, row mode) and the
+classifier's 0.2 dropout run only in training with a 'dropout' PRNG (`layers.dropout`).
 """
 
 from typing import Any

@@ -50,8 +50,7 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
 
-    need_batch_stats = capture_stats or not use_ra
-    if need_batch_stats:
+    if capture_stats or not use_ra:
       # Statistics in at least float32, also under bfloat16 compute (mixed precision).
       mean, var = channel_mean_var(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
     if capture_stats:
@@ -77,10 +76,8 @@ def torch_padding(pad: int) -> Sequence[tuple[int, int]]:
 
 def conv(features: int, kernel: int, stride: int = 1, pad: int | None = None, bias: bool = False,
          groups: int = 1, name: str | None = None, dtype: Any = None) -> nn.Conv:
-  """A torch-style Conv2d: explicit padding (kernel // 2 by default), no bias unless asked.
-
-  Initialised like torchvision's ResNet (kaiming normal, fan_out, relu gain).
-  """
+  """A torch-style Conv2d: explicit padding (kernel // 2 by default), no bias unless asked,
+  initialised like torchvision's ResNet (kaiming normal, fan_out, relu gain)."""
   pad = kernel // 2 if pad is None else pad
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=torch_padding(pad),
                  use_bias=bias, feature_group_count=groups, name=name, dtype=dtype,
@@ -92,43 +89,35 @@ def max_pool_torch(x, window: int, stride: int, pad: int):
   return nn.max_pool(x, (window, window), strides=(stride, stride), padding=torch_padding(pad))
 
 
+def batch_norm(x, *, name: str, train: bool, capture_stats: bool, dtype: Any = None):
+  """BatchNorm `name` (batch statistics when `train`), called inside a compact method."""
+  return BatchNorm(use_running_average=not train, name=name, dtype=dtype)(
+      x, capture_stats=capture_stats)
+
+
 def conv_bn(x, features: int, kernel: int, stride: int = 1, *, name: str, train: bool,
             capture_stats: bool, groups: int = 1, act=None, dtype: Any = None):
-  """torchvision Conv2dNormActivation: conv `<name>_0` (no bias), BatchNorm `<name>_1`, `act`.
-
-  Call inside a compact method: the layers become children of the calling module.
-  """
+  """torchvision Conv2dNormActivation: conv `<name>_0` (no bias), BatchNorm `<name>_1`, `act`;
+  call it inside a compact method (the layers become children of the calling module)."""
   x = conv(features, kernel, stride, groups=groups, name=f"{name}_0", dtype=dtype)(x)
-  x = BatchNorm(use_running_average=not train, name=f"{name}_1", dtype=dtype)(
-      x, capture_stats=capture_stats)
+  x = batch_norm(x, name=f"{name}_1", train=train, capture_stats=capture_stats, dtype=dtype)
   return act(x) if act is not None else x
 
 
-def adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
-  """torch AdaptiveAvgPool bins: [floor(i*size/out), ceil((i+1)*size/out)); they overlap (and
-  repeat input cells) when out > size."""
-  return [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
-
-
 def adaptive_avg_pool(x, out_hw: tuple[int, int]):
-  """torch AdaptiveAvgPool2d on NHWC: the mean over each (row bin x column bin) rectangle.
-
-  Pooled one axis at a time (the mean of a rectangle is the mean of its row means); shapes are
-  static, so this unrolls into out_h + out_w slices.
-  """
+  """torch AdaptiveAvgPool2d on NHWC: the mean over each (row bin x column bin) rectangle, bin i
+  of an axis being [floor(i*size/out), ceil((i+1)*size/out)) (bins overlap when out > size).
+  Pooled one axis at a time: the mean of a rectangle is the mean of its row means."""
   for axis, out in zip((1, 2), out_hw):
     size = x.shape[axis]
-    if size == out:
-      continue
-    x = jnp.stack([jnp.mean(jax.lax.slice_in_dim(x, a, b, axis=axis), axis=axis)
-                   for a, b in adaptive_bins(size, out)], axis=axis)
+    if size != out:
+      bins = [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
+      x = jnp.stack([jnp.mean(jax.lax.slice_in_dim(x, a, b, axis=axis), axis=axis)
+                     for a, b in bins], axis=axis)
   return x
 
 
-def dropout(module: nn.Module, x, rate: float, train: bool, name: str | None = None):
-  """Dropout active only when training AND a 'dropout' PRNG is supplied (`rngs={'dropout': k}`).
-
-  The squeeze and relabel training steps pass one; evaluation, synthesis and `init` need none.
-  """
-  deterministic = not (train and module.has_rng("dropout"))
-  return nn.Dropout(rate, deterministic=deterministic, name=name)(x)
+def dropout(module: nn.Module, x, rate: float, train: bool):
+  """Dropout active only when training AND a 'dropout' PRNG is supplied (`rngs={'dropout': k}`):
+  the squeeze and relabel training steps pass one; evaluation, synthesis and `init` need none."""
+  return nn.Dropout(rate, deterministic=not (train and module.has_rng("dropout")))(x)

@@ -9,7 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dwa_jax.models.layers import BatchNorm, conv, conv_bn, dropout
+from dwa_jax.models.layers import batch_norm, conv, conv_bn, dropout
 
 # (expand ratio t, output channels c, repeats n, first stride s), torchvision's table.
 SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
@@ -34,8 +34,7 @@ class InvertedResidual(nn.Module):
       i = 1
     out = conv_bn(out, hidden, 3, self.stride, name=f"conv_{i}", groups=hidden, act=nn.relu6, **kw)
     out = conv(self.features, 1, name=f"conv_{i + 1}", dtype=self.dtype)(out)
-    out = BatchNorm(use_running_average=not train, name=f"conv_{i + 2}", dtype=self.dtype)(
-        out, capture_stats=capture_stats)
+    out = batch_norm(out, name=f"conv_{i + 2}", **kw)
     return x + out if self.stride == 1 and x.shape[-1] == self.features else out
 
 

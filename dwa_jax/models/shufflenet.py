@@ -9,7 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dwa_jax.models.layers import BatchNorm, conv, conv_bn, max_pool_torch
+from dwa_jax.models.layers import batch_norm, conv, conv_bn, max_pool_torch
 
 STAGE_REPEATS = (4, 8, 4)
 STAGE_CHANNELS = (24, 116, 232, 464, 1024)  # x1.0: stem, stage2-4, conv5
@@ -35,8 +35,8 @@ class InvertedResidual(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, capture_stats: bool = False):
     half = self.features // 2
-    bn = lambda y, name: BatchNorm(use_running_average=not train, name=name, dtype=self.dtype)(
-        y, capture_stats=capture_stats)
+    bn = lambda y, name: batch_norm(y, name=name, train=train, capture_stats=capture_stats,
+                                    dtype=self.dtype)
     pointwise = lambda y, name: conv(half, 1, name=name, dtype=self.dtype)(y)
     depthwise = lambda y, name: conv(y.shape[-1], 3, self.stride, groups=y.shape[-1], name=name,
                                      dtype=self.dtype)(y)

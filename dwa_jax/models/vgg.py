@@ -11,7 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dwa_jax.models.layers import BatchNorm, adaptive_avg_pool, conv, dropout
+from dwa_jax.models.layers import adaptive_avg_pool, batch_norm, conv, dropout
 
 # Configuration "D": conv widths, "M" = 2x2 max-pool.
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -32,9 +32,8 @@ class VGG(nn.Module):
         index += 1
         continue
       x = conv(v, 3, 1, bias=True, name=f"features_{index}", dtype=self.dtype)(x)
-      x = BatchNorm(use_running_average=not train, name=f"features_{index + 1}",
-                    dtype=self.dtype)(x, capture_stats=capture_stats)
-      x = nn.relu(x)
+      x = nn.relu(batch_norm(x, name=f"features_{index + 1}", train=train,
+                             capture_stats=capture_stats, dtype=self.dtype))
       index += 3
     feature_map = x
     x = adaptive_avg_pool(x, (7, 7))
