@@ -46,11 +46,9 @@ class WorkdirInUse(OSError):
 
 @contextlib.contextmanager
 def workdir_lock(path):
-  """Holds an exclusive lock on the work directory for the run (process 0 of it): a second run
-  started on the same directory refuses instead of writing the same files. The lock is the
-  kernel's (flock on the directory itself), so a killed run never leaves it stuck and nothing
-  is written into the directory; on file systems without flock, and on object stores (gs://),
-  the run goes unguarded."""
+  """Holds the kernel's exclusive lock (flock) on the work directory for the run, so a second run
+  on it refuses; a killed run's lock goes with it. Without flock (gs://, some network file
+  systems) the run goes unguarded."""
   if files.is_remote(path):
     yield
     return
@@ -69,9 +67,8 @@ def workdir_lock(path):
 
 
 def report(message: str) -> None:
-  """One `dwa_jax: ...` line on stderr, on a line of its own: progress bars end their line
-  with a carriage return, not a newline, so open ones are closed and the line starts after a
-  line break."""
+  """One `dwa_jax: ...` line on stderr, after a line break and with open progress bars closed
+  (they end their line with a carriage return)."""
   for bar in list(getattr(tqdm.tqdm, "_instances", ())):
     bar.close()
   print(f"\ndwa_jax: {message}", file=sys.stderr, flush=True)
@@ -115,10 +112,8 @@ def on_sigint(workdir: str):
 
 
 def quiet_closed_loop(default_hook):
-  """An unraisable-exception hook that drops 'Event loop is closed' errors: when an Orbax
-  restore fails (a damaged checkpoint, reported as one error line), tensorstore's reads still in
-  flight finish after Orbax has closed their event loop, and Python would print a traceback for
-  each. Everything else goes to `default_hook`."""
+  """An unraisable-exception hook that drops 'Event loop is closed' errors (tensorstore reads of
+  a failed Orbax restore finishing after Orbax closed their loop) and passes on the rest."""
   def hook(unraisable):
     error = unraisable.exc_value
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":

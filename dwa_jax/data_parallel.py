@@ -1,16 +1,8 @@
 """Data parallelism of squeeze and relabel: one mesh axis `data` over every device of every
-process; the global batch is sharded on it and the parameters are replicated (jax.sharding; XLA
-inserts the gradient all-reduce).
-
-BatchNorm statistics are per replica by default, as torch's DistributedDataParallel computes
-them: the batch is cut into one group per device and each group is normalised with its own
-statistics (`groups`); the running statistics are the mean over groups, which is what
-flax/examples/imagenet's `sync_batch_stats` gives at evaluation (the update is linear). With
-`sync_batch_norm` the statistics are over the whole global batch, so results do not depend on
-the device count (up to the order of float32 sums).
-
-A batch that does not split evenly over the devices (the last, partial batch of an epoch) runs
-whole on every device instead, with statistics over the whole batch.
+process; the global batch is sharded on it and the parameters are replicated (XLA inserts the
+gradient all-reduce). BatchNorm statistics are per replica (one group per device, as torch's
+DistributedDataParallel) unless `sync_batch_norm`; a batch that does not split evenly over the
+devices runs whole on every device. docs/scale-out.md tells the details.
 """
 
 import dataclasses
@@ -71,14 +63,11 @@ class Layout:
       return 1
     return replicas
 
-  def batch_sharding(self, batch_size: int) -> NamedSharding:
-    return self.sharded if self.splits(batch_size) else self.replicated
-
   def global_batch(self, local: np.ndarray, batch_size: int) -> jax.Array:
     """A global array of `batch_size` rows from this process's part (`local`): its contiguous
     slice of the rows when the batch is sharded, all of them when it is not."""
-    return jax.make_array_from_process_local_data(self.batch_sharding(batch_size),
-                                                  np.asarray(local),
+    sharding = self.sharded if self.splits(batch_size) else self.replicated
+    return jax.make_array_from_process_local_data(sharding, np.asarray(local),
                                                   (batch_size, *np.shape(local)[1:]))
 
   def global_eval_batch(self, local: np.ndarray) -> jax.Array:

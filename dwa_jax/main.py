@@ -1,9 +1,8 @@
 """Entry point: `python -m dwa_jax.main --config=configs/<name>.py --workdir=DIR`.
 
 Runs the stage(s) chosen by `--config.stage` (squeeze | recover | relabel | all); every config
-field can be overridden on the command line, e.g. `--config.ipc=50 --config.recover.iterations=500`.
-Outputs under DIR: teacher/ (Orbax checkpoint), synthetic/<method>/ (images.npz, png/, grid.png),
-results.json / results.md, metrics.jsonl (one JSON object per logged step) and config.json.
+field can be overridden on the command line, e.g. `--config.ipc=50`. docs/config.md lists the
+flags and the outputs under DIR.
 """
 
 import contextlib
@@ -36,16 +35,12 @@ flags.DEFINE_enum("distributed", "auto", multihost.MODES,
                   "TPU_WORKER_HOSTNAMES); 'on' always (JAX detects the cluster); 'off' never.")
 
 
-def stages_of(config) -> tuple[str, ...]:
-  return ("squeeze", "recover", "relabel") if config.stage == "all" else (config.stage,)
-
-
 def check_inputs(config, workdir) -> None:
   """What the configured stages read, checked before any of them runs (on every process of a
   multi-process run; multihost.preflight): the data set's splits, the teacher to import or
   this workdir's teacher, recover's committee, relabel's teacher ensemble and synthetic set.
   Raises the error the stage itself would raise."""
-  stages = stages_of(config)
+  stages = ("squeeze", "recover", "relabel") if config.stage == "all" else (config.stage,)
   for split in ("train", "test") if {"squeeze", "relabel"} & set(stages) else ("train",):
     data.load_dataset(config.dataset, split, config.data_dir)  # cached for the stages
   if config.teacher.checkpoint:  # imported by squeeze, or by the first stage that needs it
@@ -65,13 +60,8 @@ def check_inputs(config, workdir) -> None:
 
 
 def run_stages(config, workdir) -> dict:
-  """Runs the configured stage(s) in order; returns what the last one produced.
-
-  With several processes, every process takes part in every stage: squeeze and relabel are
-  data-parallel over all devices of all processes (each process reads its shard of every
-  batch), recover deals its batches out between processes; process 0 writes the merged
-  synthetic set, results.json and config.json.
-  """
+  """Runs the configured stage(s) in order, every process taking part in each
+  (docs/scale-out.md); returns what the last one produced."""
   config = presets.resolve(config)  # the one resolved config (config.json records it)
   workdir = cli.prepare_workdir(workdir)
   lead = jax.process_index() == 0
@@ -84,23 +74,19 @@ def run_stages(config, workdir) -> dict:
                         barrier_timeout_s=config.multihost.barrier_timeout_s,
                         stale_after_s=config.multihost.stale_after_s)
     try:
-      return _run_stages(config, workdir, lead, import_teacher)
+      out = {}
+      if config.stage in ("squeeze", "all") or import_teacher:
+        out = squeeze.run(config, workdir)
+      if config.stage in ("recover", "all"):
+        out = {m: recover.run(config, workdir, m) for m in config.methods}
+        multihost.barrier("recover")  # relabel reads the set process 0 has just written
+      if config.stage in ("relabel", "all"):
+        out = relabel.run(config, workdir)
+      if lead:
+        files.write_json(workdir / "config.json", config.to_dict())
+      return out
     finally:
       multihost.end()
-
-
-def _run_stages(config, workdir, lead: bool, import_teacher: bool) -> dict:
-  out = {}
-  if config.stage in ("squeeze", "all") or import_teacher:
-    out = squeeze.run(config, workdir)
-  if config.stage in ("recover", "all"):
-    out = {m: recover.run(config, workdir, m) for m in config.methods}
-    multihost.barrier("recover")  # relabel reads the set process 0 has just written
-  if config.stage in ("relabel", "all"):
-    out = relabel.run(config, workdir)
-  if lead:
-    files.write_json(workdir / "config.json", config.to_dict())
-  return out
 
 
 def execute(config, workdir) -> int:

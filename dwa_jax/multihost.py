@@ -1,29 +1,8 @@
-"""Several processes (a TPU pod slice, a multi-host GPU job): starting them, checking on every
-host what a run will read before any stage, and waiting for each other without hanging.
-
-Start (`initialize`). With --coordinator_address, --num_processes and --process_id,
-`jax.distributed.initialize` gets them. Otherwise --distributed decides: `on` calls
-`jax.distributed.initialize()` and lets JAX detect the cluster; `off` never calls it; `auto`
-(the default) calls it when the launcher's environment says there are several processes
-(SLURM_STEP_NUM_TASKS / SLURM_NTASKS, OMPI_COMM_WORLD_SIZE, TPU_WORKER_HOSTNAMES), and refuses
-to guess when two launchers name different counts. A Cloud TPU pod slice joins its hosts through
-the TPU runtime even without it.
-
-Preflight (`preflight`). Before any stage every process checks its work directory and the
-files it will read: process 0 writes a random token into <workdir>/.multihost/, all pass one
-barrier, and each reads the token back (a host that sees another directory cannot); then
-process 0 loads the data (preparing tfds data once, for everyone) while the others wait, and
-every process loads the data and checks the teacher, committee, ensemble and synthetic-set
-files the configured stages read. The processes agree through one all-gather of ok/error, so a
-file missing on one host ends every host with exit status 2 and the same one line, naming the
-process, its host and the path.
-
-Waiting (`barrier`, `Session.wait`). Once the token shows every process sees the same work
-directory, processes wait for each other through files in <workdir>/.multihost/<token>/, never
-inside a device collective: every process rewrites its heartbeat file every HEARTBEAT_S seconds
-from a background thread; a barrier is one arrival file per process. A waiting process ends
-with one line when a process it waits for has not changed its heartbeat for
-`multihost.stale_after_s` seconds (it died or hangs), or after `multihost.barrier_timeout_s`.
+"""Several processes (a TPU pod slice, a multi-host GPU job): starting them (`initialize`),
+checking on every host what a run will read before any stage (`preflight`), and waiting for
+each other through files in <workdir>/.multihost/<token>/, never inside a device collective
+(`barrier`, `Session.wait`): every process rewrites a heartbeat file every HEARTBEAT_S seconds,
+and a barrier is one arrival file per process. docs/scale-out.md ("Hosts") tells the steps.
 """
 
 import dataclasses
@@ -82,8 +61,11 @@ def launcher_counts(environ) -> dict[str, int]:
 
 def initialize(coordinator_address=None, num_processes=None, process_id=None, mode="auto",
                environ=None) -> str | None:
-  """Starts JAX's multi-process runtime before any computation (module docstring); returns
-  what started it ('flags', the launchers' names, 'jax') or None for one process."""
+  """Starts JAX's multi-process runtime before any computation: from the flags when
+  `coordinator_address` is given; else `mode` 'on' lets JAX detect the cluster, 'auto' does so
+  when the launchers' environment says there are several processes (and refuses to guess when
+  two launchers disagree), 'off' never (a Cloud TPU pod slice joins its hosts through the TPU
+  runtime even so). Returns what started it ('flags', the launchers' names, 'jax') or None."""
   environ = os.environ if environ is None else environ
   if mode not in MODES:
     raise StartError(f"--distributed must be one of {', '.join(MODES)}, got {mode!r}")
@@ -125,10 +107,6 @@ def _start(*args) -> None:
 
 
 # ----------------------------------------------------------------------------- waiting
-
-def describe(process: int) -> str:
-  return f"process {process}"
-
 
 @dataclasses.dataclass
 class Session:
@@ -174,9 +152,8 @@ class Session:
       return None
 
   def host(self, process: int) -> str:
-    text = self._beat(process)
     try:
-      return json.loads(text)["host"] if text else "unknown host"
+      return json.loads(self._beat(process))["host"]
     except (ValueError, KeyError, TypeError):
       return "unknown host"
 
@@ -198,14 +175,14 @@ class Session:
           seen[p] = (beat, now)
         elif now - seen[p][1] > self.stale_after_s:
           raise ProcessLost(
-              f"{describe(p)} ({self.host(p)}) stopped: its heartbeat in {self.root} has not "
+              f"process {p} ({self.host(p)}) stopped: its heartbeat in {self.root} has not "
               f"changed for {now - seen[p][1]:.0f} s (multihost.stale_after_s) while "
-              f"{describe(self.process)} waited for {what}; see that process's log, then rerun "
+              f"process {self.process} waited for {what}; see that process's log, then rerun "
               "the command on every host to resume")
       if now - started > timeout_s:
         raise ProcessLost(
-            f"{describe(self.process)} waited {timeout_s:.0f} s (multihost.barrier_timeout_s) "
-            f"for {what} from {', '.join(describe(p) for p in sorted(absent))}; rerun the "
+            f"process {self.process} waited {timeout_s:.0f} s (multihost.barrier_timeout_s) "
+            f"for {what} from {', '.join(f'process {p}' for p in sorted(absent))}; rerun the "
             "command on every host to resume")
       time.sleep(POLL_S)
 
@@ -225,7 +202,7 @@ class Session:
           absent.add(p)
           continue
         if text != name:
-          raise ProcessLost(f"{describe(p)} reached barrier {text!r} where {describe(self.process)}"
+          raise ProcessLost(f"process {p} reached barrier {text!r} where process {self.process}"
                             f" reached {name!r}: the processes run different programs")
       return absent
     self.wait(missing, f"barrier {name!r}")
@@ -253,24 +230,15 @@ def barrier(name: str) -> None:
 
 # ----------------------------------------------------------------------------- preflight
 
-def all_gather_messages(message: str) -> list[str]:
-  """Every process's `message` ('' for ok), in process order: one device all-gather, made
-  while every process is known to be alive (the start of a run)."""
-  encoded = message.encode()[:MESSAGE_BYTES]
-  buffer = np.zeros(MESSAGE_BYTES + 4, np.uint8)
-  buffer[:4] = np.frombuffer(np.uint32(len(encoded)).tobytes(), np.uint8)
-  buffer[4:4 + len(encoded)] = np.frombuffer(encoded, np.uint8)
-  gathered = np.asarray(multihost_utils.process_allgather(buffer)).reshape(-1, MESSAGE_BYTES + 4)
-  out = []
-  for row in gathered:
-    size = int(np.frombuffer(row[:4].tobytes(), np.uint32)[0])
-    out.append(row[4:4 + size].tobytes().decode(errors="replace"))
-  return out
-
-
 def _agree(message: str) -> None:
-  """Raises, on every process, the first process's problem (and how many more there are)."""
-  messages = all_gather_messages(message)
+  """Raises, on every process, the first process's problem (and how many more there are):
+  every process's `message` ('' for ok) through one device all-gather, made while every
+  process is known to be alive (the start of a run)."""
+  encoded = message.encode()[:MESSAGE_BYTES]
+  buffer = np.zeros(MESSAGE_BYTES, np.uint8)  # NUL-padded
+  buffer[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(buffer)).reshape(-1, MESSAGE_BYTES)
+  messages = (row.tobytes().rstrip(b"\0").decode(errors="replace") for row in gathered)
   problems = [m for m in messages if m]
   if problems:
     others = len(problems) - 1
@@ -287,14 +255,16 @@ def _problem(check: Callable[[], None]) -> str:
 
 
 def _label(process: int) -> str:
-  return f"{describe(process)} on host {socket.gethostname()}: "
+  return f"process {process} on host {socket.gethostname()}: "
 
 
 def preflight(workdir, check_inputs: Callable[[], None], *, barrier_timeout_s: float,
               stale_after_s: float) -> Session | None:
-  """The checks of the module docstring. `check_inputs` raises (ValueError / OSError) what
-  this process lacks. With one process it runs as it is; with several, returns the run's
-  Session (its heartbeat started): call `end` when the run ends."""
+  """Before any stage: every process reads back the token process 0 writes into
+  <workdir>/.multihost/ (a host that sees another directory cannot), then runs `check_inputs`,
+  which raises (ValueError / OSError) what it lacks, process 0 first (it may prepare tfds data).
+  A problem on one host ends every host with the same line (`_agree`). With several processes,
+  returns the run's Session (its heartbeat started): call `end` when the run ends."""
   global _SESSION
   process, count = jax.process_index(), jax.process_count()
   if count == 1:
@@ -325,15 +295,12 @@ def preflight(workdir, check_inputs: Callable[[], None], *, barrier_timeout_s: f
                      stale_after_s)
   _SESSION.start_heartbeat()
   try:
-    # Process 0 first: loading the data may prepare it (tfds), once for every host.
     ready = _SESSION.root / "inputs_checked.p0"
-    problem = ""
-    if process == 0:
-      problem = _problem(check_inputs)
-      files.write_bytes(ready, b"")
-    else:
+    if process != 0:
       _SESSION.wait(lambda: set() if ready.exists() else {0}, "process 0 to check the inputs")
-      problem = _problem(check_inputs)
+    problem = _problem(check_inputs)
+    if process == 0:
+      files.write_bytes(ready, b"")
     _agree(_label(process) + problem if problem else "")
   except BaseException:
     end()

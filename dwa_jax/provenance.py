@@ -1,7 +1,6 @@
-"""What a results file records about how it was made: the code (git commit, and the files that
-differed from it), the command, the date, the versions and the host. Every JSON a benchmark
-writes under benchmarks/results carries this as `provenance`, so a figure can be traced to the
-code that produced it, and a figure whose code has changed since is recognisably stale."""
+"""What a benchmark's results JSON records about how it was made (`provenance`): the code (git
+commit, and the files that differed from it), the command, the date, the versions and the host,
+so a figure can be traced to its code, and is recognisably stale once that code changes."""
 
 import os
 import pathlib

@@ -1,14 +1,9 @@
 """Relabel + validate: train fresh students on a synthetic set and report top-1 on real data.
 
-The evaluation protocol is explicit (config `relabel.*`, written as a card into results.json and
-results.md). By default, the official CIFAR recipe: every augmented (and mixed) batch is labelled
-by the frozen teacher on the fly; the student minimises KL(softmax(t/T) || softmax(s/T)) (batch
-mean, optional T² factor). Alternatives: a teacher ensemble (logits averaged), EDC's MSE on
-logits + γ·CE on the set's labels, a student EMA, a learning-rate floor, and hard labels (plain
-cross-entropy on the set's own labels, no teacher), which tells image quality from label
-quality. Top-1 on the real test split is reported at the final epoch AND as the best over the
-periodic evaluations (what the official scripts print), each as mean ± std over seeds. A random
-real subset of the same size, trained with the same protocol, is the baseline.
+The evaluation protocol (config `relabel.*`, docs/evaluation.md) is written as a card into
+results.json and results.md. Top-1 on the real test split is reported at the final epoch and as
+the best over the periodic evaluations, each as mean ± std over seeds; a random real subset of
+the same size, trained with the same protocol, is the baseline.
 """
 
 import os
@@ -94,34 +89,9 @@ def student_loss(rc) -> train_loop.Loss:
   return lambda logits, target: kd_loss(logits, target["teacher"], rc.temperature, rc.t2_factor)
 
 
-def student_trainer(rc: ml_collections.ConfigDict, teachers, num_classes: int, mean, std,
-                    layout: data_parallel.Layout,
-                    pipeline: input_pipeline.PipelineConfig) -> train_loop.Trainer:
-  """The students' trainer: built once per run, it compiles once for every set and seed.
-  `teachers`: a tuple of teacher models (one, an ensemble, or none for hard labels)."""
-  return train_loop.Trainer(
-      build_model(rc.student, num_classes), rc,
-      prepare=student_input(rc, teachers, mean, std, num_classes), loss=student_loss(rc),
-      mean=mean, std=std, layout=layout, pipeline=pipeline)
-
-
 def evaluation_epochs(rc) -> set[int]:
   """The epochs after which students are evaluated (relabel.eval_every, compat_eval_epochs)."""
   return train_loop.eval_epochs(rc.epochs, rc.eval_every, bool(rc.compat_eval_epochs))
-
-
-def train_student(trainer: train_loop.Trainer, teacher_vars, images, labels,
-                  test: data.Dataset, seed: int, desc: str, log: metrics_log.MetricsLog,
-                  checkpoints=None) -> dict:
-  """Trains one student on `images` (N, H, W, C: uint8, or float in [0, 1]; an array or an
-  ImageSource, read through the input pipeline) and their `labels`; returns final/best top-1
-  (%). `teacher_vars`: a tuple of the teachers' variables, as `trainer`'s teachers."""
-  _, history = trainer.train(
-      images, np.asarray(labels, np.int32), test, seed=seed, aux=teacher_vars,
-      evaluate_after=evaluation_epochs(trainer.recipe),
-      log=log, log_name=f"relabel/{desc}", desc=desc, checkpoints=checkpoints, leave_bar=False)
-  return {"final": history[-1][1], "best": max(a for _, a in history),
-          "history": [list(h) for h in history]}
 
 
 def open_synthetic_set(spec: str, image_shape, num_classes: int) -> data.Dataset:
@@ -216,18 +186,18 @@ def seed_fingerprint(config, name: str, identity: str, num_images: int, seed: in
        "sync_batch_norm": config.sync_batch_norm, "processes": jax.process_count()})
 
 
-def run_dir(workdir, name: str, seed: int):
-  slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-  return files.as_path(workdir) / "relabel" / slug / f"seed_{seed}"
-
-
-def student_run(trainer, config, workdir, name, images, labels, identity, seed, teacher_vars,
-                teacher_digest, test, log) -> dict:
-  """One student, resumable, in the store `relabel/<set>/seed_<s>/`: its result is written to
-  `result.json` there as soon as it finishes (and reused by a rerun with the same settings);
-  while it trains, a checkpoint is saved every `relabel.save_every_epochs` epochs."""
+def student_run(trainer: train_loop.Trainer, config, workdir, name, images, labels, identity,
+                seed, teacher_vars, teacher_digest, test: data.Dataset,
+                log: metrics_log.MetricsLog) -> dict:
+  """Trains one student on `images` (N, H, W, C: uint8, or float in [0, 1]; an array or an
+  ImageSource) and `labels`; returns final/best top-1 (%) and the history. `teacher_vars`: a
+  tuple, as `trainer`'s teachers. Resumable in the store `relabel/<set>/seed_<s>/`: its
+  `result.json`, written as the student finishes, is reused by a rerun with the same settings;
+  a checkpoint is saved every `relabel.save_every_epochs` epochs."""
   fingerprint = seed_fingerprint(config, name, identity, len(images), seed, teacher_digest)
-  student = store.Store(run_dir(workdir, name, seed), fingerprint, "student")
+  slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+  student = store.Store(files.as_path(workdir) / "relabel" / slug / f"seed_{seed}", fingerprint,
+                        "student")
   done = student.directory / "result.json"
   if done.exists():
     result = files.read_json(done, "finished student result", "; delete it to train that "
@@ -236,19 +206,18 @@ def student_run(trainer, config, workdir, name, images, labels, identity, seed, 
       log.write(f"relabel/{name} seed {seed}/resume", 0, finished_seed=True)
     student.finish()
     return result
-  every = config.relabel.save_every_epochs
-  result = train_student(trainer, teacher_vars, images, labels, test, seed,
-                         f"relabel: {name} seed {seed}", log,
-                         train_loop.TrainCheckpoints(student, every) if every else None)
+  every, desc = config.relabel.save_every_epochs, f"relabel: {name} seed {seed}"
+  _, history = trainer.train(
+      images, np.asarray(labels, np.int32), test, seed=seed, aux=teacher_vars,
+      evaluate_after=evaluation_epochs(trainer.recipe), log=log, log_name=f"relabel/{desc}",
+      desc=desc, checkpoints=train_loop.TrainCheckpoints(student, every) if every else None,
+      leave_bar=False)
+  result = {"final": history[-1][1], "best": max(a for _, a in history),
+            "history": [list(h) for h in history]}
   if jax.process_index() == 0:
     files.write_json(done, result)
   student.finish()  # (a barrier: every process sees result.json from here on)
   return result
-
-
-def mean_std(values) -> tuple[float, float]:
-  values = np.asarray(values, np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def results_table(results: dict) -> str:
@@ -260,13 +229,6 @@ def results_table(results: dict) -> str:
                  f"{r['final_mean']:.2f} ± {r['final_std']:.2f} | "
                  f"{r['best_mean']:.2f} ± {r['best_std']:.2f} |")
   return "\n".join(lines)
-
-
-def load_teachers(workdir, rc, train: data.Dataset):
-  """This workdir's teacher and those of relabel.teacher_ensemble: (models, variables, metas),
-  tuples in that order. Every teacher must take the same normalised input."""
-  return teacher_store.load_teachers(workdir, rc.teacher_ensemble, train, "relabel.teacher_ensemble",
-                               "an ensemble needs one normalisation")
 
 
 def loss_description(rc) -> str:
@@ -320,13 +282,14 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
   """Validates every synthetic set of `config.methods`, or the set `relabel.synthetic_set` names
   instead, (+ the random real baseline) over seeds, data-parallel over every device of every
   process (or `devices`); writes `<workdir>/results.json` and `results.md` and prints the
-  table. Each student's result is kept as it finishes, so a rerun after a kill redoes only the
-  unfinished ones (from their last checkpoint)."""
+  table. A rerun after a kill redoes only the unfinished students."""
   rc = config.relabel
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   test = data.load_dataset(config.dataset, "test", config.data_dir)
-  teachers, teacher_vars, metas = (((), (), ()) if rc.labels == "hard" else
-                                    load_teachers(workdir, rc, train))
+  # This workdir's teacher and relabel.teacher_ensemble's (none for hard labels), in that order.
+  teachers, teacher_vars, metas = ((), (), ()) if rc.labels == "hard" else (
+      teacher_store.load_teachers(workdir, rc.teacher_ensemble, train, "relabel.teacher_ensemble",
+                                  "an ensemble needs one normalisation"))
   meta = metas[0] if metas else teacher_store.read_teacher_meta(
       teacher_store.teacher_path(workdir) / "teacher.json")
   mean, std = compat.pixel_normalisation(config, meta)
@@ -341,18 +304,21 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
     sets = {m: synthetic_set(workdir, m) for m in config.methods}
   if rc.random_real_baseline:
     sets[RANDOM_REAL] = random_real_set(train, config.ipc, config.seed)
-  relabel_stage = {"devices": layout.num_devices, "processes": jax.process_count()}
-  evaluated_after = evaluation_epochs(rc)
   # The run's own teacher is named "." (this workdir): results do not depend on where it lies.
-  card = protocol_card(config, (".", *rc.teacher_ensemble), metas, evaluated_after)
+  card = protocol_card(config, (".", *rc.teacher_ensemble), metas, evaluation_epochs(rc))
   results = {"dataset": config.dataset, "ipc": config.ipc, "student": rc.student,
              "teacher_test_accuracy": meta["test_accuracy"], "protocol": card,
              "compat": compat.settings(config),
              "normalisation": {"mean": list(mean), "std": list(std)},
              "stages": stage_devices(workdir, meta, [] if rc.synthetic_set else config.methods,
-                                     relabel_stage),
+                                     {"devices": layout.num_devices,
+                                      "processes": jax.process_count()}),
              "sets": {}}
-  trainer = student_trainer(rc, teachers, test.num_classes, mean, std, layout, pipeline)
+  # One trainer for every set and seed: it compiles once per input shape and dtype.
+  trainer = train_loop.Trainer(
+      build_model(rc.student, test.num_classes), rc, loss=student_loss(rc),
+      prepare=student_input(rc, teachers, mean, std, test.num_classes), mean=mean, std=std,
+      layout=layout, pipeline=pipeline)
   teacher_digest = files.tree_digest(teacher_vars)
   for name, (images, labels) in sets.items():
     identity = set_identity(workdir, name)
@@ -360,12 +326,13 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
                         teacher_vars, teacher_digest, test, log)
             for seed in tqdm.tqdm(rc.seeds, desc=f"relabel: {name}", unit="seed",
                                   disable=not lead)]
-    final_mean, final_std = mean_std([r["final"] for r in runs])
-    best_mean, best_std = mean_std([r["best"] for r in runs])
-    results["sets"][name] = {"seeds": list(rc.seeds), "runs": runs, "num_images": len(images),
-                             "final_mean": final_mean, "final_std": final_std,
-                             "best_mean": best_mean, "best_std": best_std,
-                             "headline_mean": best_mean if rc.headline == "best" else final_mean}
+    summary = results["sets"][name] = {"seeds": list(rc.seeds), "runs": runs,
+                                       "num_images": len(images)}
+    for kind in ("final", "best"):
+      values = np.asarray([r[kind] for r in runs], np.float64)
+      summary[f"{kind}_mean"] = float(values.mean())
+      summary[f"{kind}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    summary["headline_mean"] = summary[f"{rc.headline}_mean"]
   table = results_table(results) + (f"\n\n{rc.caption}" if rc.caption else "")
   if lead:
     log.write("relabel/compilations", 0, **trainer.compilations())
@@ -374,5 +341,5 @@ def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
                       (f"Teacher {meta['model']}: {meta['test_accuracy']:.2f}% test top-1\n\n"
                        + table + "\n\n" + protocol_markdown(card) + "\n").encode())
     status.say(f"\nStudents ({rc.student}, {rc.epochs} epochs) on {config.dataset}, "
-          f"teacher {meta['test_accuracy']:.2f}%:\n{table}")
+               f"teacher {meta['test_accuracy']:.2f}%:\n{table}")
   return results

@@ -1,7 +1,5 @@
 """Squeeze: train a BatchNorm teacher on the real data (or import torchvision weights), evaluate
-it on the test split and save it in the workdir (dwa_jax/teacher_store.py), which later stages
-read.
-"""
+it on the test split and save it in the workdir (teacher_store.py) for the later stages."""
 
 import os
 
@@ -28,24 +26,6 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def train_teacher(cfg: ml_collections.ConfigDict, train: data.Dataset, test: data.Dataset,
-                  seed: int, log: metrics_log.MetricsLog, layout: data_parallel.Layout,
-                  pipeline: input_pipeline.PipelineConfig, checkpoints=None):
-  """The official teacher recipe: SGD + per-epoch cosine, crop+flip, CE, data-parallel over
-  `layout`; returns (model, variables, the accuracy function)."""
-  model = build_model(cfg.model, train.num_classes)
-  trainer = train_loop.Trainer(model, cfg, prepare=teacher_input(cfg.augment, train.mean, train.std),
-                               loss=cross_entropy, mean=train.mean, std=train.std, layout=layout,
-                               pipeline=pipeline)
-  state, _ = trainer.train(
-      train.images, train.labels, test, seed=seed, aux=None,
-      evaluate_after=train_loop.eval_epochs(cfg.epochs, cfg.eval_every), log=log,
-      log_name="squeeze", desc="squeeze: teacher", checkpoints=checkpoints)
-  if jax.process_index() == 0:
-    log.write("squeeze/compilations", 0, **trainer.compilations())
-  return model, state.variables, trainer.accuracy
-
-
 def checkpoint_fingerprint(config: ml_collections.ConfigDict) -> dict:
   """What determines a teacher run (a resumed run must match it); the processes because each
   saves its own input-pipeline position."""
@@ -67,41 +47,52 @@ def import_teacher(cfg: ml_collections.ConfigDict, num_classes: int, image_shape
 
 
 def run(config: ml_collections.ConfigDict, workdir, devices=None) -> dict:
-  """Trains (or imports) the teacher on every device of every process (or `devices`),
-  evaluates it on the test split and saves it. A killed training resumes from
-  `<workdir>/squeeze/checkpoints` (every `teacher.save_every_epochs` epochs)."""
+  """Trains (the official recipe: SGD + per-epoch cosine, crop+flip, CE) or imports the teacher
+  on every device of every process (or `devices`), evaluates it on the test split and saves it;
+  a killed training resumes from `<workdir>/squeeze/checkpoints`."""
+  cfg = config.teacher
   train = data.load_dataset(config.dataset, "train", config.data_dir)
   test = data.load_dataset(config.dataset, "test", config.data_dir)
   log = metrics_log.MetricsLog(files.as_path(workdir) / "metrics.jsonl")
   pipeline = input_pipeline.PipelineConfig.from_config(config)
   layout = data_parallel.Layout.from_config(config, devices)
   image_shape = train.images.shape[1:]
+  lead = jax.process_index() == 0
   checkpoints = None
-  if config.teacher.checkpoint:
-    model, variables = import_teacher(config.teacher, train.num_classes, image_shape)
+  if cfg.checkpoint:
+    model, variables = import_teacher(cfg, train.num_classes, image_shape)
     accuracy = train_lib.make_accuracy_fn(model, train.mean, train.std, layout, pipeline=pipeline)
-    source = f"imported from {config.teacher.checkpoint}"
+    source = f"imported from {cfg.checkpoint}"
   else:
-    if config.teacher.save_every_epochs:
+    if cfg.save_every_epochs:
       checkpoints = train_loop.TrainCheckpoints(store.Store(
           files.as_path(workdir) / "squeeze" / "checkpoints", checkpoint_fingerprint(config),
-          "teacher training"), config.teacher.save_every_epochs)
-    model, variables, accuracy = train_teacher(config.teacher, train, test, config.seed, log,
-                                               layout, pipeline, checkpoints)
-    source = f"trained for {config.teacher.epochs} epochs"
+          "teacher training"), cfg.save_every_epochs)
+    trainer = train_loop.Trainer(
+        build_model(cfg.model, train.num_classes), cfg, loss=cross_entropy,
+        prepare=teacher_input(cfg.augment, train.mean, train.std), mean=train.mean,
+        std=train.std, layout=layout, pipeline=pipeline)
+    state, _ = trainer.train(
+        train.images, train.labels, test, seed=config.seed, aux=None,
+        evaluate_after=train_loop.eval_epochs(cfg.epochs, cfg.eval_every), log=log,
+        log_name="squeeze", desc="squeeze: teacher", checkpoints=checkpoints)
+    if lead:
+      log.write("squeeze/compilations", 0, **trainer.compilations())
+    model, variables, accuracy = trainer.model, state.variables, trainer.accuracy
+    source = f"trained for {cfg.epochs} epochs"
   acc = accuracy(variables, test.images, test.labels)
-  meta = {"model": config.teacher.model, "num_classes": train.num_classes,
+  meta = {"model": cfg.model, "num_classes": train.num_classes,
           "image_shape": list(image_shape), "mean": list(train.mean), "std": list(train.std),
           "dataset": config.dataset, "test_accuracy": acc, "source": source,
           "stage": {"devices": layout.num_devices, "processes": jax.process_count()}}
-  if config.teacher.checkpoint:
-    meta["checkpoint"] = checkpoint_identity(config.teacher.checkpoint)
+  if cfg.checkpoint:
+    meta["checkpoint"] = checkpoint_identity(cfg.checkpoint)
   teacher_store.save_teacher(workdir, variables, meta)
   if checkpoints is not None:
     checkpoints.store.remove()
-  if jax.process_index() == 0:
-    log.write("squeeze", config.teacher.epochs, final_test_accuracy=acc)
-    status.say(f"squeeze: teacher {config.teacher.model} ({source}) test top-1 {acc:.2f}%")
+  if lead:
+    log.write("squeeze", cfg.epochs, final_test_accuracy=acc)
+    status.say(f"squeeze: teacher {cfg.model} ({source}) test top-1 {acc:.2f}%")
   return meta
 
 

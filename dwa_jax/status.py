@@ -1,7 +1,5 @@
-"""Status lines: one line for each thing a stage did (a teacher saved, a resume, a set written,
-a results table), on stdout through the `dwa_jax` logger, so that an
-application can silence or redirect them with the standard logging module. Progress bars are
-tqdm's; errors are the entry point's one `dwa_jax: error:` line on stderr."""
+"""Status lines: one line for each thing a stage did (a teacher saved, a set written, ...), on
+stdout through the `dwa_jax` logger, which an application can silence or redirect."""
 
 import logging
 import sys

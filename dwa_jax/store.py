@@ -1,11 +1,8 @@
-"""Resumable state, kept one way. A Store is a directory stamped with the settings that determine
-what it holds (`fingerprint.json`: a run with other settings starts it over) and an Orbax
-CheckpointManager of numbered steps, each holding the items 'state' (a pytree of arrays),
-'meta' (JSON) and, for a training, 'data' (grain's iterator position, one file per process).
-The squeeze and relabel trainings resume from one (train_loop.TrainCheckpoints), recover's
-in-flight group from another (progress.py); what a stage has finished (recover's batches, a
-student's result) lies beside the steps as files written atomically. Orbax writes a step as a
-temporary folder renamed once complete, so a kill leaves a whole step or none.
+"""Resumable state, kept one way: a directory stamped with the settings that determine what it
+holds (`fingerprint.json`: other settings start it over) and an Orbax CheckpointManager of
+numbered steps, each holding 'state' (arrays), 'meta' (JSON) and, for a training, 'data' (grain's
+iterator position, one file per process). Orbax renames a step's temporary folder once it is
+complete, so a kill leaves a whole step or none. What a stage has finished lies beside the steps.
 """
 
 import grain
@@ -18,11 +15,10 @@ STATE, META, DATA = "state", "meta", "data"
 
 
 def claim(directory, fingerprint: dict, what: str, hint: str) -> None:
-  """The fingerprint-or-restart rule. Process 0 compares `directory/fingerprint.json`, the
-  settings the saved state was computed with, with `fingerprint`; when they differ it says so
-  and deletes the directory; then it creates and stamps it. After a barrier, every other
-  process checks that it computes with the same settings. `what` names the directory in
-  messages; `hint` ends error messages."""
+  """The fingerprint-or-restart rule: process 0 deletes `directory` when its fingerprint.json
+  differs from `fingerprint` (saying so), then creates and stamps it; after a barrier, every
+  other process checks that it has the same settings. `what` names the directory in messages;
+  `hint` ends error messages."""
   stamp = directory / "fingerprint.json"
   fingerprint = files.as_json(fingerprint)
   if jax.process_index() == 0:

@@ -1,8 +1,6 @@
 """Small things to run the code on without real data or long runs: the tests' tiny config, and
-tfds data sets built locally, no download (the same directory layout, features and file format
-as tfds's `imagenet2012` or `cifar10`, filled with random images), which the tests and
-benchmarks/imagenet_scale.py read through the real loading code (`tfds.builder`,
-`as_data_source`).
+tfds data sets built locally, no download (tfds's `imagenet2012` or `cifar10` layout, features
+and file format, filled with random images), read through the real loading code.
 
     python -m dwa_jax.testing --data_dir=DIR --name=imagenet2012 --per_class=4
 """
@@ -29,18 +27,14 @@ def tiny_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
-  # Smooth random images (upsampled noise) so JPEG sizes are like photographs', not like noise.
-  small = rng.integers(0, 256, (max(height // 16, 2), max(width // 16, 2), 3), dtype=np.uint8)
-  image = Image.fromarray(small).resize((width, height), Image.BILINEAR)
+def _encoded(rng: np.random.Generator, height: int, width: int, jpeg: bool) -> bytes:
+  """A random PNG, or a smooth random JPEG (upsampled noise: its size is like a photograph's)."""
   buf = io.BytesIO()
-  image.save(buf, format="JPEG", quality=90)
-  return buf.getvalue()
-
-
-def _png(rng: np.random.Generator, height: int, width: int) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, format="PNG")
+  if jpeg:
+    small = rng.integers(0, 256, (max(height // 16, 2), max(width // 16, 2), 3), dtype=np.uint8)
+    Image.fromarray(small).resize((width, height), Image.BILINEAR).save(buf, "JPEG", quality=90)
+  else:
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
   return buf.getvalue()
 
 
@@ -58,18 +52,6 @@ def build(data_dir, name: str = "imagenet2012", num_classes: int | None = None,
   size = image_size or (256 if imagenet else 32)
   version = tfds.builder_cls(name).VERSION
   eval_split = "validation" if imagenet else "test"
-
-  def examples(split: str, count: int):
-    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-    for k in range(count * num_classes):
-      label = k % num_classes
-      if imagenet:  # photographs vary in size and aspect ratio
-        h, w = (int(size * f) for f in rng.uniform(0.9, 1.4, 2)) if vary_size else (size, size)
-        image = _jpeg(rng, h, w)
-      else:
-        image = _png(rng, size, size)
-      yield f"{split}_{k:08d}", {"image": image, "label": label,
-                                  ("file_name" if imagenet else "id"): f"{split}_{k:08d}"}
 
   with tfds.core.registered.skip_registration():
 
@@ -89,7 +71,14 @@ def build(data_dir, name: str = "imagenet2012", num_classes: int | None = None,
                 eval_split: self._generate_examples(eval_split, test_per_class)}
 
       def _generate_examples(self, split, count):
-        yield from examples(split, count)
+        rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+        for k in range(count * num_classes):
+          h, w = size, size
+          if imagenet and vary_size:  # photographs vary in size and aspect ratio
+            h, w = (int(size * f) for f in rng.uniform(0.9, 1.4, 2))
+          yield f"{split}_{k:08d}", {"image": _encoded(rng, h, w, jpeg=imagenet),
+                                      "label": k % num_classes,
+                                      ("file_name" if imagenet else "id"): f"{split}_{k:08d}"}
 
     Fake.name = name
     builder = Fake(data_dir=os.fspath(data_dir), file_format=file_format)

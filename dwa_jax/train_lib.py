@@ -18,24 +18,16 @@ def epoch_schedule(base_lr: float, epochs: int, steps_per_epoch: int,
   return schedule
 
 
-def _decay_mask(params, decay_bn_and_bias: bool):
-  """True where weight decay applies; the ImageNet recipe exempts BN parameters and biases."""
-  if decay_bn_and_bias:
-    return jax.tree.map(lambda _: True, params)
-  return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
 @functools.lru_cache(maxsize=None)
 def make_optimizer(name: str, weight_decay: float, momentum: float = 0.9,
                    decay_bn_and_bias: bool = True) -> optax.GradientTransformation:
   """torch-equivalent SGD (coupled L2, heavy-ball momentum) or AdamW (decoupled, lr-scaled).
 
-  The learning rate is a hyper-parameter in the optimizer state (`optax.inject_hyperparams`),
-  set by the training step from the host's schedule, so the compiled step does not depend on
-  the schedule (epochs, set size). Cached: one transformation object per recipe, which keeps
-  the train state's structure, and so the compiled step, the same for every seed and set.
-  """
-  mask = lambda p: _decay_mask(p, decay_bn_and_bias)
+  The learning rate lives in the optimizer state (`optax.inject_hyperparams`), set by each step
+  from the host's schedule, so the compiled step does not depend on the schedule. Cached: one
+  transformation per recipe keeps the compiled step the same for every seed and set."""
+  # True where weight decay applies; the ImageNet recipe exempts BN parameters and biases.
+  mask = lambda params: jax.tree.map(lambda p: bool(decay_bn_and_bias) or p.ndim > 1, params)
   if name == "sgd":
     def sgd(learning_rate):
       return optax.chain(optax.masked(optax.add_decayed_weights(weight_decay), mask),

@@ -1,11 +1,7 @@
-"""The one training loop of squeeze (teacher, cross-entropy on labels) and relabel (students,
-KD on online teacher logits): a `TrainState`, a pure `train_step`, a `Trainer` that compiles it
-once for a mesh of every device (data_parallel.py), and `fit`, which runs epochs of
-input-pipeline batches, evaluates after the chosen epochs, logs, and saves and resumes
-checkpoints (TrainCheckpoints, in a store.Store).
-
-What differs between the two stages is `prepare`: how a batch of images and labels becomes the
-model's input and the loss's target (augmentation, mixing, the teacher's logits), and `loss`.
+"""The one training loop of squeeze (teacher) and relabel (students): a pure `train_step`, a
+`Trainer` that compiles it once for a mesh of every device, and `fit`, which runs the epochs,
+evaluates, logs, and saves and resumes checkpoints. The two stages differ only in `prepare` (a
+batch of images and labels -> the model's input and the loss's target) and `loss`.
 """
 
 import functools
@@ -22,9 +18,8 @@ from dwa_jax import data_parallel, files, input_pipeline, metrics_log, store, tr
 
 
 class TrainCheckpoints:
-  """Resume of one training run (a teacher, a student): every `every` epochs the train state
-  (parameters, BatchNorm statistics, optimizer state, step), the PRNG key, the input pipeline's
-  position and the evaluations so far, as the one step of `store`. Restoring it and going on
+  """Resume of one training run: every `every` epochs the train state, the PRNG key, the input
+  pipeline's position and the evaluations so far, as the one step of `store`. Going on from it
   gives the same bits as a run that was never stopped (on the same devices)."""
 
   def __init__(self, store_: store.Store, every: int):
@@ -35,7 +30,6 @@ class TrainCheckpoints:
     return bool(self.every) and epoch % self.every == 0 and epoch < epochs
 
   def save(self, epoch: int, state, key, batches, history: list) -> None:
-    # The key as its raw uint32 data, beside the state.
     self.store.save(epoch, {"train_state": state, "key": jax.random.key_data(key)},
                     {"history": history}, data=batches)
 
@@ -46,8 +40,7 @@ class TrainCheckpoints:
     if epoch is None:
       return None
     template = {"train_state": state, "key": jax.random.key_data(jax.random.key(0))}
-    # A step that cannot be read was damaged after it was written: reported, never deleted
-    # here (it may hold hours of training).
+    # A step that cannot be read is reported, never deleted (it may hold hours of training).
     with files.reading(self.store.steps / str(epoch), "resume checkpoint", self.store.hint):
       restored, meta = self.store.restore(epoch, template, batches)
       history = [tuple(h) for h in meta["history"]]
@@ -65,14 +58,12 @@ class TrainState(train_state.TrainState):
 
   @property
   def evaluated_variables(self) -> dict:
-    """The variables that are evaluated."""
     return self.variables
 
 
 class EmaTrainState(TrainState):
-  """A TrainState with the exponential moving average of the parameters and BatchNorm
-  statistics (`ema`), which is what is evaluated. (A subclass, so that runs without an EMA have
-  a checkpoint without the field.)"""
+  """A TrainState with the exponential moving average of the variables (`ema`), which is what is
+  evaluated; a subclass, so that runs without an EMA have a checkpoint without the field."""
   ema: Any = None
 
   @property
@@ -90,12 +81,6 @@ def create_state(model, key, image_shape, tx: optax.GradientTransformation,
   return TrainState.create(**fields)
 
 
-def update_ema(ema, variables, decay: float):
-  """ema ← decay·ema + (1 − decay)·variables, over parameters and BatchNorm statistics alike
-  (timm's ModelEmaV2, which EDC uses, averages the buffers too)."""
-  return jax.tree.map(lambda e, v: decay * e + (1 - decay) * v, ema, variables)
-
-
 # prepare(key, images, labels, aux) -> (model input, loss target); loss(logits, target) -> scalar
 Prepare = Callable[[Any, Any, Any, Any], tuple[Any, Any]]
 Loss = Callable[[Any, Any], Any]
@@ -105,15 +90,14 @@ def train_step(state: TrainState, images, labels, key, aux, learning_rate=None, 
                prepare: Prepare, loss: Loss, groups: int = 1, group_sharding=None,
                ema_decay: float = 0.0) -> tuple[TrainState, Any]:
   """One optimizer step on one (global) batch; `aux` carries what `prepare` needs besides the
-  batch (the teacher's variables in relabel), `learning_rate` this step's rate (None: the one
-  in the optimizer state). Students with dropout or stochastic depth draw it from
-  fold_in(key, 1), which leaves `prepare`'s stream as it was.
+  batch (the teachers' variables in relabel), `learning_rate` this step's rate (None: the one
+  in the optimizer state). Dropout and stochastic depth draw from fold_in(key, 1), which leaves
+  `prepare`'s stream as it was.
 
   With `groups` > 1 the batch is cut into that many equal groups (one per device, placed by
   `group_sharding`), each prepared with its own key and normalised with its own BatchNorm
-  statistics, as DistributedDataParallel replicas are; the loss is the mean over groups and the
-  running statistics their mean.
-  """
+  statistics, as DistributedDataParallel replicas are; the loss and the running statistics are
+  the means over groups."""
   if learning_rate is not None:
     state = state.replace(opt_state=train_lib.with_learning_rate(state.opt_state, learning_rate))
 
@@ -141,19 +125,17 @@ def train_step(state: TrainState, images, labels, key, aux, learning_rate=None, 
   (value, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if isinstance(state, EmaTrainState):
-    state = state.replace(ema=update_ema(state.ema, state.variables, ema_decay))
+    # Over parameters and BN statistics alike, as timm's ModelEmaV2 (which EDC uses).
+    state = state.replace(ema=jax.tree.map(lambda e, v: ema_decay * e + (1 - ema_decay) * v,
+                                           state.ema, state.variables))
   return state, value
 
 
 class Trainer:
-  """Trains models of one architecture by one recipe on a mesh (`layout`): the optimizer, the
-  jitted step and the evaluation are built once and reused for every seed and every image set,
-  so each compiles once per input shape and dtype.
-
-  `recipe` is a config section with epochs, batch_size, optimizer, lr, momentum, weight_decay,
-  warmup_epochs and optionally decay_bn_and_bias; `prepare` and `loss` say what a batch trains
-  (see the module docstring).
-  """
+  """Trains models of one architecture by one recipe (a config section: epochs, batch_size,
+  optimizer, lr, momentum, weight_decay, warmup_epochs, optionally decay_bn_and_bias, lr_floor,
+  ema_decay) on a mesh (`layout`), compiling once per input shape and dtype for every seed and
+  image set."""
 
   def __init__(self, model, recipe, *, prepare: Prepare, loss: Loss, mean, std,
                layout: data_parallel.Layout, pipeline: input_pipeline.PipelineConfig):
@@ -241,12 +223,10 @@ def fit(trainer: Trainer, state: TrainState, batches, *, key, aux, epochs: int,
         checkpoints: TrainCheckpoints | None = None,
         leave_bar: bool = True) -> tuple[TrainState, list]:
   """`epochs` epochs of `steps_per_epoch` steps over the `batches` iterator; step (epoch, i)
-  uses fold_in(key, epoch · 100003 + i) and the rate learning_rate(epoch · steps_per_epoch)
-  (the schedule steps per epoch). After each epoch in `evaluate_after` (1-based)
-  `evaluate(variables)` gives a test top-1; every epoch's mean loss is logged (by process 0)
-  with the epoch's images/s and learning rate. With `checkpoints`, a saved run resumes after
-  its last saved epoch, and the run is saved every N epochs. Returns the final state and
-  [(epoch, top-1), ...]."""
+  uses fold_in(key, epoch · 100003 + i) and the rate learning_rate(epoch · steps_per_epoch).
+  After each epoch in `evaluate_after` (1-based) `evaluate(variables)` gives a test top-1;
+  process 0 logs every epoch's mean loss, images/s and learning rate. With `checkpoints`, a
+  saved run resumes after its last saved epoch. Returns the final state and [(epoch, top-1)]."""
   history, start = [], 0
   if checkpoints is not None:
     restored = checkpoints.restore(state, batches)
@@ -274,8 +254,7 @@ def fit(trainer: Trainer, state: TrainState, batches, *, key, aux, epochs: int,
     if epoch + 1 in evaluate_after:
       values["test_accuracy"] = evaluate(state.evaluated_variables)
       history.append((epoch + 1, values["test_accuracy"]))
-    # Three significant digits: a distillation loss (KL at a high temperature, without the T²
-    # factor) is around 1e-4, which a fixed three decimals would show as 0.000.
+    # Three significant digits: a KL at a high temperature without T² is around 1e-4.
     bar.set_postfix(loss=f"{values['train_loss']:.3g}",
                     **({"test_acc": f"{history[-1][1]:.2f}"} if history else {}))
     if lead:

@@ -1,26 +1,12 @@
-"""XLA:CPU options that make this package's programs faster, set before JAX's backend starts.
-
-XLA:CPU hands convolutions and reductions to its YNNPACK library by default. On the project's
-CPUs YNNPACK's convolutions are up to 1.8x slower than XLA's own (Eigen) ones for 64-channel
-layers, while its reductions (the BN statistics) are much faster than XLA's. Restricting YNNPACK
-to reductions makes a ResNet-18 synthesis iteration ~19 % faster, a DWA ascent pass ~25 % and
-a training step 23-32 % (benchmarks/README.md). The flag changes float32 results only in the
-last bits (another summation order), never the maths. Its cost: float64 convolutions (only the
-parity check uses them) run ~6x slower, and on one CPU with 4 or 8 forced host devices the
-images differ in the last bits from a 1-device run (each device count stays deterministic);
-with stock options they are the same bytes. Set DWA_JAX_XLA_DEFAULTS=0 for float64 work or for
-that guarantee (the test suite does).
-
-Applied on `import dwa_jax` only where JAX will run on the CPU, and not when
-  * JAX is going to use an accelerator: JAX_PLATFORMS names another platform first, or a GPU or
-    TPU is present (an NVIDIA or AMD GPU device node, a TPU device node or TPU environment
-    variables): XLA_FLAGS is then left exactly as the user set it;
-  * DWA_JAX_XLA_DEFAULTS=0 is set, or XLA_FLAGS already chooses the YNNPACK fusion types;
-  * the installed jaxlib is not a release this was measured on (an unknown flag would abort
-    the process at backend start).
-XLA reads XLA_FLAGS when JAX's backend starts (the first computation or device query): import
-dwa_jax before that, or the option has no effect in this process (its child processes still
-get it).
+"""XLA:CPU options that make this package's programs faster, set before JAX's backend starts:
+YNNPACK for reductions only, XLA's own (Eigen) convolutions (benchmarks/README.md measures them;
+float32 results change in the last bits only). Applied on `import dwa_jax` only where JAX will
+run on the CPU (with a GPU or TPU present or named first by JAX_PLATFORMS, XLA_FLAGS is left
+exactly as set), and not with DWA_JAX_XLA_DEFAULTS=0 (for float64 work, or for forced
+multi-device CPU runs that match a 1-device run bit for bit), nor when XLA_FLAGS already chooses
+the YNNPACK fusion types, nor on a jaxlib release this was not measured on (an unknown flag would
+abort the process at backend start). XLA reads XLA_FLAGS when JAX's backend starts: import
+dwa_jax before that, or only this process's child processes get the option.
 """
 
 import glob
