@@ -1,17 +1,10 @@
 """The teacher's arithmetic: how accelerators read float32 weights, and how much of DWA's Δθ
-survives it.
+survives it (docs/scale-out.md, "Δθ and the arithmetic").
 
-Δθ has global norm ρ = 0.015 over a ResNet-18's 11.7 M weights: ~4e-6 a weight, below the
-rounding step of the weights themselves in bfloat16 (7 mantissa bits: the TPU's one-pass default
-for float32 convolutions, and recover.precision='bfloat16') and TF32 (10 bits: Ampere and later
-GPUs' default for float32 convolutions). A layer run on θ + Δθ then sees
-round(θ + Δθ) − round(θ), mostly rounding noise, instead of Δθ. The split by linearity,
-layer(x; θ) + layer(x; Δθ) (synthesis.forward_with_bn_stats, delta_form='split'), rounds each
-tensor relative to its own size, so the layer sees round(Δθ) ≈ Δθ.
-
-`survival` measures this in weight space: the effective perturbation the layers see against the
-intended Δθ, as a norm ratio and a cosine (1 and 1 when nothing is lost). The recover stage
-records it per batch (recover.json `batches[].delta_cosine`, `delta_norm_ratio`; TensorBoard).
+Δθ is below the rounding step of the weights in bfloat16 and TF32, so a layer run on θ + Δθ
+sees round(θ + Δθ) − round(θ); the split by linearity, layer(x; θ) + layer(x; Δθ)
+(synthesis.forward_with_bn_stats, delta_form='split'), sees round(Δθ) ≈ Δθ. `survival`
+measures this in weight space, as recorded per batch in recover.json.
 """
 
 import jax
@@ -28,10 +21,15 @@ def is_kernel_module(subtree) -> bool:
 
 def map_modules(fn, params):
   """`fn(module_params, is_kernel_module)` over every module's parameter dict."""
-  if is_kernel_module(params) or not isinstance(params, dict) or not params or not all(
+  if not isinstance(params, dict) or not params or not all(
       isinstance(v, dict) for v in params.values()):
     return fn(params, is_kernel_module(params))
   return {k: map_modules(fn, v) for k, v in params.items()}
+
+
+def kernel_mask(params):
+  """`params` with each leaf replaced by whether it belongs to a Conv or Dense layer."""
+  return map_modules(lambda m, is_kernel: jax.tree.map(lambda _: is_kernel, m), params)
 
 
 def round_mantissa(a, bits: int):
@@ -66,7 +64,6 @@ def effective_delta(params, delta, bits: int | None, delta_form: str,
   weights alone) read with `bits` mantissa bits: round(θ + Δθ) − round(θ) ('direct') or
   round(Δθ) ('split'); everything else (BatchNorm's scale and bias) takes θ + Δθ in float32."""
   rnd = (lambda a: a) if bits is EXACT else (lambda a: round_mantissa(a, bits))
-  kernel = map_modules(lambda m, is_kernel: jax.tree.map(lambda _: is_kernel, m), params)
 
   def one(p, d, is_kernel):
     p, d = p.astype(jnp.float32), d.astype(jnp.float32)
@@ -74,7 +71,7 @@ def effective_delta(params, delta, bits: int | None, delta_form: str,
       return (p + d) - p
     return rnd(d) if delta_form == "split" else rnd(p + d) - rnd(p)
 
-  return jax.tree.map(one, params, delta, kernel)
+  return jax.tree.map(one, params, delta, kernel_mask(params))
 
 
 def survival(params, delta, bits: int | None, delta_form: str,

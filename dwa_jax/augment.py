@@ -50,13 +50,10 @@ def sample_crop_box(key, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 
 
 
 def _resize_axis(x, start, length, out_size: int, axis: int):
-  """Bilinear resize of x[start:start+length] along `axis` to out_size, half-pixel centres.
-
-  torch's `interpolate(mode='bilinear', align_corners=False)`: src = (dst + ½)·length/out − ½,
-  clamped at 0, blended between floor(src) and the next pixel (the last one repeats). Only
-  pixels inside the window are read. For upsampling (length ≤ out_size, the only case the
-  synthesis and training augmentations produce) torchvision's antialiased resize is this same
-  filter; for downsampling antialiasing would average a wider window.
+  """Bilinear resize of x[start:start+length] along `axis` to out_size, half-pixel centres, as
+  torch's `interpolate(mode='bilinear', align_corners=False)`; only pixels inside the window are
+  read. For upsampling (length ≤ out_size, all the augmentations here produce) it is also
+  torchvision's antialiased resize; downsampling would need a wider, antialiasing window.
   """
   dtype = x.dtype
   scale = jnp.asarray(length, dtype) / out_size

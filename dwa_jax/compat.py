@@ -1,25 +1,10 @@
 """Compatibility with the authors' pipeline: one switch, and each of their quirks alone.
 
 `--config.compat=official` turns on every behaviour of the authors' scripts that differs from
-our clean defaults (../shared/SPEC.md, "Quirks of the official code"); `clean` (the default)
-turns them off. Each item is also a config field of its own; left unset (None), it follows
-`compat`, and a value given on the command line wins:
-
-  compat_cifar10_std          CIFAR-10 only: synthesis and validation normalise with the std
-                              (0.2023, 0.1994, 0.2010) of the authors' scripts, while their
-                              teacher was trained with the true std (0.2470, 0.2435, 0.2616).
-  recover.compat_q1           Q1: the K ascent passes' ∂CE/∂x leak into the first Adam step.
-  recover.compat_q2           Q2 (class-chunked runs, ImageNet): Δθ accumulates over the chunks
-                              of an ipc index and the previous chunk's weight gradients leak
-                              into the next chunk's first ascent step.
-  recover.compat_jpeg         outputs as the authors save them: pixels truncated to uint8 and
-                              saved as JPEG quality 75; students train on the decoded JPEGs.
-  relabel.teacher_train_mode  CIFAR scripts only: the relabel teacher labels in train mode (BN on
-                              batch statistics). Their Tiny-ImageNet/ImageNet scripts use eval
-                              mode, so `official` leaves it off there.
-  relabel.compat_eval_epochs  evaluate after epochs 1, 1 + eval_every, ... and the last (the
-                              authors' `epoch % 10 == 0` on 0-based epochs) instead of after
-                              epochs eval_every, 2·eval_every, ...; the best is reported either way.
+our clean defaults (../shared/SPEC.md, "Quirks of the official code"; the list:
+docs/compatibility.md); `clean` (the default) turns them off. Each item is also a config field
+of its own (SWITCHES); left unset (None), it follows `compat`, and a value given on the command
+line wins.
 """
 
 import io
@@ -41,11 +26,19 @@ SWITCHES = ((None, "compat_cifar10_std"), ("recover", "compat_q1"), ("recover", 
             ("relabel", "compat_eval_epochs"))
 
 
+def _node(config, section):
+  return config if section is None else config[section]
+
+
+def _dotted(section, name: str) -> str:
+  return name if section is None else f"{section}.{name}"
+
+
 def add_fields(c: ml_collections.ConfigDict) -> None:
   """Adds `compat` and the per-quirk switches (unset: follow `compat`) to a base config."""
   c.compat = "clean"
   for section, name in SWITCHES:
-    (c if section is None else c[section])[name] = placeholder(bool)
+    _node(c, section)[name] = placeholder(bool)
 
 
 def dataset_family(dataset: str) -> str:
@@ -68,10 +61,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"compat must be one of {MODES}, got {config.compat!r}")
   out = config.copy_and_resolve_references()
   with out.unlocked():
-    if "compat" not in out:
-      out.compat = "clean"
     for section, name in SWITCHES:
-      node = out if section is None else out[section]
+      node = _node(out, section)
       if node.get(name) is None:
         node[name] = out.compat == "official" and official_value(section, name, out.dataset)
   return out
@@ -80,8 +71,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def check_resolved(config: ml_collections.ConfigDict) -> None:
   """Raises TypeError for a config whose switches are unset: the stages take the config
   presets.resolve made, never resolve one themselves."""
-  unset = [name if section is None else f"{section}.{name}" for section, name in SWITCHES
-           if (config if section is None else config[section]).get(name) is None]
+  unset = [_dotted(section, name) for section, name in SWITCHES
+           if _node(config, section).get(name) is None]
   if unset:
     raise TypeError(f"config not resolved ({', '.join(unset)} unset): pass it through "
                     "dwa_jax.presets.resolve first")
@@ -90,11 +81,8 @@ def check_resolved(config: ml_collections.ConfigDict) -> None:
 def settings(config: ml_collections.ConfigDict) -> dict:
   """The resolved switches, for results and manifests: {'compat': ..., 'recover.compat_q1': ...}."""
   check_resolved(config)
-  out = {"compat": config.compat}
-  for section, name in SWITCHES:
-    out[name if section is None else f"{section}.{name}"] = bool(
-        (config if section is None else config[section])[name])
-  return out
+  return {"compat": config.compat, **{_dotted(section, name): bool(_node(config, section)[name])
+                                     for section, name in SWITCHES}}
 
 
 def pixel_normalisation(config: ml_collections.ConfigDict, teacher_meta: dict):

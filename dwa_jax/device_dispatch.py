@@ -1,19 +1,11 @@
 """Device dispatch of recover: a group of synthetic batches runs as ONE program over the local
-devices, `batches_per_device` batches on each.
+devices, `batches_per_device` batches on each (docs/scale-out.md).
 
 The pure per-batch maths (synthesis.start_batch, synthesis.run_iterations) is `vmap`ped over a
-leading batch axis, and that axis is sharded over a one-axis mesh of the local devices
-(`jax.jit` with NamedShardings): each device runs P = batches_per_device independent batches,
-each with its own Δθ, jitter offsets and crops, and nothing is reduced across batches or
-devices. The program is compiled once per host whatever the number of devices (the device
-assignment is the mesh's, not one device's), and once per distinct block length.
-
-Iterations and DWA's K ascent passes run as `lax.scan` on GPU and TPU (scratch memory of one
-pass, whatever the count); on the CPU unrolled (iterations in blocks of ITERATION_BLOCK),
-because XLA:CPU runs convolutions inside loops several times slower.
-
-A group with fewer batches than devices × P (the last one) is padded with copies of its last
-batch, whose results are dropped, so every group runs the same program.
+leading batch axis sharded over a one-axis mesh of the local devices; nothing is reduced across
+batches. The device assignment is the mesh's, so it compiles once per host whatever the device
+count. On the CPU iterations run unrolled, in blocks of ITERATION_BLOCK. A short last group is
+padded with copies of its last batch, whose results are dropped.
 """
 
 import dataclasses
@@ -72,11 +64,8 @@ def _key_data(key):
 
 def _pad(tree, size: int):
   """Repeats the last entry of every leaf up to `size` entries."""
-  def pad(a):
-    if a.shape[0] == size:
-      return a
-    return np.concatenate([a, np.repeat(a[-1:], size - a.shape[0], axis=0)])
-  return jax.tree.map(pad, tree)
+  return jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], size - len(a), axis=0)]),
+                      tree)
 
 
 class GroupRunner:
@@ -134,18 +123,6 @@ class GroupRunner:
     return {key: float(cost[key]) for key in ("flops", "bytes accessed", "transcendentals")
             if key in cost}
 
-  def abstract_inputs(self, num_classes: int, image_shape, dtype=np.float32) -> dict:
-    """Shapes (jax.ShapeDtypeStruct, placed as `start` places them) of a group's inputs, for
-    compiling without data."""
-    iterations = self.cfg.iterations
-    spec = lambda shape, dt: jax.ShapeDtypeStruct((self.size, *shape), dt, sharding=self._stacked)
-    draws = [spec((iterations, 2), np.int32)]
-    if self.cfg.augment == "crop_flip_roll":
-      draws += [spec((iterations, 4), np.int32), spec((iterations,), np.bool_)]
-    return {"x": spec((num_classes, *image_shape), dtype),
-            "labels": spec((num_classes,), np.int32),
-            "key_data": spec((2,), np.uint32), "draws": AugmentDraws(*draws)}
-
   def compile_stats(self, num_classes: int, image_shape, num_steps: int | None = None,
                     dtype=np.float32) -> dict:
     """Compiles, on abstract inputs, the weight adjustment (`num_steps` None) or a block of
@@ -153,24 +130,25 @@ class GroupRunner:
     arguments, outputs) and the compile seconds. Nothing runs; the counts of compilations the
     run reports are left as they were."""
     traces = dict(self._traces)
-    a = self.abstract_inputs(num_classes, image_shape, dtype)
-    spec_like = lambda p: jax.ShapeDtypeStruct((self.size, *p.shape), p.dtype,
-                                               sharding=self._stacked)
-    chain = None
-    if self.cfg.chained:
-      chain = jax.tree.map(lambda p: spec_like(p), ChainCarry(self._variables["params"],
-                                                              self._variables["params"]))
+    # A group's inputs, as `start` places them: (x, labels, key data, draws).
+    spec = lambda shape, dt: jax.ShapeDtypeStruct((self.size, *shape), dt, sharding=self._stacked)
+    t = self.cfg.iterations
+    draws = [spec((t, 2), np.int32)]
+    if self.cfg.augment == "crop_flip_roll":
+      draws += [spec((t, 4), np.int32), spec((t,), np.bool_)]
+    inputs = (spec((num_classes, *image_shape), dtype), spec((num_classes,), np.int32),
+              spec((2,), np.uint32), AugmentDraws(*draws))
+    params = self._variables["params"]
+    chain = (jax.tree.map(lambda p: spec(p.shape, p.dtype), ChainCarry(params, params))
+             if self.cfg.chained else None)
     started = time.perf_counter()
     if num_steps is None:
-      lowered = self._start.lower(self._variables, a["x"], a["labels"], a["key_data"],
-                                  a["draws"], chain)
+      lowered = self._start.lower(self._variables, *inputs, chain)
     else:
-      state, _ = jax.eval_shape(self._start, self._variables, a["x"], a["labels"],
-                                a["key_data"], a["draws"], chain)
-      state = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype,
+      state, _ = jax.eval_shape(self._start, self._variables, *inputs, chain)
+      state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                           sharding=self._stacked), state)
-      lowered = self._advance(num_steps).lower(self._variables, state, a["labels"],
-                                               a["key_data"], a["draws"])
+      lowered = self._advance(num_steps).lower(self._variables, state, *inputs[1:])
     compiled = lowered.compile()
     seconds = time.perf_counter() - started
     self._traces.update(traces)
@@ -194,12 +172,10 @@ class GroupRunner:
     # PRNG keys travel as their raw data (numpy cannot hold typed keys).
     key_data = [_key_data(k) for k in keys] if isinstance(keys, (list, tuple)) else _key_data(keys)
     inputs = tuple(self._put(a) for a in (labels, key_data, draws))
+    chain = None
     if self.cfg.chained:
-      chains = [empty_chain(self._variables["params"]) if c is None else c
-                for c in (chains or [None] * count)]
-      chain = self._put(chains)
-    else:
-      chain = None
+      chain = self._put([empty_chain(self._variables["params"]) if c is None else c
+                         for c in (chains or [None] * count)])
     state, metrics = self._start(self._variables, self._put(x), *inputs, chain)
     return Group(state, inputs, count), self._per_batch(metrics, count)
 

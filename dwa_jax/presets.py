@@ -29,18 +29,14 @@ def base_config() -> ml_collections.ConfigDict:
   p.threads = 4              # reader threads per process
   p.prefetch = 2             # batches read ahead (per worker)
 
-  # Squeeze and relabel are data-parallel over every device of every process
-  # (dwa_jax/data_parallel.py). BatchNorm statistics are per device, as torch DDP's; True: over
-  # the whole global batch (results then do not depend on the device count).
+  # Squeeze and relabel on every device (dwa_jax/data_parallel.py): BatchNorm statistics per
+  # device, as torch DDP's; True: over the whole global batch.
   c.sync_batch_norm = False
 
-  # Several processes (dwa_jax/multihost.py): they wait for each other through files in the
-  # workdir, each rewriting a heartbeat file every few seconds.
+  # Several processes (dwa_jax/multihost.py) wait for each other through files in the workdir.
   c.multihost = h = ml_collections.ConfigDict()
-  h.barrier_timeout_s = 86400.0  # longest wait at a barrier (e.g. for process 0 writing a
-                                 # stage's outputs: 30 GB of images at ImageNet ipc 50)
-  h.stale_after_s = 300.0    # a process whose heartbeat has not changed this long has died or
-                             # hangs: the processes waiting for it end with one line
+  h.barrier_timeout_s = 86400.0  # longest barrier wait (ImageNet ipc 50: process 0 writes 30 GB)
+  h.stale_after_s = 300.0    # a silent heartbeat this long: the process died or hangs
 
   # Squeeze: the teacher (official CIFAR recipe).
   c.teacher = t = ml_collections.ConfigDict()
@@ -75,27 +71,18 @@ def base_config() -> ml_collections.ConfigDict:
   r.init_crops = 5           # scored: random resized crops per candidate
   r.init_min_scale = 0.5     # scored: smallest crop area, as a fraction of the image (<= 1)
   r.init_quantile = 0.0      # scored: which crop by the teacher's CE, 0 easiest .. 1 hardest
-  r.committee = ()           # more teachers of the same architecture (squeeze workdirs): with
-                             # this workdir's, a committee whose mean CE + BN loss drives the
-                             # pixels, Δθ per teacher (vmapped; each iteration costs x members)
+  r.committee = ()           # more teachers of the same architecture (squeeze workdirs): the
+                             # committee's mean loss drives the pixels, Δθ per teacher
   r.classes_per_batch = 0    # 0: all classes in one batch (ImageNet: 100)
   r.scalars_every = 10       # TensorBoard: CE and BN loss of every N-th iteration (0: none)
-  r.checkpoint_every = 100   # iterations run between chances to save the in-flight pixels + Adam
-                             # state (0: none, a batch runs whole)
-  r.checkpoint_every_s = 300.0  # ...which is saved when this many seconds have passed since the
-                             # last save (0: at every chance); each save's cost is logged
-  r.batches_per_device = 1   # P: independent synthetic batches per device in one program (vmap);
-                             # a GPU/TPU runs P ipc indices at once (CPU: keep 1)
-  r.delta_form = "auto"      # how DWA's Δθ enters the teacher's Conv/Dense layers: direct
-                             # (θ + Δθ) | split (layer(x; θ) + layer(x; Δθ), which keeps Δθ where
-                             # the arithmetic rounds weights) | auto: direct on the CPU in float32,
-                             # split on TPU/GPU and with bfloat16 (dwa_jax/arithmetic.py)
-  r.emulate_tf32 = False     # the authors' A100 arithmetic on any backend: every teacher Conv/Dense
-                             # reads its input and weights as TF32 (10 mantissa bits)
-  r.precision = "float32"    # float32 | bfloat16 (convolutions/matmuls; BN statistics, losses,
-                             # pixels and Adam stay float32)
+  r.checkpoint_every = 100   # iterations between chances to save the in-flight state (0: none)
+  r.checkpoint_every_s = 300.0  # ...taken once this many seconds passed since the last save
+  r.batches_per_device = 1   # P: independent synthetic batches per device in one program (vmap)
+  r.delta_form = "auto"      # how Δθ enters Conv/Dense: direct (θ + Δθ) | split (layer(x; θ) +
+                             # layer(x; Δθ)) | auto: direct where float32 is exact (the CPU)
+  r.emulate_tf32 = False     # the authors' A100 arithmetic: convolutions read inputs as TF32
+  r.precision = "float32"    # float32 | bfloat16 (convolutions/matmuls only)
   r.wait_timeout_s = 86400.0  # multi-process: how long process 0 waits for the others' batches
-                             # (a dead process ends it after multihost.stale_after_s)
 
   # Relabel + validate: online-KD students (official CIFAR recipe).
   c.relabel = v = ml_collections.ConfigDict()
@@ -113,17 +100,12 @@ def base_config() -> ml_collections.ConfigDict:
   v.mix_alpha = 0.8
   v.temperature = 30.0
   v.t2_factor = False
-  # The evaluation protocol (written as a card into results.json / results.md); the defaults
-  # are the official CIFAR relabel's, the other values those of later papers (docs/evaluation.md).
-  v.labels = "teacher"       # teacher: online soft labels from the teacher(s) | hard: plain
-                             # cross-entropy on the set's own labels, no teacher
-  v.loss = "kl"              # kl: KL at `temperature` (t2_factor: x T²) | mse_ce: EDC's MSE on
-                             # the logits + ce_weight x cross-entropy on the set's labels
+  # The evaluation protocol (docs/evaluation.md); defaults: the official CIFAR relabel's.
+  v.labels = "teacher"       # teacher: online soft labels from the teacher(s) | hard: no teacher
+  v.loss = "kl"              # kl: KL at `temperature` | mse_ce: EDC's MSE on logits + γ·CE
   v.ce_weight = 0.025        # γ of loss=mse_ce (EDC)
-  v.teacher_ensemble = ()    # more teachers (squeeze workdirs): logits averaged with this
-                             # workdir's teacher (EDC uses several)
-  v.ema_decay = 0.0          # student EMA of weights and BN statistics (0: none); when > 0 the
-                             # EMA weights are evaluated
+  v.teacher_ensemble = ()    # more teachers (squeeze workdirs): logits averaged (EDC)
+  v.ema_decay = 0.0          # student EMA of weights and BN statistics, evaluated (0: none)
   v.lr_floor = 0.0           # cosine down to lr_floor x lr (0: to zero; RDED: 0.5)
   v.headline = "best"        # the reported number: best over the evaluations | final
   v.eval_every = 10
@@ -134,9 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
   v.caption = ""             # printed under the results table and written to results.md
 
   # The authors' quirks: `compat` ('clean' | 'official') and one switch per quirk, unset (None)
-  # switches following `compat` (dwa_jax/compat.py): compat_cifar10_std, recover.compat_q1,
-  # recover.compat_q2, recover.compat_jpeg, relabel.teacher_train_mode,
-  # relabel.compat_eval_epochs.
+  # switches following `compat` (dwa_jax/compat.py, compat.SWITCHES).
   compat.add_fields(c)
   return c
 
@@ -254,18 +234,6 @@ def _range_error(name: str, value) -> str | None:
   return None
 
 
-def _unknown_fields(c) -> list[str]:
-  """Fields the schema does not have (a mistyped name in a config file), with the nearest."""
-  schema = _schema()
-  errors = []
-  for name, _ in _leaves(c):
-    if name not in schema:
-      nearest = difflib.get_close_matches(name, list(schema), n=1)
-      errors.append(f"unknown config field {name}"
-                    + (f" (did you mean {nearest[0]}?)" if nearest else ""))
-  return errors
-
-
 def resolve(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config every stage takes, made once at the entry (main.run_stages): checked, then
   with every quirk switch set from `compat` (compat.resolve). Rejects a config that cannot run
@@ -276,8 +244,13 @@ def resolve(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"Invalid config: expected an ml_collections.ConfigDict (get_config() must "
                      f"return one, e.g. presets.base_config()), got {type(c).__name__}")
   schema = _schema()
-  errors = _unknown_fields(c)
   given = dict(_leaves(c))
+  errors = []
+  for name in given:
+    if name not in schema:  # a mistyped name in a config file: named, with the nearest
+      nearest = difflib.get_close_matches(name, list(schema), n=1)
+      errors.append(f"unknown config field {name}"
+                    + (f" (did you mean {nearest[0]}?)" if nearest else ""))
   missing = sorted(set(schema) - set(given))
   if missing:
     errors.append(f"missing config fields {', '.join(missing[:8])}"

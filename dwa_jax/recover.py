@@ -1,20 +1,10 @@
 """Recover: synthesise images against a frozen BatchNorm teacher (SRe2L, and DWA's directed Δθ).
 
 Each synthetic batch (one image per class, or a chunk of classes) starts from real images or
-noise and is optimised against the teacher as synthesis.py describes (SPEC.md); batches are
-keyed by (seed, ipc index, class chunk), so the output does not depend on how many processes
-share them, nor (bit for bit) on the device count once it is 2 or more; one device gives the
-same images within float32 rounding (device_dispatch.py).
-
-The processes deal the batches out round-robin (`owned_batches`); within a process, groups of
-`recover.batches_per_device` batches per local device run as one program (GroupRunner).
-Progress lives in <workdir>/progress/<method>/: every finished batch as an .npz, and the
-in-flight group's pixels and Adam state every `checkpoint_every_s` seconds, so a killed run
-resumes bit-identically.
-
-The stage lives here; its parts live in modules named after them: the pure maths in
-synthesis.py, device dispatch in device_dispatch.py, progress persistence in progress.py and
-output writing in synthetic_outputs.py.
+noise and is optimised as synthesis.py describes; batches are keyed by (seed, ipc index, class
+chunk) and dealt out round-robin to the processes (`owned_batches`). Progress, resume and
+device counts: docs/scale-out.md. The parts live in synthesis.py (maths), device_dispatch.py,
+progress.py and synthetic_outputs.py.
 """
 
 import dataclasses
@@ -35,18 +25,13 @@ from dwa_jax.synthetic_outputs import write_outputs
 
 def synthesis_config(rc, method: str, platform: str | None = None) -> SynthesisConfig:
   """ml_collections `config.recover` -> the engine's config for `method` (SRe2L: r_var = 1) on
-  `platform` (default: JAX's default backend): how Δθ enters the teacher (recover.delta_form;
-  'auto' is the exact 'direct' form where float32 runs exact, on the CPU, and the 'split' form
-  wherever the platform's arithmetic rounds the weights) and how the platform reads float32
-  weights. recover.emulate_tf32 rounds as the authors' A100s did, on top of the platform's
-  arithmetic (with the 'direct' form on the CPU, as their code adds Δθ to the weights)."""
+  `platform` (default: JAX's default backend). recover.delta_form='auto' is 'direct' where the
+  platform reads float32 weights exactly (the CPU) and 'split' wherever it rounds them."""
   if rc.compat_q1 is None or rc.compat_q2 is None:
     raise TypeError("recover config not resolved: pass the config through "
                     "dwa_jax.presets.resolve first")
-  platform = platform or jax.default_backend()
   compute_dtype = None if rc.precision == "float32" else rc.precision
-  emulate = bool(rc.emulate_tf32)
-  platform_bits = arithmetic.matmul_input_bits(platform, compute_dtype)
+  platform_bits = arithmetic.matmul_input_bits(platform or jax.default_backend(), compute_dtype)
   delta_form = rc.delta_form
   if delta_form == "auto":
     delta_form = "direct" if platform_bits is arithmetic.EXACT else "split"
@@ -59,15 +44,13 @@ def synthesis_config(rc, method: str, platform: str | None = None) -> SynthesisC
       compat_q1=bool(rc.compat_q1) and method == "dwa",
       compat_q2=bool(rc.compat_q2) and method == "dwa",
       compute_dtype=compute_dtype, delta_form=delta_form,
-      platform_bits=platform_bits, emulate_bits=arithmetic.TF32_BITS if emulate else None,
+      platform_bits=platform_bits, emulate_bits=arithmetic.TF32_BITS if rc.emulate_tf32 else None,
       committee=1 + len(rc.committee))
 
 
 def load_committee(workdir, rc, train):
-  """This workdir's teacher, stacked with those of recover.committee (squeeze workdirs) when
-  it names any: (model, variables, meta). A committee's meta names each member teacher
-  (`committee`: workdir, model, test accuracy); its members must share the architecture and
-  the input normalisation, since they all see the same pixels."""
+  """This workdir's teacher, stacked with those of recover.committee (squeeze workdirs, of one
+  architecture and normalisation): (model, variables, meta); meta['committee'] names each."""
   committee = tuple(rc.committee)
   models, variables, metas = teacher_store.load_teachers(
       workdir, committee, train, "recover.committee", "committee members see the same pixels")
@@ -138,14 +121,12 @@ def initial_rows(dataset, ipc: int, seed: int, kind: str,
 def initial_batch(dataset, rows, ipc_index: int, classes, seed: int, mean, std,
                   dtype=np.float32, scorer=None) -> np.ndarray:
   """(len(classes), H, W, C) normalised starting images of batch (ipc_index, classes) in
-  `dtype`, read when the batch starts so no stage holds the whole starting set.
+  `dtype`, read when the batch starts, so no stage holds the whole starting set.
 
-  Real (`rows` from `initial_rows`): those training images, read through the data set and
-  normalised as torchvision's ToTensor + Normalize do it: (u8 / 255 − mean) / std in `dtype`.
-  Scored (3-d `rows`, `scorer` from real_init.make_scorer): per class, the crop of its
-  candidates the rule of real_init picks. Noise (`rows` None, SRe2L): N(0, 1) in normalised
-  space, one draw per (ipc index, class) from jax.random.key(seed), so a batch's noise does not
-  depend on which others exist.
+  Real (`rows` from `initial_rows`): (u8 / 255 − mean) / std, as torchvision's ToTensor +
+  Normalize. Scored (3-d `rows`, `scorer` from real_init.make_scorer): per class, the crop
+  real_init picks. Noise (`rows` None): N(0, 1), one draw per (ipc index, class) from
+  jax.random.key(seed), so a batch's noise does not depend on which others exist.
   """
   classes = np.asarray(classes)
   if rows is not None and rows.ndim == 3:
@@ -205,17 +186,16 @@ def log_iterations(log: metrics_log.MetricsLog, method: str, group, num_chunks: 
   for (i, j), m in zip(group, metrics):
     t = np.arange(first, first + len(m["ce"]))
     keep = t % every == 0
-    weights = np.asarray(bn_layer_weights(m["bn_terms"].shape[-1], cfg.first_bn_weight))
     steps = (i * num_chunks + j) * cfg.iterations + t[keep]
     log.series(f"recover/{method}/iteration", "ce", steps, np.asarray(m["ce"])[keep])
     log.series(f"recover/{method}/iteration", "bn_loss", steps,
-               (np.asarray(m["bn_terms"], np.float64) @ weights)[keep])
+               _bn_loss(m["bn_terms"], cfg.first_bn_weight)[keep])
 
 
-def _summary(metrics, first_bn_weight: float) -> dict:
-  bn = np.asarray(metrics["bn_terms"][-1], np.float64)
-  weights = np.asarray(bn_layer_weights(len(bn), first_bn_weight), np.float64)
-  return {"final_ce": float(metrics["ce"][-1]), "final_bn_loss": float(bn @ weights)}
+def _bn_loss(bn_terms, first_bn_weight: float):
+  """The weighted BN loss Σ_l w_l·term_l over the last axis of `bn_terms`, in float64."""
+  bn = np.asarray(bn_terms, np.float64)
+  return bn @ np.asarray(bn_layer_weights(bn.shape[-1], first_bn_weight), np.float64)
 
 
 def batch_draws(seed: int, ipc_index: int, chunk: int, cfg: SynthesisConfig, image_hw):
@@ -266,11 +246,9 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
   # A committee's first teacher (this workdir's) scores the real crops.
   scorer = (real_init.make_scorer(model, first_teacher(variables, cfg), mean, std, scored)
             if scored else None)
-  # Iterations run in chunks of checkpoint_every whatever the clock (the chunks decide the
-  # compiled programs, so a resumed run computes the same bytes); after a chunk the in-flight
-  # state is saved once checkpoint_every_s seconds have passed since the group's last save.
+  # Iterations run in chunks of checkpoint_every whatever the clock: the chunks decide the
+  # compiled programs, so a resumed run computes the same bytes.
   every = rc.checkpoint_every or cfg.iterations
-  every_s = rc.checkpoint_every_s
   chained = cfg.chained
   with tqdm.tqdm(total=len(todo) * cfg.iterations, desc=f"recover: {method}",
                   unit="batch-it", mininterval=1.0) as bar:
@@ -305,7 +283,7 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
               "lower recover.lr or check the teacher checkpoint.")
         log_iterations(log, method, batches, len(chunks), cfg, group.t - n, metrics,
                        rc.scalars_every)
-        if group.t < cfg.iterations and time.time() - saved_at >= every_s:
+        if group.t < cfg.iterations and time.time() - saved_at >= rc.checkpoint_every_s:
           save_started = time.time()
           saved_bytes = progress.save_inflight(group_id, group.state)
           saved_at = time.time()
@@ -316,11 +294,12 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
       if metrics is None:
         raise RuntimeError("in-flight checkpoint at the final iteration; delete progress and rerun")
       for k, (i, j) in enumerate(batches):
+        start, m = start_metrics[k], metrics[k]
+        deltas = ("delta_norm", "delta_norm_chunk", "delta_norm_ratio", "delta_cosine")
         summary = {"ipc_index": i, "chunk": j,
-                   **{name: float(start_metrics[k][name])
-                      for name in ("delta_norm", "delta_norm_chunk", "delta_norm_ratio",
-                                   "delta_cosine") if name in start_metrics[k]},
-                   **_summary(metrics[k], cfg.first_bn_weight)}
+                   **{name: float(start[name]) for name in deltas if name in start},
+                   "final_ce": float(m["ce"][-1]),
+                   "final_bn_loss": float(_bn_loss(m["bn_terms"][-1], cfg.first_bn_weight))}
         if chained:
           progress.save_carry(i, j, group.chain(k))
         progress.save_done(i, j, group.x(k), summary)
@@ -360,11 +339,10 @@ def run(config, workdir, method: str, devices=None) -> dict | None:
   wait_for_batches(progress, owners, config.recover.wait_timeout_s)
   out_dir = files.as_path(workdir) / "synthetic" / method
   stage = {"devices": len(devices) * n, "processes": n}
-  synthesis = dataclasses.asdict(cfg)
   # Written beside the set and swapped in when complete: a failure leaves the old set whole.
   with files.staged_dir(out_dir) as staging:
     summary = write_outputs(staging, progress, config, method, meta, train.num_classes, chunks,
-                            synthesis, compat_record(config, cfg, train.num_classes),
+                            dataclasses.asdict(cfg), compat_record(config, cfg, train.num_classes),
                             init_description(config.recover, method), stage)
   files.remove_tree(progress.root)  # everything is in the outputs now
   status.say(f"recover: {method} wrote {summary['num_images']} images to {out_dir}")

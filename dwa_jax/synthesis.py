@@ -12,6 +12,7 @@ Everything here is a pure function of (teacher variables, initial images, jitter
 gradients are taken w.r.t. the pixels only, so XLA never computes teacher weight gradients.
 """
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, NamedTuple, Sequence
@@ -46,30 +47,24 @@ class SynthesisConfig:
   adam_b1: float = 0.5
   adam_b2: float = 0.9
   adam_eps: float = 1e-8
-  # Reproduce the official code's quirk Q1: the K ascent passes' ∂CE/∂x leak into step 0.
+  # Quirk Q1 of the official code: the K ascent passes' ∂CE/∂x leak into step 0.
   compat_q1: bool = False
-  # Reproduce quirk Q2 (official ImageNet code): the class-chunks of one ipc index form a chain;
-  # Δθ accumulates along it and the previous chunk's weight gradients leak into the first
-  # ascent step (see `ChainCarry`). DWA only.
+  # Quirk Q2 (official ImageNet code, DWA only): Δθ accumulates along the class-chunks of an
+  # ipc index, and each chunk's weight gradients leak into the next one's ascent (`ChainCarry`).
   compat_q2: bool = False
-  # 'bfloat16': the teacher's convolutions and matmuls in bfloat16; BN statistics, losses,
-  # pixels, Δθ and Adam stay float32 (`forward_with_bn_stats`). None: the teacher's dtype.
+  # 'bfloat16': the teacher's convolutions and matmuls in bfloat16; None: the teacher's dtype.
   compute_dtype: str | None = None
-  # How Δθ enters the teacher's Conv/Dense layers (`forward_with_bn_stats`): 'direct' on
-  # θ + Δθ, exact in float32 on the CPU; 'split', layer(x; θ) + layer(x; Δθ), which keeps Δθ
-  # where the arithmetic rounds the weights (bfloat16, TPU and GPU defaults). The recover stage
-  # chooses by backend and precision (recover.delta_form = 'auto').
+  # How Δθ enters the teacher's Conv/Dense layers: 'direct' (θ + Δθ) or 'split'
+  # (layer(x; θ) + layer(x; Δθ)); see `forward_with_bn_stats`.
   delta_form: str = "direct"
-  # Mantissa bits with which the platform's convolutions and matmuls read float32 weights (7:
-  # bfloat16, TPU; 10: TF32, Ampere+ GPUs; None: exact, the CPU), for the Δθ-survival figure
-  # (arithmetic.survival); set by the recover stage.
+  # Mantissa bits with which the platform reads float32 weights (`arithmetic.matmul_input_bits`;
+  # None: exact), for the Δθ-survival figure; set by the recover stage.
   platform_bits: int | None = None
   # Emulation: every convolution reads its input and weights rounded to this many mantissa
   # bits (10: the authors' A100 TF32 convolutions, recover.emulate_tf32).
   emulate_bits: int | None = None
-  # A committee of this many teachers of one architecture (the variables' leaves then carry a
-  # leading teacher axis, `stack_teachers`): the CE and BN-matching loss is the mean over the
-  # teachers, each under its own Δθ, vmapped. 1: the usual single teacher.
+  # A committee of this many teachers of one architecture (leading teacher axis on the
+  # variables, `stack_teachers`): the loss is the mean over the teachers, each with its own Δθ.
   committee: int = 1
 
   @property
@@ -86,12 +81,13 @@ class SynthesisConfig:
 
   def __post_init__(self):
     errors = []
-    if self.method not in METHODS:
-      errors.append(f"method must be one of {METHODS}, got {self.method!r}")
-    if self.augment not in AUGMENTS:
-      errors.append(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
-    if self.iterations < 1:
-      errors.append(f"iterations must be >= 1, got {self.iterations}")
+    for name, allowed in (("method", METHODS), ("augment", AUGMENTS),
+                          ("delta_form", DELTA_FORMS)):
+      if getattr(self, name) not in allowed:
+        errors.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    for name in ("iterations", "committee"):
+      if getattr(self, name) < 1:
+        errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.method == "dwa" and self.adjust_steps < 1:
       errors.append(f"adjust_steps (K) must be >= 1 for DWA, got {self.adjust_steps}")
     for name in ("lr", "r_bn", "r_var", "first_bn_weight", "rho", "jitter"):
@@ -100,10 +96,6 @@ class SynthesisConfig:
     if self.compute_dtype not in (None, "bfloat16", "float32"):
       errors.append(f"compute_dtype must be None, 'float32' or 'bfloat16', got "
                     f"{self.compute_dtype!r}")
-    if self.committee < 1:
-      errors.append(f"committee must be >= 1, got {self.committee}")
-    if self.delta_form not in DELTA_FORMS:
-      errors.append(f"delta_form must be one of {DELTA_FORMS}, got {self.delta_form!r}")
     for name in ("platform_bits", "emulate_bits"):
       bits = getattr(self, name)
       if bits is not None and not 1 <= bits <= 23:
@@ -153,8 +145,8 @@ def stack_teachers(teachers: Sequence[Any]) -> Any:
   teacher axis (a committee, SynthesisConfig.committee = len(teachers))."""
   first = jax.tree.structure(teachers[0])
   for k, other in enumerate(teachers[1:], 1):
-    shapes = jax.tree.map(lambda a, b: a.shape == b.shape, teachers[0], other)
-    if jax.tree.structure(other) != first or not all(jax.tree.leaves(shapes)):
+    if jax.tree.structure(other) != first or not all(jax.tree.leaves(
+        jax.tree.map(lambda a, b: a.shape == b.shape, teachers[0], other))):
       raise ValueError(f"committee teacher {k} does not have the first teacher's architecture "
                        "(its variables differ in names or shapes)")
   return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *teachers)
@@ -165,19 +157,11 @@ def first_teacher(variables, cfg: "SynthesisConfig"):
   return jax.tree.map(lambda a: a[0], variables) if cfg.committee > 1 else variables
 
 
-def committee_norm(delta, cfg: "SynthesisConfig"):
-  """‖Δθ‖ of the single teacher, or the mean over a committee of each teacher's ‖Δθ_m‖."""
-  if cfg.committee > 1:
-    return jnp.mean(jax.vmap(optax.tree.norm)(delta))
-  return optax.tree.norm(delta)
-
-
 def _conv_dense_arithmetic(delta_params, input_bits: int | None):
-  """An interceptor of the teacher's Conv and Dense layers: with `delta_params`, the split by
-  linearity layer(x; θ) + layer(x; Δθ) (`SynthesisConfig.delta_form`); with `input_bits`, each
-  convolution's input and weights rounded to that many mantissa bits first (emulating cuDNN's
-  TF32 convolutions under PyTorch's defaults, float32 products and sums; torch's matmuls stay
-  float32 by default, and so do the Dense layers here)."""
+  """An interceptor of the teacher's Conv and Dense layers: with `delta_params`, the split
+  layer(x; θ) + layer(x; Δθ); with `input_bits`, each convolution's input and weights rounded to
+  that many mantissa bits first (cuDNN's TF32 convolutions under PyTorch's defaults; torch's
+  matmuls, and so the Dense layers here, stay float32)."""
   busy = [False]
   exact = lambda a: a
   to_bits = (exact if input_bits is None
@@ -210,32 +194,26 @@ def forward_with_bn_stats(model, params, batch_stats, x, bn_paths, compute_dtype
   """Eval-mode logits plus the (mean, biased var) of each BN layer's input, in call order, of
   the teacher at θ (`params`) + Δθ (`delta`, None: none).
 
-  `compute_dtype` (e.g. bfloat16): the Conv/Dense parameters and the input are cast to it, so
-  convolutions and matmuls run in it; the BN layers keep float32 parameters, take their
-  statistics and normalise in float32 (and return compute_dtype), and the logits come back in
-  float32. Gradients flow back through the casts to the float32 pixels and Δθ.
+  `compute_dtype` (e.g. bfloat16): convolutions and matmuls run in it; BN statistics and
+  normalisation stay float32 and the logits come back in float32.
 
   `delta_form` says how Δθ enters the Conv/Dense layers (BN's scale and bias always take
-  θ + Δθ in float32): 'direct', one layer on θ + Δθ, exact in float32 on the CPU; 'split', by
-  linearity layer(x; θ) + layer(x; Δθ), so that each weight tensor is rounded relative to its
-  own size. Δθ (~4e-6 a weight at ρ = 0.015 on a ResNet-18) is below the rounding step of θ in
-  bfloat16 and TF32, the arithmetic of TPU and Ampere+ GPU convolutions by default: there a
-  direct θ + Δθ turns into mostly rounding noise (dwa_jax/arithmetic.py).
+  θ + Δθ in float32): 'direct', one layer on θ + Δθ, exact in float32 on the CPU; 'split',
+  layer(x; θ) + layer(x; Δθ), so each weight tensor is rounded relative to its own size where
+  the arithmetic rounds weights (bfloat16, TF32: dwa_jax/arithmetic.py).
 
-  `input_bits` (7: bfloat16, 10: TF32) emulates on the CPU a matmul unit that reads each
-  convolution's float32 input and weights with that many mantissa bits (the TPU's and Ampere+
-  GPUs' default for float32 convolutions; the authors' A100 convolutions), for tests and
-  recover.emulate_tf32.
+  `input_bits` (7: bfloat16, 10: TF32) emulates a matmul unit that reads each convolution's
+  float32 input and weights with that many mantissa bits (recover.emulate_tf32).
   """
   if delta_form not in DELTA_FORMS:
     raise ValueError(f"delta_form must be one of {DELTA_FORMS}, got {delta_form!r}")
   split = delta is not None and delta_form == "split"
   if delta is not None:
     # BN parameters (and with the direct form every parameter) on θ + Δθ in float32.
-    params = jax.tree.map(
-        lambda p, d, kernel: p if (split and kernel) else p + d, params, delta,
-        arithmetic.map_modules(lambda m, kernel: jax.tree.map(lambda _: kernel, m), params))
+    params = jax.tree.map(lambda p, d, kernel: p if (split and kernel) else p + d, params,
+                          delta, arithmetic.kernel_mask(params))
   cast = compute_dtype is not None and jnp.dtype(compute_dtype) != x.dtype
+  x_in = x
   if cast:
     to_compute = lambda tree: arithmetic.map_modules(
         lambda m, kernel: jax.tree.map(lambda a: a.astype(compute_dtype), m) if kernel else m,
@@ -244,15 +222,11 @@ def forward_with_bn_stats(model, params, batch_stats, x, bn_paths, compute_dtype
     if split:
       delta = to_compute(delta)
     x_in = x.astype(compute_dtype)
-  else:
-    x_in = x
-  apply = lambda: model.apply({"params": params, "batch_stats": batch_stats}, x_in, train=False,
-                              capture_stats=True, mutable=[BN_STATS])
-  if split or input_bits is not None:
-    with nn.intercept_methods(_conv_dense_arithmetic(delta if split else None, input_bits)):
-      logits, state = apply()
-  else:
-    logits, state = apply()
+  intercept = (nn.intercept_methods(_conv_dense_arithmetic(delta if split else None, input_bits))
+               if split or input_bits is not None else contextlib.nullcontext())
+  with intercept:
+    logits, state = model.apply({"params": params, "batch_stats": batch_stats}, x_in,
+                                train=False, capture_stats=True, mutable=[BN_STATS])
   logits = logits.astype(x.dtype) if cast else logits
   stats = [_at(state[BN_STATS], p)["mean_var"][0] for p in bn_paths]
   return logits, stats
@@ -274,6 +248,13 @@ def bn_layer_weights(num_layers: int, first_bn_weight: float):
 
 def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _ce_and_terms(model, params, batch_stats, x_view, labels, bn_paths, cfg, delta):
+  """CE and the per-layer BN-matching terms of the teacher at θ + Δθ on one augmented view."""
+  logits, stats = forward_with_bn_stats(model, params, batch_stats, x_view, bn_paths,
+                                        cfg.compute_dtype, delta, cfg.delta_form, cfg.emulate_bits)
+  return cross_entropy(logits, labels), bn_matching_terms(stats, batch_stats, bn_paths, cfg.r_var)
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -343,8 +324,16 @@ def _add(a, b):
   return jax.tree.map(jnp.add, a, b)
 
 
-def _stack(per_step: list) -> dict:
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *per_step)
+def _loop(step, carry, xs, unroll: bool):
+  """`lax.scan(step, carry, xs)`, or with `unroll` its steps traced one after another (XLA:CPU
+  runs convolutions inside loops several times slower; a scan's scratch memory is one step's)."""
+  if not unroll:
+    return jax.lax.scan(step, carry, xs)
+  per_step = []
+  for i in range(len(xs)):
+    carry, m = step(carry, xs[i])
+    per_step.append(m)
+  return carry, jax.tree.map(lambda *ms: jnp.stack(ms), *per_step)
 
 
 class ChainCarry(NamedTuple):
@@ -368,19 +357,11 @@ def directed_weight_adjustment(model, params, batch_stats, x, view, labels, bn_p
   All parameters move (BN affine included); running statistics do not. With a `chain` (quirk
   Q2) Δθ starts from chain.delta and the first step's g also holds chain.weight_grad. Returns
   Δθ, the image gradient the official code accumulates during the ascent (for compat_q1; zeros
-  otherwise) and per-pass metrics (CE before each update, BN terms).
-
-  `unroll`: K traced copies of the pass (XLA:CPU runs convolutions inside loops several times
-  slower) or a `lax.scan` over them, whose scratch memory is one pass's whatever K (about K
-  passes' when unrolled: 27 GB at K = 15 for a ResNet-18 at 224 px, batch 100).
+  otherwise) and per-pass metrics (CE before each update, BN terms). `unroll`: see `_loop`
+  (unrolled, the scratch memory is about K passes': RESULTS.md).
   """
-
-  def ce_and_terms(delta, x):
-    logits, stats = forward_with_bn_stats(model, params, batch_stats, view(x), bn_paths,
-                                          cfg.compute_dtype, delta, cfg.delta_form,
-                                          cfg.emulate_bits)
-    return cross_entropy(logits, labels), bn_matching_terms(stats, batch_stats, bn_paths, cfg.r_var)
-
+  ce_and_terms = lambda delta, x: _ce_and_terms(model, params, batch_stats, view(x), labels,
+                                                 bn_paths, cfg, delta)
   grad_fn = jax.value_and_grad(ce_and_terms, argnums=(0, 1) if cfg.compat_q1 else 0, has_aux=True)
 
   def ascent_step(carry, k):
@@ -398,16 +379,8 @@ def directed_weight_adjustment(model, params, batch_stats, x, view, labels, bn_p
     return (delta, x_grad_sum), {"ce": ce, "bn_terms": terms}
 
   start = jax.tree.map(jnp.zeros_like, params) if chain is None else chain.delta
-  carry = (start, jnp.zeros_like(x))
-  if unroll:
-    per_step = []
-    for k in range(cfg.adjust_steps):
-      carry, m = ascent_step(carry, k)
-      per_step.append(m)
-    metrics = _stack(per_step)
-  else:
-    carry, metrics = jax.lax.scan(ascent_step, carry, jnp.arange(cfg.adjust_steps))
-  (delta, x_grad_sum) = carry
+  (delta, x_grad_sum), metrics = _loop(ascent_step, (start, jnp.zeros_like(x)),
+                                       jnp.arange(cfg.adjust_steps), unroll)
   return delta, x_grad_sum, metrics
 
 
@@ -431,11 +404,7 @@ def synthesis_loss(model, params, batch_stats, x_view, labels, bn_paths, layer_w
   teacher's loss, CE and terms on the same view, averaged over the teachers."""
 
   def one_teacher(params, batch_stats, delta):
-    logits, stats = forward_with_bn_stats(model, params, batch_stats, x_view, bn_paths,
-                                          cfg.compute_dtype, delta, cfg.delta_form,
-                                          cfg.emulate_bits)
-    ce = cross_entropy(logits, labels)
-    terms = bn_matching_terms(stats, batch_stats, bn_paths, cfg.r_var)
+    ce, terms = _ce_and_terms(model, params, batch_stats, x_view, labels, bn_paths, cfg, delta)
     return ce + cfg.r_bn * jnp.dot(layer_weights, terms), (ce, terms)
 
   if cfg.committee == 1:
@@ -498,14 +467,15 @@ def start_batch(model, variables, x_init, labels, key, draws, *, bn_paths,
     else:
       delta = jax.vmap(lambda k, p: random_weight_adjustment(k, p, cfg.rho))(
           jax.random.split(random_key, cfg.committee), params)
-  metrics["delta_norm"] = (jnp.zeros((), x_init.dtype) if delta is None
-                           else committee_norm(delta, cfg))
-  if delta is not None:  # how much of Δθ the teacher's arithmetic keeps
+  if delta is None:
+    metrics["delta_norm"] = jnp.zeros((), x_init.dtype)
+  else:  # ‖Δθ‖ (a committee's: the mean of each ‖Δθ_m‖), and how much the arithmetic keeps
+    metrics["delta_norm"] = (jnp.mean(jax.vmap(optax.tree.norm)(delta)) if cfg.committee > 1
+                             else optax.tree.norm(delta))
     metrics.update(arithmetic.survival(params, delta, cfg.weight_bits, cfg.delta_form,
                                        convolutions_only=cfg.emulate_bits is not None))
   weight_grad_sum = jax.tree.map(jnp.zeros_like, params) if cfg.chained else None
-  # The direct form's θ + Δθ, once per batch rather than in every iteration: at batch 10 on a
-  # ResNet-18 the per-iteration addition of 11.7 M weights measured about 5% of an iteration.
+  # The direct form's θ + Δθ, once per batch rather than in every iteration.
   weights = _add(params, delta) if delta is not None and cfg.delta_form == "direct" else None
   state = BatchState(x_init, _adam(cfg).init(x_init), delta, extra, jnp.zeros((), jnp.int32),
                      weight_grad_sum, weights)
@@ -516,13 +486,11 @@ def run_iterations(model, variables, state: BatchState, labels, key, draws, num_
                    bn_paths, pixel_mean, pixel_std, cfg: SynthesisConfig, unroll: bool = False):
   """Iterations state.t .. state.t + num_steps − 1 of Adam on the pixels (clamped after each).
 
-  Running T iterations in one call or in several chunks computes the same thing, which is what
-  lets the recover stage checkpoint inside a batch. `unroll=True` traces num_steps copies instead
-  of a `lax.scan` (XLA's CPU backend runs convolutions inside loops ~3x slower); use it for short
-  blocks, as `device_dispatch.GroupRunner` does on the CPU. Metrics per iteration: `ce`,
-  `bn_terms` (num_steps, L), `grad_norm` (of the gradient Adam received), `lr`. Only under
-  compat_q2 are teacher weight gradients computed (and summed into state.weight_grad_sum), as
-  the official loop does.
+  T iterations in one call or in several chunks compute the same thing (so the recover stage
+  can checkpoint inside a batch). `unroll`: see `_loop` (for short blocks). Metrics per
+  iteration: `ce`, `bn_terms` (num_steps, L), `grad_norm` (of the gradient Adam received),
+  `lr`. Only under compat_q2 are teacher weight gradients computed (summed into
+  state.weight_grad_sum), as the official loop does.
   """
   del key  # the draws hold all the randomness of the iterations
   params, batch_stats = variables["params"], variables["batch_stats"]
@@ -562,16 +530,8 @@ def run_iterations(model, variables, state: BatchState, labels, key, draws, num_
                                               "grad_norm": jnp.linalg.norm(grad), "lr": lr}
 
   steps = state.t + jnp.arange(num_steps, dtype=jnp.int32)
-  carry = (state.x, state.adam, state.weight_grad_sum)
-  if unroll:
-    per_step = []
-    for i in range(num_steps):
-      carry, m = step(carry, steps[i])
-      per_step.append(m)
-    metrics = _stack(per_step)
-  else:
-    carry, metrics = jax.lax.scan(step, carry, steps)
-  x, adam_state, weight_grad_sum = carry
+  (x, adam_state, weight_grad_sum), metrics = _loop(
+      step, (state.x, state.adam, state.weight_grad_sum), steps, unroll)
   return state._replace(x=x, adam=adam_state, t=state.t + num_steps,
                         weight_grad_sum=weight_grad_sum), metrics
 
