@@ -13,18 +13,24 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 # convolutions ~6x slower, and the float64 parity test would take 14 min instead of 1.5.
 # tests/test_xla_cpu.py checks the tuned configuration computes the same synthesis.
 os.environ.setdefault("DWA_JAX_XLA_DEFAULTS", "0")
-# Caches (decoded CIFAR-10 JPEGs, tfds label lists) in a folder of this test session, not ~/.cache.
+# One temporary folder for the test session, made by the first pytest process (the controller)
+# and inherited through the environment by its workers and every process a test starts; the
+# controller removes it at the end. It holds the data caches (decoded CIFAR-10 JPEGs, tfds label
+# lists; not ~/.cache) and, unless one is given, the XLA compilation cache.
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
-os.environ["DWA_CACHE_DIR"] = tempfile.mkdtemp(prefix="dwa_jax_test_cache_")
+_SESSION_OWNER = "DWA_JAX_TEST_TMP" not in os.environ
+if _SESSION_OWNER:
+  os.environ["DWA_JAX_TEST_TMP"] = tempfile.mkdtemp(prefix="dwa_jax_test_")
+SESSION_TMP = pathlib.Path(os.environ["DWA_JAX_TEST_TMP"])
+os.environ["DWA_CACHE_DIR"] = str(SESSION_TMP / "data_cache")
 # One XLA compilation cache for the session: every worker and every process a test starts
-# (inherited through the environment) reuses what another compiled, since many tests compile
-# the same small programs. An entry is keyed on the program, the compile options and XLA_FLAGS,
-# and holds the executable XLA built, so results are the same bits. A size bound turns on its
-# file lock, so concurrent processes never read a half-written entry. tests/test_memory.py
-# leaves it out: compilation is part of the peak memory it compares.
-_XLA_CACHE_OWNER = "JAX_COMPILATION_CACHE_DIR" not in os.environ
-if _XLA_CACHE_OWNER:
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dwa_jax_test_xla_cache_")
+# reuses what another compiled, since many tests compile the same small programs. An entry is
+# keyed on the program, the compile options and XLA_FLAGS, and holds the executable XLA built,
+# so results are the same bits. A size bound turns on its file lock, so concurrent processes
+# never read a half-written entry. tests/test_memory.py leaves it out: compilation is part of
+# the peak memory it compares.
+if _SESSION_OWNER and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(SESSION_TMP / "xla_cache")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 
@@ -44,5 +50,45 @@ def shared_dir():
 
 def pytest_unconfigure(config):
   del config
-  if _XLA_CACHE_OWNER:  # the process that made the cache (the controller), after the workers
-    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  if _SESSION_OWNER:  # the controller, after its workers have ended
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
+
+
+def _built_once(name: str, config) -> pathlib.Path:
+  """SESSION_TMP/name holding a complete `dwa_jax.main` run of `config`, built by the first
+  process that asks for it (under a file lock) and read by the others."""
+  import filelock  # pylint: disable=g-import-not-at-top
+  from dwa_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  path, done = SESSION_TMP / name, SESSION_TMP / f"{name}.done"
+  with filelock.FileLock(str(SESSION_TMP / f"{name}.lock")):
+    if not done.exists():
+      shutil.rmtree(path, ignore_errors=True)
+      assert main_lib.execute(config, path) == 0
+      done.touch()
+  return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run():
+  """A complete run of `dwa_jax.testing.tiny_config()` (teacher, synthetic set, results), built
+  once for the session: copy it before running anything in it."""
+  from dwa_jax.testing import tiny_config  # pylint: disable=g-import-not-at-top
+  return _built_once("tiny_run", tiny_config())
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_run, tmp_path_factory):
+  """This module's own copy of `tiny_run`."""
+  path = tmp_path_factory.mktemp("finished") / "run"
+  shutil.copytree(tiny_run, path)
+  return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_seed1():
+  """The squeeze stage of `tiny_config()` with seed 1 (a second teacher beside `tiny_run`'s),
+  built once for the session: copy it before running anything in it."""
+  from dwa_jax.testing import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.stage, config.seed = "squeeze", 1
+  return _built_once("tiny_teacher_seed1", config)

@@ -508,12 +508,12 @@ CASES = all_cases()
 # ----------------------------------------------------------------------------- the check
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, tfds_dir):
+def finished(tiny_run, tmp_path_factory, tfds_dir):
   """A workdir holding a complete run (teacher, synthetic set, results); the tfds base; and
   progress left by interrupted runs of each stage."""
   TFDS_BASE[:] = [tfds_dir]
-  path = tmp_path_factory.mktemp("finished")
-  assert main_lib.execute(tiny(), path) == 0
+  path = tmp_path_factory.mktemp("finished") / "run"
+  shutil.copytree(tiny_run, path)
   PROGRESS_BASE[:] = [interrupted_runs(path, tmp_path_factory.mktemp("interrupted"))]
   return path
 

@@ -100,15 +100,11 @@ def test_teachers_of_another_architecture_and_quirks_are_refused():
 
 
 @pytest.fixture(scope="module")
-def two_teachers(tmp_path_factory):
-  run = tmp_path_factory.mktemp("committee_run")
-  c = tiny()
-  c.stage = "squeeze"
-  assert main_lib.execute(c, run) == 0
-  other = tmp_path_factory.mktemp("committee_teacher2")
-  c.seed = 1
-  assert main_lib.execute(c, other) == 0
-  return run, other
+def two_teachers(finished, tiny_teacher_seed1, tmp_path_factory):
+  """A finished tiny run (its teacher the committee's first) and a second teacher."""
+  other = tmp_path_factory.mktemp("committee_teacher2") / "run"
+  shutil.copytree(tiny_teacher_seed1, other)
+  return finished, other
 
 
 def test_a_committee_run_is_validated_and_recorded(two_teachers, tmp_path):

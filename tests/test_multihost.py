@@ -139,7 +139,9 @@ def batches_per_process(workdir, count: int) -> list[int]:
   return counts
 
 
-@pytest.mark.parametrize("count", [2, 3])
+# Two processes giving the one-process bytes is also what tests/test_scale.py checks (two devices
+# each); three make the uneven spread (10 batches), so two run in the slow suite only.
+@pytest.mark.parametrize("count", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_recover_batches_spread_evenly_and_give_the_one_process_bytes(recovered, tmp_path,
                                                                       count):
   base, reference = recovered

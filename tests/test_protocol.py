@@ -105,15 +105,11 @@ def test_protocol_fields_are_validated():
 
 
 @pytest.fixture(scope="module")
-def two_teachers(tmp_path_factory):
+def two_teachers(finished, tiny_teacher_seed1, tmp_path_factory):
   """A finished tiny run and a second teacher (another seed) in its own workdir."""
-  run = tmp_path_factory.mktemp("protocol_run")
-  assert main_lib.execute(tiny(), run) == 0
-  other = tmp_path_factory.mktemp("protocol_teacher2")
-  c = tiny()
-  c.stage, c.seed = "squeeze", 1
-  assert main_lib.execute(c, other) == 0
-  return run, other
+  other = tmp_path_factory.mktemp("protocol_teacher2") / "run"
+  shutil.copytree(tiny_teacher_seed1, other)
+  return finished, other
 
 
 def relabel_again(run, tmp_path, **fields):
