@@ -63,9 +63,9 @@ def _key_data(key):
 
 
 def _pad(tree, size: int):
-  """Repeats the last entry of every leaf up to `size` entries."""
-  return jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], size - len(a), axis=0)]),
-                      tree)
+  """Repeats the last entry of every leaf up to `size` entries (a full leaf is not copied)."""
+  return jax.tree.map(lambda a: a if len(a) == size else np.concatenate(
+      [a, np.repeat(a[-1:], size - len(a), axis=0)]), tree)
 
 
 class GroupRunner:
