@@ -143,9 +143,9 @@ def precision_child(spec: dict) -> dict:
       runner.advance(group, spec["block"])
       metrics, seconds = _timed_blocks(runner, group, spec)
     m = metrics[0]
-    weights = np.asarray(synthesis.bn_layer_weights(m["bn_terms"].shape[-1], cfg.first_bn_weight))
     out[name] = {"seconds_per_iteration": seconds, "final_ce": float(m["ce"][-1]),
-                 "final_bn_loss": float(np.asarray(m["bn_terms"][-1], np.float64) @ weights),
+                 "final_bn_loss": float(recover.weighted_bn_loss(m["bn_terms"][-1],
+                                                                 cfg.first_bn_weight)),
                  "delta_form": cfg.delta_form, "weight_bits": cfg.weight_bits,
                  "delta_cosine": float(start[0]["delta_cosine"]),
                  "delta_norm_ratio": float(start[0]["delta_norm_ratio"])}

@@ -189,10 +189,10 @@ def log_iterations(log: metrics_log.MetricsLog, method: str, group, num_chunks: 
     steps = (i * num_chunks + j) * cfg.iterations + t[keep]
     log.series(f"recover/{method}/iteration", "ce", steps, np.asarray(m["ce"])[keep])
     log.series(f"recover/{method}/iteration", "bn_loss", steps,
-               _bn_loss(m["bn_terms"], cfg.first_bn_weight)[keep])
+               weighted_bn_loss(m["bn_terms"], cfg.first_bn_weight)[keep])
 
 
-def _bn_loss(bn_terms, first_bn_weight: float):
+def weighted_bn_loss(bn_terms, first_bn_weight: float):
   """The weighted BN loss Σ_l w_l·term_l over the last axis of `bn_terms`, in float64."""
   bn = np.asarray(bn_terms, np.float64)
   return bn @ np.asarray(bn_layer_weights(bn.shape[-1], first_bn_weight), np.float64)
@@ -299,7 +299,7 @@ def synthesize_owned(config, workdir, method: str, train, model, variables, meta
         summary = {"ipc_index": i, "chunk": j,
                    **{name: float(start[name]) for name in deltas if name in start},
                    "final_ce": float(m["ce"][-1]),
-                   "final_bn_loss": float(_bn_loss(m["bn_terms"][-1], cfg.first_bn_weight))}
+                   "final_bn_loss": float(weighted_bn_loss(m["bn_terms"][-1], cfg.first_bn_weight))}
         if chained:
           progress.save_carry(i, j, group.chain(k))
         progress.save_done(i, j, group.x(k), summary)
