@@ -79,8 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
   r.checkpoint_every_s = 300.0  # ...taken once this many seconds passed since the last save
   r.batches_per_device = 1   # P: independent synthetic batches per device in one program (vmap)
   r.delta_form = "auto"      # how Δθ enters Conv/Dense: direct (θ + Δθ) | split (layer(x; θ) +
-                             # layer(x; Δθ)) | auto: direct where float32 is exact (the CPU)
-  r.emulate_tf32 = False     # the authors' A100 arithmetic: convolutions read inputs as TF32
+                             # layer(x; Δθ)) | auto: direct where weights are read exactly (the
+                             # CPU in float32), else split
+  r.emulate_tf32 = False     # the authors' A100 arithmetic: convolutions read inputs and weights
+                             # as TF32
   r.precision = "float32"    # float32 | bfloat16 (convolutions/matmuls only)
   r.wait_timeout_s = 86400.0  # multi-process: how long process 0 waits for the others' batches
 
