@@ -48,6 +48,23 @@ def shared_dir():
   return SHARED_DIR
 
 
+# The longest files first (seconds in a full run: --durations=0). pytest-xdist's loadfile hands a
+# worker its next file when the current one is nearly done, so a long file handed out last would
+# leave one worker running alone at the end; pyproject.toml turns off xdist's own order (most
+# tests first) with --no-loadscope-reorder. Files not listed follow in collection order.
+LONGEST_FIRST = ("test_data_parallel.py", "test_parity_imagenet.py", "test_recover.py",
+                 "test_parity.py", "test_scale.py", "test_benchmarks.py", "test_multihost.py",
+                 "test_docs.py", "test_arithmetic.py", "test_memory.py", "test_committee.py",
+                 "test_pipeline.py", "test_bad_files.py", "test_interrupts.py", "test_zoo.py",
+                 "test_protocol.py", "test_compat.py", "test_errors.py", "test_xla_cpu.py",
+                 "test_augment.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
+
+
 def pytest_unconfigure(config):
   del config
   if _SESSION_OWNER:  # the controller, after its workers have ended

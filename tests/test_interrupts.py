@@ -74,7 +74,7 @@ def squeeze_epochs(workdir) -> list[int]:
 
 
 def test_ctrl_c_exits_promptly_with_one_line_and_the_rerun_resumes(tmp_path):
-  args = ("--config.teacher.epochs=40", "--config.teacher.batch_size=32",
+  args = ("--config.teacher.epochs=10", "--config.teacher.batch_size=32",
           "--config.teacher.save_every_epochs=1")
   proc = subprocess.Popen(command(tmp_path, *args), cwd=REPO, env=env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)

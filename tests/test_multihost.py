@@ -116,13 +116,12 @@ RECOVER = (*QUICK, "--config.stage=recover", "--config.ipc=5", "--config.recover
 
 
 @pytest.fixture(scope="module")
-def recovered(tmp_path_factory):
-  """A teacher (one process), and its 1-process recover: the reference set."""
-  base = tmp_path_factory.mktemp("base")
+def recovered(tiny_run, tmp_path_factory):
+  """The session's tiny teacher (the digits demo's ConvNet after one epoch), and its 1-process
+  recover: the reference set."""
+  base = tiny_run
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "DWA_JAX_XLA_DEFAULTS": "0",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  subprocess.run([sys.executable, "-m", "dwa_jax.main", *QUICK, f"--workdir={base}",
-                  "--config.stage=squeeze"], cwd=REPO, env=env, check=True, capture_output=True)
   one = tmp_path_factory.mktemp("one")
   shutil.copytree(base / "teacher", one / "teacher")
   subprocess.run([sys.executable, "-m", "dwa_jax.main", *RECOVER, f"--workdir={one}"], cwd=REPO,

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from dwa_jax import presets, recover, squeeze, teacher_store
+from dwa_jax import presets, recover, teacher_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RECOVER_ARGS = ("--config.stage=recover", "--config.methods=('dwa',)", "--config.ipc=4",
@@ -36,10 +36,10 @@ def config(ipc=4, iterations=60):
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("teacher")
-  squeeze.run(presets.resolve(config()), path)
-  return path / "teacher"
+def teacher_dir(tiny_run):
+  """The session's tiny teacher (the digits demo's ConvNet after one epoch): copied, never
+  written."""
+  return tiny_run / "teacher"
 
 
 def workdir_with(teacher_dir, path) -> pathlib.Path:
