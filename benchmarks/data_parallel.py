@@ -100,25 +100,26 @@ def relabel_run(args) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from dwa_jax import data, files, presets, relabel, squeeze  # pylint: disable=g-import-not-at-top
   del args
-  workdir = pathlib.Path(tempfile.mkdtemp(prefix="dwa_dp_bench_"))
-  c = presets.demo_digits()
-  c.methods, c.ipc = ("dwa",), 2
-  c.teacher.epochs, c.relabel.epochs, c.relabel.eval_every = 1, 2, 1
-  c.relabel.seeds = (0, 1, 2)
-  c = presets.resolve(c)
-  squeeze.run(c, workdir)
-  train = data.load_dataset("digits", "train")
-  picked = data.sample_per_class(train, c.ipc, 0).reshape(-1)
-  # A stand-in "synthetic" set: float images in [0, 1], as recover writes them.
-  files.save_npz(workdir / "synthetic" / "dwa" / "images.npz",
-                 images=train.images[picked].astype(np.float32) / 255.0,
-                 labels=train.labels[picked])
-  counter = CompileCounter()
-  relabel.run(c, workdir)
-  (record,) = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
-               if json.loads(line)["stage"] == "relabel/compilations"]
-  return {"sets": 2, "seeds": 3, "train_step": record["train_step"],
-          "evaluation": record["evaluation"], "xla_compilations": counter.count}
+  with tempfile.TemporaryDirectory(prefix="dwa_dp_bench_") as tmp:
+    workdir = pathlib.Path(tmp)
+    c = presets.demo_digits()
+    c.methods, c.ipc = ("dwa",), 2
+    c.teacher.epochs, c.relabel.epochs, c.relabel.eval_every = 1, 2, 1
+    c.relabel.seeds = (0, 1, 2)
+    c = presets.resolve(c)
+    squeeze.run(c, workdir)
+    train = data.load_dataset("digits", "train")
+    picked = data.sample_per_class(train, c.ipc, 0).reshape(-1)
+    # A stand-in "synthetic" set: float images in [0, 1], as recover writes them.
+    files.save_npz(workdir / "synthetic" / "dwa" / "images.npz",
+                   images=train.images[picked].astype(np.float32) / 255.0,
+                   labels=train.labels[picked])
+    counter = CompileCounter()
+    relabel.run(c, workdir)
+    (record,) = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["stage"] == "relabel/compilations"]
+    return {"sets": 2, "seeds": 3, "train_step": record["train_step"],
+            "evaluation": record["evaluation"], "xla_compilations": counter.count}
 
 
 def main():
