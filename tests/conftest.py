@@ -27,14 +27,11 @@ os.environ["DWA_CACHE_DIR"] = str(SESSION_TMP / "data_cache")
 # reuses what another compiled, since many tests compile the same small programs. An entry is
 # keyed on the program, the compile options and XLA_FLAGS, and holds the executable XLA built,
 # so results are the same bits. A size bound turns on its file lock, so concurrent processes
-# never read a half-written entry. Only programs that took a second or more to compile are
-# kept: with the bound, every write lists and reads the whole cache under the lock, and the
-# quick ones are most of the entries (test_committee and test_augment: 321, of which 26 took a
-# second or more).
-# tests/test_memory.py leaves it out: compilation is part of the peak memory it compares.
+# never read a half-written entry. tests/test_memory.py leaves it out: compilation is part of
+# the peak memory it compares.
 if _SESSION_OWNER and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = str(SESSION_TMP / "xla_cache")
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 
 import shutil  # pylint: disable=g-import-not-at-top,wrong-import-position
