@@ -29,7 +29,6 @@ REFERENCE_SECONDS = []  # wall time of the uninterrupted run, to place the kills
 def config(ipc=4, iterations=60):
   c = presets.demo_digits()
   c.methods, c.ipc, c.stage = ("dwa",), ipc, "recover"
-  c.teacher.epochs = 1
   c.recover.iterations, c.recover.adjust_steps, c.recover.checkpoint_every = iterations, 3, 3
   c.recover.checkpoint_every_s = 0.0
   return c
