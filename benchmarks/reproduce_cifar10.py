@@ -60,7 +60,7 @@ SAVED_FILES = (*COPIED_FILES, "recover.json")  # recover.json is rewritten witho
 
 # Recover fields that, at these values, change nothing in a float32 synthesis on the CPU: left
 # out of a saved set's key, so that sets saved without them still match.
-NEUTRAL_RECOVER_FIELDS = {"delta_form": "auto", "emulate_tf32": False}
+NEUTRAL_RECOVER_FIELDS = {"delta_form": "auto", "emulate": "none"}
 
 
 def saved_sets_keys(config, workdir: pathlib.Path) -> dict:

@@ -9,7 +9,7 @@ import math
 
 import ml_collections
 
-from dwa_jax import compat, synthesis
+from dwa_jax import arithmetic, compat, synthesis
 
 STAGES = ("squeeze", "recover", "relabel", "all")
 
@@ -81,8 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
   r.delta_form = "auto"      # how Δθ enters Conv/Dense: direct (θ + Δθ) | split (layer(x; θ) +
                              # layer(x; Δθ)) | auto: direct where weights are read exactly (the
                              # CPU in float32), else split
-  r.emulate_tf32 = False     # the authors' A100 arithmetic: convolutions read inputs and weights
-                             # as TF32
+  r.emulate = "none"         # none | tf32 | bfloat16: every convolution and matmul of the teacher
+                             # reads its operands as that matrix unit does (on any backend)
   r.precision = "float32"    # float32 | bfloat16 (convolutions/matmuls only)
   r.wait_timeout_s = 86400.0  # multi-process: how long process 0 waits for the others' batches
 
@@ -165,6 +165,7 @@ CHOICES = {
     ("recover", "init"): ("auto", "real", "noise", "scored"),
     ("recover", "precision"): ("float32", "bfloat16"),
     ("recover", "delta_form"): ("auto", *synthesis.DELTA_FORMS),
+    ("recover", "emulate"): tuple(arithmetic.EMULATIONS),
     ("relabel", "optimizer"): ("sgd", "adamw"),
     ("relabel", "augment"): ("crop_flip", "rrc_flip", "none"),
     ("relabel", "mixing"): ("mixup", "cutmix", "none"),
@@ -287,6 +288,9 @@ def resolve(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                   "(or set relabel.mixing='none')")
   if "dwa" in c.methods and c.recover.adjust_steps < 1:
     errors.append("recover.adjust_steps (K) must be >= 1 for DWA")
+  if c.recover.emulate != "none" and c.recover.precision == "bfloat16":
+    errors.append(f"recover.emulate={c.recover.emulate!r} emulates a matrix unit in float32: "
+                  "use it with recover.precision='float32'")
   spec = c.relabel.synthetic_set
   if spec and not (spec.partition(":")[0] in ("folder", "npz") and spec.partition(":")[2]):
     errors.append(f"relabel.synthetic_set must be '', 'folder:PATH' or 'npz:PATH', got {spec!r}")

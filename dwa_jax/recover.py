@@ -25,13 +25,16 @@ from dwa_jax.synthetic_outputs import write_outputs
 
 def synthesis_config(rc, method: str, platform: str | None = None) -> SynthesisConfig:
   """ml_collections `config.recover` -> the engine's config for `method` (SRe2L: r_var = 1) on
-  `platform` (default: JAX's default backend). recover.delta_form='auto' is 'direct' where the
-  platform reads float32 weights exactly (the CPU) and 'split' wherever it rounds them."""
+  `platform` (default: JAX's default backend and its first device). recover.delta_form='auto'
+  is 'direct' where the platform reads float32 weights exactly (the CPU, pre-Ampere GPUs) and
+  'split' wherever it rounds them."""
   if rc.compat_q1 is None or rc.compat_q2 is None:
     raise TypeError("recover config not resolved: pass the config through "
                     "dwa_jax.presets.resolve first")
   compute_dtype = None if rc.precision == "float32" else rc.precision
-  platform_bits = arithmetic.matmul_input_bits(platform or jax.default_backend(), compute_dtype)
+  capability = None if platform else getattr(jax.devices()[0], "compute_capability", None)
+  platform_bits = arithmetic.matmul_input_bits(platform or jax.default_backend(), compute_dtype,
+                                               capability)
   delta_form = rc.delta_form
   if delta_form == "auto":
     delta_form = "direct" if platform_bits is arithmetic.EXACT else "split"
@@ -44,7 +47,7 @@ def synthesis_config(rc, method: str, platform: str | None = None) -> SynthesisC
       compat_q1=bool(rc.compat_q1) and method == "dwa",
       compat_q2=bool(rc.compat_q2) and method == "dwa",
       compute_dtype=compute_dtype, delta_form=delta_form,
-      platform_bits=platform_bits, emulate_bits=arithmetic.TF32_BITS if rc.emulate_tf32 else None,
+      platform_bits=platform_bits, emulate_bits=arithmetic.EMULATIONS[rc.emulate],
       committee=1 + len(rc.committee))
 
 

@@ -60,8 +60,8 @@ class SynthesisConfig:
   # Mantissa bits with which the platform reads float32 weights (`arithmetic.matmul_input_bits`;
   # None: exact), for the Δθ-survival figure; set by the recover stage.
   platform_bits: int | None = None
-  # Emulation: every convolution reads its input and weights rounded to this many mantissa
-  # bits (10: the authors' A100 TF32 convolutions, recover.emulate_tf32).
+  # Emulation: every convolution and matmul reads its inputs and weights (and, backward, its
+  # cotangent) rounded to this many mantissa bits (recover.emulate: 10 TF32, 7 bfloat16).
   emulate_bits: int | None = None
   # A committee of this many teachers of one architecture (leading teacher axis on the
   # variables, `stack_teachers`): the loss is the mean over the teachers, each with its own Δθ.
@@ -100,6 +100,9 @@ class SynthesisConfig:
       bits = getattr(self, name)
       if bits is not None and not 1 <= bits <= 23:
         errors.append(f"{name} must be None or 1..23 mantissa bits, got {bits}")
+    if self.emulate_bits is not None and self.compute_dtype == "bfloat16":
+      errors.append("emulate_bits emulates a matrix unit's arithmetic in float32: it does not "
+                    "combine with compute_dtype='bfloat16'")
     if self.committee > 1 and self.method == "dwa" and (self.compat_q1 or self.compat_q2):
       errors.append("the authors' quirks Q1/Q2 are single-teacher behaviours: turn them off "
                     "for a committee of teachers")
@@ -157,15 +160,23 @@ def first_teacher(variables, cfg: "SynthesisConfig"):
   return jax.tree.map(lambda a: a[0], variables) if cfg.committee > 1 else variables
 
 
-def _conv_dense_arithmetic(delta_params, input_bits: int | None):
-  """An interceptor of the teacher's Conv and Dense layers: with `delta_params`, the split
-  layer(x; θ) + layer(x; Δθ); with `input_bits`, each convolution's input and weights rounded to
-  that many mantissa bits first (cuDNN's TF32 convolutions under PyTorch's defaults; torch's
-  matmuls, and so the Dense layers here, stay float32)."""
+def _teacher_layer_arithmetic(delta_params, input_bits: int | None, compute_dtype):
+  """An interceptor of the teacher's Conv and Dense layers, the one place that sets the
+  arithmetic of their products:
+  - `compute_dtype` (bfloat16): inputs and weights read in it, products summed and returned in
+    float32 (as TPU and GPU matrix units accumulate), so BatchNorm and the rest stay float32;
+  - `input_bits` (an emulation, on any backend): inputs and weights rounded to that many
+    mantissa bits with a straight-through gradient, the backward products reading the output's
+    cotangent rounded the same way; products and sums in float32;
+  - `delta_params` (the split form): layer(x; θ) + layer(x; Δθ), summed in float32."""
   busy = [False]
-  exact = lambda a: a
-  to_bits = (exact if input_bits is None
-             else (lambda a: arithmetic.round_mantissa(a, input_bits).astype(a.dtype)))
+  if compute_dtype is not None:
+    operand = lambda a: a.astype(compute_dtype)
+  elif input_bits is not None:
+    operand = lambda a: arithmetic.read_as(a, input_bits)
+  else:
+    operand = lambda a: a
+  wide = lambda f: functools.partial(f, preferred_element_type=jnp.float32)
 
   def intercept(next_fun, args, kwargs, context):
     module = context.module
@@ -173,15 +184,18 @@ def _conv_dense_arithmetic(delta_params, input_bits: int | None):
         or not isinstance(module, (nn.Conv, nn.Dense))):
       return next_fun(*args, **kwargs)
     busy[0] = True  # the layers applied below are Conv/Dense too: not intercepted again
-    rounded = to_bits if isinstance(module, nn.Conv) else exact
     try:
-      layer = module.clone(parent=None)
-      x = rounded(args[0])
-      y = layer.apply({"params": jax.tree.map(rounded, module.variables["params"])}, x,
-                      *args[1:], **kwargs)
+      accumulate = ({} if compute_dtype is None else
+                    {"conv_general_dilated": wide(jax.lax.conv_general_dilated)}
+                    if isinstance(module, nn.Conv) else {"dot_general": wide(jax.lax.dot_general)})
+      layer = module.clone(parent=None, **accumulate)
+      x = operand(args[0])
+      apply = lambda p: layer.apply({"params": jax.tree.map(operand, p)}, x, *args[1:], **kwargs)
+      y = apply(module.variables["params"])
       if delta_params is not None:
-        y = y + layer.apply({"params": jax.tree.map(rounded, _at(delta_params, module.path))},
-                            x, *args[1:], **kwargs)
+        y = y + apply(_at(delta_params, module.path))
+      if input_bits is not None:
+        y = arithmetic.cotangent_read_as(y, input_bits)
     finally:
       busy[0] = False
     return y
@@ -194,16 +208,17 @@ def forward_with_bn_stats(model, params, batch_stats, x, bn_paths, compute_dtype
   """Eval-mode logits plus the (mean, biased var) of each BN layer's input, in call order, of
   the teacher at θ (`params`) + Δθ (`delta`, None: none).
 
-  `compute_dtype` (e.g. bfloat16): convolutions and matmuls run in it; BN statistics and
-  normalisation stay float32 and the logits come back in float32.
+  `compute_dtype` (e.g. bfloat16): convolutions and matmuls read their inputs and weights in it
+  and sum in float32; BN statistics, normalisation and logits stay float32.
 
   `delta_form` says how Δθ enters the Conv/Dense layers (BN's scale and bias always take
   θ + Δθ in float32): 'direct', one layer on θ + Δθ, exact in float32 on the CPU; 'split',
   layer(x; θ) + layer(x; Δθ), so each weight tensor is rounded relative to its own size where
   the arithmetic rounds weights (bfloat16, TF32: dwa_jax/arithmetic.py).
 
-  `input_bits` (7: bfloat16, 10: TF32) emulates a matmul unit that reads each convolution's
-  float32 input and weights with that many mantissa bits (recover.emulate_tf32).
+  `input_bits` (7: bfloat16, 10: TF32) emulates a matrix unit that reads the float32 inputs
+  and weights of every convolution and matmul, forward and backward, with that many mantissa
+  bits (recover.emulate).
   """
   if delta_form not in DELTA_FORMS:
     raise ValueError(f"delta_form must be one of {DELTA_FORMS}, got {delta_form!r}")
@@ -212,24 +227,17 @@ def forward_with_bn_stats(model, params, batch_stats, x, bn_paths, compute_dtype
     # BN parameters (and with the direct form every parameter) on θ + Δθ in float32.
     params = jax.tree.map(lambda p, d, kernel: p if (split and kernel) else p + d, params,
                           delta, arithmetic.kernel_mask(params))
-  cast = compute_dtype is not None and jnp.dtype(compute_dtype) != x.dtype
-  x_in = x
-  if cast:
-    to_compute = lambda tree: arithmetic.map_modules(
-        lambda m, kernel: jax.tree.map(lambda a: a.astype(compute_dtype), m) if kernel else m,
-        tree)
-    params = to_compute(params)
-    if split:
-      delta = to_compute(delta)
-    x_in = x.astype(compute_dtype)
-  intercept = (nn.intercept_methods(_conv_dense_arithmetic(delta if split else None, input_bits))
-               if split or input_bits is not None else contextlib.nullcontext())
+  if compute_dtype is not None and jnp.dtype(compute_dtype) == x.dtype:
+    compute_dtype = None
+  intercept = (nn.intercept_methods(_teacher_layer_arithmetic(
+      delta if split else None, input_bits, compute_dtype))
+      if split or input_bits is not None or compute_dtype is not None
+      else contextlib.nullcontext())
   with intercept:
-    logits, state = model.apply({"params": params, "batch_stats": batch_stats}, x_in,
+    logits, state = model.apply({"params": params, "batch_stats": batch_stats}, x,
                                 train=False, capture_stats=True, mutable=[BN_STATS])
-  logits = logits.astype(x.dtype) if cast else logits
   stats = [_at(state[BN_STATS], p)["mean_var"][0] for p in bn_paths]
-  return logits, stats
+  return logits.astype(x.dtype), stats
 
 
 def bn_matching_terms(stats, batch_stats, bn_paths, r_var):
@@ -472,8 +480,7 @@ def start_batch(model, variables, x_init, labels, key, draws, *, bn_paths,
   else:  # ‖Δθ‖ (a committee's: the mean of each ‖Δθ_m‖), and how much the arithmetic keeps
     metrics["delta_norm"] = (jnp.mean(jax.vmap(optax.tree.norm)(delta)) if cfg.committee > 1
                              else optax.tree.norm(delta))
-    metrics.update(arithmetic.survival(params, delta, cfg.weight_bits, cfg.delta_form,
-                                       convolutions_only=cfg.emulate_bits is not None))
+    metrics.update(arithmetic.survival(params, delta, cfg.weight_bits, cfg.delta_form))
   weight_grad_sum = jax.tree.map(jnp.zeros_like, params) if cfg.chained else None
   # The direct form's θ + Δθ, once per batch rather than in every iteration.
   weights = _add(params, delta) if delta is not None and cfg.delta_form == "direct" else None

@@ -1,0 +1,158 @@
+"""Which Δθ arithmetic the students need: DWA synthesised under each accelerator arithmetic,
+emulated on the CPU, and scored by the students.
+
+  python benchmarks/arithmetic_accuracy.py [--rows=exact,tf32_direct,bf16_direct,tf32_split,bf16_split]
+      [--workdir=workdir/arithmetic_accuracy] [--config=configs/reproduce_cifar10_convnet_official.py]
+
+CIFAR-10 ipc 10, ConvNet-128, the saved 84.84 % teacher the config imports, students under the
+config's protocol (official, 3 seeds). A row is one DWA set:
+
+* `exact`: float32 read exactly (the CPU; pre-Ampere GPUs);
+* `tf32_direct`, `tf32_split`: every convolution and matmul of the teacher reads its operands
+  (forward, and the cotangent backward) with TF32's 10 mantissa bits, float32 sums: JAX's
+  default on Ampere and later GPUs (`recover.emulate=tf32`), Δθ entering as θ + Δθ or split;
+* `bf16_direct`, `bf16_split`: the same with bfloat16's 7 bits, the TPU's default one pass
+  (`recover.emulate=bfloat16`).
+
+Per row: the students (final and best top-1 per seed), the synthesis's final CE and BN loss,
+its Δθ survival in weight space (`delta_cosine`, mean over batches), recover's seconds on this
+CPU (the emulation's rounding included: not an accelerator's cost), and the accelerator's cost
+of the form: XLA's FLOPs of one synthesis iteration of the native program (no emulation) with
+that Δθ form, and SRe2L's. Rows already finished are reused; the JSON is written after every
+row, each with its own command. Writes benchmarks/results/arithmetic_accuracy.json.
+"""
+
+import pathlib
+import re
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+import jax
+import numpy as np
+
+import common
+from dwa_jax import (data, device_dispatch, files, provenance, recover, relabel, squeeze,
+                     synthesis, teacher_store)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FLAGS = flags.FLAGS
+ROWS = {"exact": ("none", "direct"), "tf32_direct": ("tf32", "direct"),
+        "tf32_split": ("tf32", "split"), "bf16_direct": ("bfloat16", "direct"),
+        "bf16_split": ("bfloat16", "split")}
+
+
+def row_config(base, row: str):
+  emulate, form = ROWS[row]
+  return common.with_overrides(base, {
+      "methods": ("dwa",), "relabel.random_real_baseline": False, "stage": "relabel",
+      "recover.emulate": emulate, "recover.delta_form": form})
+
+
+def iteration_gflop(config, model, variables, meta, classes: int, method: str, form: str) -> float:
+  """XLA's FLOPs of one synthesis iteration (batch of all classes, one device) as an
+  accelerator runs it: float32, no emulation, Δθ in `form`."""
+  c = common.with_overrides(config, {"recover.emulate": "none", "recover.delta_form": form})
+  cfg = recover.synthesis_config(c.recover, method, "cpu")
+  size = 32
+  runner = device_dispatch.GroupRunner(model, variables, (size, size, 3), tuple(meta["mean"]),
+                                       tuple(meta["std"]), cfg, jax.devices()[:1], 1, unroll=True)
+  keys = jax.random.split(jax.random.key(0))
+  draws = synthesis.draw_augmentation(keys[0], cfg.iterations, cfg, (size, size))
+  x = np.asarray(jax.random.normal(keys[1], (classes, size, size, 3)))
+  group, _ = runner.start([x], [np.arange(classes)], [keys[1]], [draws])
+  return runner.cost_analysis(group, 1)["flops"] / 1e9
+
+
+def run_row(base, row: str, root: pathlib.Path) -> dict:
+  workdir = root / row
+  workdir.mkdir(parents=True, exist_ok=True)
+  common.copy_teacher(root / "teacher", workdir)
+  config = row_config(base, row)
+  record = {"row": row, "emulate": config.recover.emulate,
+            "delta_form": config.recover.delta_form}
+  cache = common.StageCache(workdir)
+  key = common.fingerprint(config.recover.to_dict(), config.seed, config.ipc)
+  started = time.time()
+  if not cache.fresh("recover/dwa", key, workdir / "synthetic" / "dwa" / "manifest.json"):
+    recover.run(config, workdir, "dwa")
+    cache.mark("recover/dwa", key)
+    record["recover_seconds"] = round(time.time() - started, 1)
+  summary = files.read_json(workdir / "synthetic" / "dwa" / "recover.json")
+  batches = summary["batches"]
+  record.update(
+      final_ce=float(np.mean([b["final_ce"] for b in batches])),
+      final_bn_loss=float(np.mean([b["final_bn_loss"] for b in batches])),
+      delta_cosine=float(np.mean([b["delta_cosine"] for b in batches])),
+      delta_norm_ratio=float(np.mean([b["delta_norm_ratio"] for b in batches])),
+      images_sha256=files.read_json(
+          workdir / "synthetic" / "dwa" / "manifest.json")["files"]["images.npz"])
+  started = time.time()
+  results = relabel.run(config, workdir)
+  (result,) = results["sets"].values()
+  record.update(common.set_row(result))
+  record["relabel_seconds"] = round(time.time() - started, 1)
+  record["card"] = results["protocol"]
+  return record
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  base = FLAGS.config
+  root = pathlib.Path(FLAGS.workdir)
+  rows = [r for r in FLAGS.rows.split(",") if r]
+  for row in rows:
+    if row not in ROWS:
+      raise app.UsageError(f"--rows: {row!r} is not one of {', '.join(ROWS)}")
+  teacher_config = common.with_overrides(base, {"stage": "squeeze"})
+  if not (root / "teacher" / teacher_store.TEACHER_DIR / "teacher.json").exists():
+    (root / "teacher").mkdir(parents=True, exist_ok=True)
+    squeeze.run(teacher_config, root / "teacher")
+  train = data.load_dataset(teacher_config.dataset, "train", teacher_config.data_dir)
+  model, variables, meta = teacher_store.load_teacher(root / "teacher", train)
+  out = pathlib.Path(FLAGS.results_dir) / f"{FLAGS.results_name}.json"
+  report = files.read_json(out) if out.exists() else {"rows": {}}
+  report["teacher_test_accuracy"] = meta["test_accuracy"]
+  if "accelerator_gflop_per_iteration" not in report:
+    report["accelerator_gflop_per_iteration"] = {
+        name: iteration_gflop(base, model, variables, meta, train.num_classes, method, form)
+        for name, method, form in (("sre2l", "sre2l", "direct"), ("dwa_direct", "dwa", "direct"),
+                                   ("dwa_split", "dwa", "split"))}
+  command = provenance.command()
+  for row in rows:
+    record = run_row(base, row, root)
+    record["command"] = re.sub(r" --rows=\S+", "", command) + f" --rows={row}"
+    report["rows"][row] = common.portable(record)
+    report["provenance"] = provenance.record()
+    files.write_json(out, report)  # after every row: a stopped run keeps the rows done
+  flops = report["accelerator_gflop_per_iteration"]
+  print("| row | best top-1 | final top-1 | Δθ cosine | final CE | final BN | GFLOP/iteration |")
+  print("|---|---|---|---|---|---|---|")
+  for name in ROWS:
+    if name in report["rows"]:
+      r = report["rows"][name]
+      print(f"| {name} | {common.fmt(r['best_mean'], r['best_std'])} | "
+            f"{common.fmt(r['final_mean'], r['final_std'])} | {r['delta_cosine']:.4f} | "
+            f"{r['final_ce']:.4f} | {r['final_bn_loss']:.3f} | "
+            f"{flops['dwa_' + r['delta_form']]:.3f} |")
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file(
+      "config", str(REPO / "configs" / "reproduce_cifar10_convnet_official.py"),
+      "The base config: data, teacher, synthesis and the students' protocol.", lock_config=True)
+  flags.DEFINE_string("workdir", "workdir/arithmetic_accuracy", "Work directory (teacher, one "
+                      "folder per row).")
+  flags.DEFINE_string("rows", ",".join(ROWS), f"Comma-separated rows of {', '.join(ROWS)}.")
+  flags.DEFINE_string("results_dir", str(REPO / "benchmarks" / "results"),
+                      "Where the JSON goes.")
+  flags.DEFINE_string("results_name", "arithmetic_accuracy", "Name of the JSON.")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
