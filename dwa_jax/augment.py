@@ -50,21 +50,27 @@ def sample_crop_box(key, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 
 
 
 def _resize_axis(x, start, length, out_size: int, axis: int):
-  """Bilinear resize of x[start:start+length] along `axis` to out_size, half-pixel centres, as
-  torch's `interpolate(mode='bilinear', align_corners=False)`; only pixels inside the window are
-  read. For upsampling (length ≤ out_size, all the augmentations here produce) it is also
-  torchvision's antialiased resize; downsampling would need a wider, antialiasing window.
+  """Bilinear resize of x[start:start+length] along `axis` (1 or 2 of NHWC) to out_size,
+  half-pixel centres, as torch's `interpolate(mode='bilinear', align_corners=False)`; pixels
+  outside the window have weight zero. For upsampling (length ≤ out_size, all the augmentations
+  here produce) it is also torchvision's antialiased resize; downsampling would need a wider,
+  antialiasing window.
+
+  Written as a product with an (out_size, size) interpolation matrix, in full float32
+  precision: its backward pass is a product too, where an indexed read's would be a
+  scatter-add, whose order of additions (and so its bits) varies from run to run on a GPU.
   """
   dtype = x.dtype
   scale = jnp.asarray(length, dtype) / out_size
   src = jnp.maximum((jnp.arange(out_size, dtype=dtype) + 0.5) * scale - 0.5, 0)
   i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), length - 1)
   i1 = jnp.minimum(i0 + 1, length - 1)
-  w1 = src - i0.astype(dtype)
-  shape = [1] * x.ndim
-  shape[axis] = out_size
-  w1 = w1.reshape(shape)
-  return (1 - w1) * jnp.take(x, start + i0, axis=axis) + w1 * jnp.take(x, start + i1, axis=axis)
+  w1 = (src - i0.astype(dtype))[:, None]
+  rows = jnp.arange(x.shape[axis])[None, :]
+  weights = ((1 - w1) * (rows == start + i0[:, None]).astype(dtype)
+             + w1 * (rows == start + i1[:, None]).astype(dtype))
+  spec = {1: "nhwc,oh->nowc", 2: "nhwc,ow->nhoc"}[axis]
+  return jnp.einsum(spec, x, weights, precision=jax.lax.Precision.HIGHEST)
 
 
 def crop_and_resize(x, box, out_size: int):
