@@ -119,6 +119,43 @@ def test_the_split_form_is_the_same_maths():
   np.testing.assert_allclose(out32["split"][0], out32["direct"][0], rtol=1e-4, atol=1e-5)
 
 
+def test_a_whole_synthesis_in_the_split_form_is_the_direct_one_in_float64():
+  """The split form through everything a DWA batch runs: the K-step ascent, quirk Q1's leaked
+  image gradient, quirk Q2's chain (a previous chunk's Δθ and weight gradients) and T Adam
+  steps. In float64 the images and Δθ agree with the direct form to ~1e-10 (a stop_gradient on
+  the split branch, or a Δθ left out of it, changes them at the first step)."""
+  model, variables, x0, paths, _ = convnet_case((10, 16, 16, 3))
+  with jax.enable_x64(True):
+    v64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+    x64 = jnp.asarray(x0, jnp.float64)
+    chain = synthesis.ChainCarry(random_delta(v64["params"], seed=11),
+                                 random_delta(v64["params"], rho=1.0, seed=12))
+    out = {}
+    for form in synthesis.DELTA_FORMS:
+      cfg = synthesis.SynthesisConfig(iterations=8, adjust_steps=3, compat_q1=True,
+                                      compat_q2=True, delta_form=form)
+      draws = synthesis.draw_augmentation(jax.random.key(2), cfg.iterations, cfg, (16, 16))
+
+      @jax.jit
+      def run(v, x, chain, draws, cfg=cfg):
+        state, _ = synthesis.start_batch(model, v, x, jnp.arange(10), jax.random.key(3), draws,
+                                         bn_paths=paths, cfg=cfg, chain=chain)
+        state, metrics = synthesis.run_iterations(
+            model, v, state, jnp.arange(10), jax.random.key(3), draws, cfg.iterations,
+            bn_paths=paths, pixel_mean=(0.5,) * 3, pixel_std=(0.25,) * 3, cfg=cfg)
+        return state.x, state.delta, state.weight_grad_sum, metrics["ce"]
+
+      out[form] = run(v64, x64, chain, draws)
+  moved = float(jnp.abs(out["direct"][0] - x64).max())
+  assert moved > 0.1
+  np.testing.assert_allclose(out["split"][0], out["direct"][0], rtol=0, atol=1e-10 * moved)
+  np.testing.assert_allclose(out["split"][3], out["direct"][3], rtol=1e-10)
+  for tree in (1, 2):  # Δθ, and Q2's weight gradients handed to the next chunk
+    for a, b in zip(jax.tree.leaves(out["split"][tree]), jax.tree.leaves(out["direct"][tree])):
+      scale = float(jnp.abs(b).max()) + 1e-300
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-10 * scale)
+
+
 def test_the_split_form_keeps_the_effect_on_the_teacher_in_emulated_arithmetic():
   """The effect of Δθ on the logits, f(θ + Δθ) − f(θ), under emulated TF32 and bfloat16 inputs
   and weights (float32 products and sums), averaged over 32 inputs dithered by N(0, 0.01) (the

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from dwa_jax import main as main_lib
-from dwa_jax import presets, relabel, train_lib, train_loop
+from dwa_jax import augment, presets, relabel, train_lib, train_loop
 from dwa_jax.models import build_model
 
 from dwa_jax.testing import tiny_config as tiny
@@ -61,15 +61,26 @@ def test_ensemble_averages_the_teachers_logits():
 
 @pytest.mark.parametrize("mixing", ["none", "mixup", "cutmix"])
 def test_hard_labels_are_mixed_as_the_images(mixing):
-  _, target, _, labels = batch_targets(mixing=mixing, labels="hard")
+  """The hard target is λ·onehot(y) + (1 − λ)·onehot(y[perm]) with the λ and permutation that
+  mixed the images: drawn again here from prepare's key, and checked to give prepare's images."""
+  inputs, target, _, labels = batch_targets(mixing=mixing, labels="hard")
   assert set(target) == {"hard"}  # no teacher
   hard = np.asarray(target["hard"])
-  np.testing.assert_allclose(hard.sum(1), 1.0, rtol=1e-6)
+  one_hot = np.eye(10)[labels]
   if mixing == "none":
-    np.testing.assert_array_equal(hard, np.eye(10)[labels])
-  else:  # each row: λ on its own class and 1 − λ on its partner's, the same λ for all
-    own = hard[np.arange(6), labels]
-    assert np.all(own >= 0.0) and np.ptp(hard.max(1)) < 1.0
+    np.testing.assert_array_equal(hard, one_hot)
+    return
+  rc = presets.demo_digits().relabel
+  x = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+  aug_key, mix_key = jax.random.split(jax.random.key(0))
+  views = train_lib.augment_views(aug_key, train_lib.normalize(x, (0.5,), (0.25,)), rc.augment)
+  mixed, perm, lam = getattr(augment, mixing)(mix_key, views, rc.mix_alpha)
+  np.testing.assert_allclose(inputs, mixed, rtol=1e-6, atol=1e-6)  # the draws prepare used
+  lam, perm = float(lam), np.asarray(perm)
+  assert 0 < lam < 1 and np.any(perm != np.arange(6))
+  np.testing.assert_allclose(hard, lam * one_hot + (1 - lam) * one_hot[perm], rtol=1e-6,
+                             atol=1e-7)
+  assert np.any(hard.max(1) < 1)  # not one-hot
 
 
 def test_ema_is_updated_each_step_and_evaluated():
