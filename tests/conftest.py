@@ -48,6 +48,20 @@ def shared_dir():
   return SHARED_DIR
 
 
+def parity_recording(folder: pathlib.Path):
+  """The mark of a test module that replays the recording in `folder`: skipped, with the reason,
+  where the recording is missing; but where DWA_REQUIRE_PARITY is set (.ci/run sets it) a
+  missing recording is an error, since the parity tests are the only independent check of the
+  synthesis maths and a skip would read as green."""
+  if (folder / "record.json").exists():
+    return pytest.mark.skipif(False, reason="")
+  if os.environ.get("DWA_REQUIRE_PARITY"):
+    raise FileNotFoundError(f"parity recording not found at {folder}, and DWA_REQUIRE_PARITY is "
+                            "set: ../shared must lie beside the repository (or DWA_SHARED_DIR)")
+  return pytest.mark.skip(reason=f"parity recording not found at {folder} (needs ../shared "
+                          "beside the repository, or DWA_SHARED_DIR)")
+
+
 # The longest files first (seconds in a full run: --durations=0). pytest-xdist's loadfile hands a
 # worker its next file when the current one is nearly done, so a long file handed out last would
 # leave one worker running alone at the end; pyproject.toml turns off xdist's own order (most

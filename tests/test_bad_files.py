@@ -12,6 +12,7 @@ background threads and interpreter shutdown could still print tracebacks.
 
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import json
 import pathlib
@@ -148,10 +149,12 @@ def image_folder_cases() -> list[Case]:
   good = [png_bytes(im) for im in images]
 
   def write(root, blobs=good, classes=10, suffix=".png"):
-    for k, (blob, label) in enumerate(zip(blobs, labels)):
-      if label < classes:
-        (root / f"c{label}").mkdir(parents=True, exist_ok=True)
-        (root / f"c{label}" / f"im{k:03d}{suffix}").write_bytes(blob)
+    """The training images under root/train (mutated), the good ones again under root/test."""
+    for split, images in (("train", blobs), ("test", good)):
+      for k, (blob, label) in enumerate(zip(images, labels)):
+        if label < classes:
+          (root / split / f"c{label}").mkdir(parents=True, exist_ok=True)
+          (root / split / f"c{label}" / f"im{k:03d}{suffix}").write_bytes(blob)
 
   cases = []
   for which in (0, 25):  # the first image (opened up front) and one read during training
@@ -173,13 +176,22 @@ def image_folder_cases() -> list[Case]:
 
   def empty_class(workdir, scratch):
     write(scratch / "folder")
-    for f in (scratch / "folder" / "c4").iterdir():
+    for f in (scratch / "folder" / "train" / "c4").iterdir():
       f.unlink()
     return {"dataset": f"folder:{scratch / 'folder'}", "stage": "squeeze"}
 
   def no_classes(workdir, scratch):
-    (scratch / "folder").mkdir()
-    (scratch / "folder" / "readme.txt").write_text("no images")
+    (scratch / "folder" / "train").mkdir(parents=True)
+    (scratch / "folder" / "test").mkdir()
+    (scratch / "folder" / "train" / "readme.txt").write_text("no images")
+    return {"dataset": f"folder:{scratch / 'folder'}", "stage": "squeeze"}
+
+  def no_splits(workdir, scratch):  # PATH/<class>/: one set of images for both splits
+    write(scratch / "folder")
+    for split in ("train", "test"):
+      for cls in (scratch / "folder" / split).iterdir():
+        cls.rename(scratch / "folder" / f"{cls.name}_{split}")
+      (scratch / "folder" / split).rmdir()
     return {"dataset": f"folder:{scratch / 'folder'}", "stage": "squeeze"}
 
   def text_as_png(workdir, scratch):
@@ -191,6 +203,7 @@ def image_folder_cases() -> list[Case]:
             Case("image folder", "one class", one_class, folder),
             Case("image folder", "class without images", empty_class, folder),
             Case("image folder", "no class folders", no_classes, folder),
+            Case("image folder", "no train/ and test/ sub-folders", no_splits, folder),
             Case("image folder", "text file named .png", text_as_png, lambda w, s: "im007.png")]
   return cases
 
@@ -503,6 +516,16 @@ def all_cases() -> list[Case]:
 
 
 CASES = all_cases()
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def with_marks(case):
+  """A damaged .pth can only be told apart from a missing torch where torch is installed (the
+  `torch` extra); without it every .pth case would end in the 'needs torch' line, which checks
+  nothing of the damage: those cases skip with the reason instead."""
+  needs_torch = case.kind == "teacher checkpoint .pth" and not HAVE_TORCH
+  return pytest.param(case, id=case.id, marks=pytest.mark.skipif(
+      needs_torch, reason="needs torch (pip install -e '.[torch]') to read a .pth"))
 
 
 # ----------------------------------------------------------------------------- the check
@@ -574,7 +597,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_co
   return config
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [with_marks(c) for c in CASES])
 def test_bad_input_is_one_line_exit_2_nothing_written(finished, tmp_path, capsys, case):
   workdir, scratch = tmp_path / "w", tmp_path / "scratch"
   shutil.copytree(finished, workdir)

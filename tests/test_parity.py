@@ -20,17 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SHARED_DIR
+from conftest import SHARED_DIR, parity_recording
 from dwa_jax import synthesis
 from dwa_jax import device_dispatch
 from dwa_jax import compat, convert, data, presets, recover
 from dwa_jax.models import build_model
 
 FIXTURE = SHARED_DIR / "parity" / "cifar10_resnet18_fp64"
-pytestmark = pytest.mark.skipif(
-    not (FIXTURE / "record.json").exists(),
-    reason=f"parity fixture not found at {FIXTURE} (needs ../shared beside the repository, "
-           "or DWA_SHARED_DIR)")
+pytestmark = parity_recording(FIXTURE)
 
 # The official CIFAR-10 synthesis normalisation (note its std differs from the true CIFAR-10 std).
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)

@@ -22,17 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SHARED_DIR
+from conftest import SHARED_DIR, parity_recording
 from dwa_jax import synthesis
 from dwa_jax import device_dispatch
 from dwa_jax import convert, data, presets, recover
 from dwa_jax.models import build_model
 
 FIXTURE = SHARED_DIR / "parity" / "imagenet_resnet18_fp64"
-pytestmark = [pytest.mark.skipif(
-    not (FIXTURE / "record.json").exists(),
-    reason=f"ImageNet parity fixture not found at {FIXTURE} (needs ../shared beside the "
-           "repository, or DWA_SHARED_DIR)")]
+pytestmark = [parity_recording(FIXTURE)]
 # About 3 minutes for the official recording (183 s here alone: two ResNet-18 chunks at 224² in
 # float64, one compilation), yet not marked `slow`: it is the ImageNet path's fidelity check and
 # belongs in the default (CI) suite.
