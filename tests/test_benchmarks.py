@@ -1,11 +1,16 @@
 """The benchmarks run (tiny modes) and write their JSON; timings are not asserted. Every
 committed result names the code and the command that produced it."""
 
+import contextlib
 import json
 import os
 import pathlib
+import random
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -336,31 +341,135 @@ def test_protocol_benchmark_keeps_one_json_to_one_base_sets(tmp_path):
       protocol_cifar10.check_base_sets(out, {"rows": {"x/base": {}}, "base_sets": recorded}, sets)
 
 
-def test_accelerator_check_quick(tmp_path):
-  """benchmarks/accelerator_check.py --quick: every section runs on the CPU with tiny sizes and
-  lands in the JSON; each engine program compiles once; scan and unrolled agree."""
-  out = tmp_path / "accelerator.json"
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "DWA_JAX_XLA_DEFAULTS")}
-  # A budget no run here reaches: a busy machine must not turn the engine rows into skips.
-  proc = subprocess.run([sys.executable, "benchmarks/accelerator_check.py", "--quick",
-                         "--budget_s=100000", f"--out={out}"], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=900)
+
+# benchmarks/accelerator_check.py on the CPU (--quick, tiny sizes): every section lands in the
+# JSON, which a kill at any point leaves holding every section and row the log said finished;
+# the budget skips and stops; the CPU without --quick is refused.
+ACCELERATOR_CHECK = [sys.executable, "benchmarks/accelerator_check.py"]
+# The suite's compilation cache (tests/conftest.py) is kept: the later runs reuse the first's.
+ACCELERATOR_ENV = {k: v for k, v in os.environ.items()
+                   if k not in ("XLA_FLAGS", "DWA_JAX_XLA_DEFAULTS")}
+LOGGED_ROW = re.compile(r"^  (\w+)\.(\S+): (.*)$", re.M)
+LOGGED_SECTION = re.compile(r"^section (\w+): (.+) \([\d.]+ s\)$", re.M)
+
+
+@pytest.fixture(scope="module")
+def accelerator_quick_run(tmp_path_factory):
+  """One full --quick run: (JSON, stdout). A budget no run here reaches: a busy machine must
+  not turn sections into skips."""
+  out = tmp_path_factory.mktemp("accelerator") / "accelerator.json"
+  proc = subprocess.run([*ACCELERATOR_CHECK, "--quick", "--budget_s=100000", f"--out={out}"],
+                        cwd=REPO, env=ACCELERATOR_ENV, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(out.read_text())
+  return json.loads(out.read_text()), proc.stdout
+
+
+def test_accelerator_check_quick_fills_every_section(accelerator_quick_run):
+  result, stdout = accelerator_quick_run
   assert result["backend"] == "cpu" and result["provenance"]["command"].startswith("python ")
-  assert len(result["engine"]) == 2
-  for key, row in result["engine"].items():
-    assert "skipped" not in row, (key, row)
+  sections = ["engine", "memory", "demo", "precision", "consistency", "training", "engine_more"]
+  assert result["sections_done"] == sections and list(result["sections"]) == sections
+  assert result["total_seconds"] >= sum(s["seconds"] for s in result["sections"].values())
+  rows = {**result["engine"], **result["engine_more"]}
+  assert len(rows) == 3
+  for key, row in rows.items():
     assert row["compilations"] == {"start": 1, "advance": 1}, (key, row)
     assert row["seconds_per_iteration"] > 0 and np.isfinite(row["final_ce"])
+    assert row["timed_seconds"] >= 0.2 and row["timed_iterations"] >= 8
+  assert result["engine"]["convnet.b10.P1.dwa.split.bfloat16"]["delta_form"] == "split"
+  memory = result["memory"]
+  for form in ("split", "direct"):
+    for name in (f"iteration.{form}", f"ascent.scan.{form}.K2", f"ascent.unrolled.{form}.K2"):
+      assert memory[name]["temp_bytes"] > 0 and memory[name]["compile_seconds"] >= 0
+    assert memory["scan_ascent_temp_over_iteration"][form] > 0
+  demo = result["demo"]
+  assert list(demo["stage_seconds"]) == ["squeeze", "recover/sre2l", "recover/dwa", "relabel"]
+  assert all(s >= 0 for s in demo["stage_seconds"].values())
+  assert sum(demo["stage_seconds"].values()) == pytest.approx(demo["seconds"], abs=0.5)
+  assert set(demo["sets"]) == {"sre2l", "dwa", "random_real"}
+  assert 0 <= demo["sets"]["dwa"]["final_mean"] <= 100 and demo["teacher_test_accuracy"] > 0
   precision = result["precision"]
   assert precision["float32"]["delta_form"] == "direct"
   assert precision["bfloat16"]["delta_form"] == "split"
   assert precision["bfloat16"]["delta_cosine"] >= 0.99
   assert precision["logit_effect"]["float32_direct"]["cosine"] > 0.999  # the CPU is exact
-  assert result["scan_vs_unrolled"]["max_abs_pixel_difference"] < 1e-3
-  assert result["repeat"]["bytes_equal"] is True  # one CPU, one program: the same bytes
-  assert result["checkpoint"]["seconds_per_save"] > 0
+  consistency = result["consistency"]
+  assert consistency["scan_vs_unrolled"]["max_abs_pixel_difference"] < 1e-3
+  assert consistency["repeat"]["bytes_equal"] is True  # one CPU, one program: the same bytes
+  assert consistency["checkpoint"]["seconds_per_save"] > 0
   for key in ("squeeze.workers0", "relabel.workers1", "evaluation.workers0"):
     assert result["training"][key]["images_per_second"] > 0
-  assert "| engine |" in proc.stdout
+  assert "| engine |" in stdout and "| program |" in stdout
+
+
+def test_accelerator_check_killed_keeps_what_its_log_said_finished(tmp_path,
+                                                                   accelerator_quick_run):
+  """SIGKILL at a random point after the first section finished: the JSON on disk parses and
+  holds every section and row the (per-row flushed) log printed before the kill."""
+  del accelerator_quick_run  # run first: its compiled programs are in the cache
+  out, log = tmp_path / "accelerator.json", tmp_path / "log"
+  with log.open("w") as f:
+    proc = subprocess.Popen([*ACCELERATOR_CHECK, "--quick", "--budget_s=100000", f"--out={out}"],
+                            cwd=REPO, env=ACCELERATOR_ENV, stdout=f, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+  try:
+    deadline = time.monotonic() + 600
+    while not (out.exists() and json.loads(out.read_text())["sections_done"]):
+      assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+      time.sleep(0.1)
+    delay = random.uniform(0, 15)
+    time.sleep(delay)
+  finally:  # the script and its children: one process group
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+  text = log.read_text()
+  text = text[:text.rfind("\n") + 1]  # whole lines
+  result = json.loads(out.read_text())
+  sections = dict(LOGGED_SECTION.findall(text))
+  assert "engine" in sections, text
+  for name, status in sections.items():
+    assert result["sections"][name]["status"] == status, (delay, name)
+    assert (name in result["sections_done"]) == (status == "done")
+  for name, key, value in LOGGED_ROW.findall(text):
+    assert result[name][key] == json.loads(value), (delay, name, key)
+
+
+def test_accelerator_check_budget_skips_and_stops(tmp_path):
+  """A 6 s budget: the sections not started by then are skipped, a child running then is
+  killed; either is recorded, and the JSON is complete."""
+  out = tmp_path / "accelerator.json"
+  proc = subprocess.run([*ACCELERATOR_CHECK, "--quick", "--budget_s=6",
+                         "--sections=engine,memory,demo", f"--out={out}"], cwd=REPO,
+                        env=ACCELERATOR_ENV, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["demo"] == {"skipped": "time budget spent"}
+  assert result["sections"]["demo"]["status"] == "skipped"
+  for row in result["engine"].values():
+    assert "compilations" in row or row == {"skipped": "time budget spent"} or (
+        row["timed_out"].startswith("killed after"))
+  assert result["total_seconds"] < 60
+
+
+def test_accelerator_check_in_process_as_on_a_tpu_host(tmp_path):
+  """--in_process (what a TPU host runs): the sections in the parent, streamed the same way."""
+  out = tmp_path / "accelerator.json"
+  proc = subprocess.run([*ACCELERATOR_CHECK, "--quick", "--in_process", "--budget_s=100000",
+                         "--sections=memory,engine_more", f"--out={out}"], cwd=REPO,
+                        env=ACCELERATOR_ENV, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["processes"] == "one" and result["sections_done"] == ["memory", "engine_more"]
+  assert result["memory"]["ascent.unrolled.direct.K2"]["temp_bytes"] > 0
+  assert result["engine_more"]["convnet.b10.P2.sre2l"]["compilations"] == {"start": 1,
+                                                                           "advance": 1}
+
+
+def test_accelerator_check_refuses_the_cpu_without_quick(tmp_path):
+  out = tmp_path / "accelerator.json"
+  proc = subprocess.run([*ACCELERATOR_CHECK, f"--out={out}"], cwd=REPO,
+                        env={**ACCELERATOR_ENV, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                        text=True, timeout=60)
+  assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert "--quick" in proc.stderr and not out.exists()
