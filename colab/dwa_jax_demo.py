@@ -17,12 +17,12 @@
 #
 # This notebook installs `dwa_jax`, checks the runtime, runs the digits demo end to end
 # (teacher → SRe2L and DWA synthesis → students with online soft labels → results table), shows
-# the synthetic images, and then explains how to run the CIFAR-100 / ImageNet configs on a GPU or
-# TPU runtime. The first cell installs the package from the clone this notebook sits in, or
-# else from `REPO_URL` (the repository's git URL: fill it in when the notebook is opened on its
-# own, e.g. on Colab from GitHub), together with JAX's own build for the runtime's accelerator
-# (`jax[cuda12]`, `jax[tpu]`). `DWA_SMOKE=1` shrinks every size so the notebook test can run it
-# in minutes.
+# the synthetic images, and then shows how the CIFAR-100 / ImageNet configs would run on a GPU or
+# TPU runtime (not yet run: this notebook has run only on a CPU). The first cell installs the
+# package from the clone this notebook sits in, or else from `REPO_URL` (the repository's git
+# URL: fill it in when the notebook is opened on its own, e.g. on Colab from GitHub), together
+# with JAX's own build for the runtime's accelerator (`jax[cuda12]`, `jax[tpu]`). `DWA_SMOKE=1`
+# shrinks every size so the notebook test can run it in minutes.
 
 # %%
 import glob
@@ -140,10 +140,12 @@ print(subprocess.run(command, check=True, capture_output=True, text=True,
                      env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout)
 
 # %% [markdown]
-# ## CIFAR-100 and ImageNet on a GPU / TPU runtime
+# ## CIFAR-100 and ImageNet on a GPU / TPU runtime (not yet run)
 #
-# Run the stages in this kernel, which already holds the accelerator (a second JAX process
-# cannot open a TPU's chips while this one has them):
+# No GPU or TPU has run this project or this notebook: the cells below are written from the
+# code paths checked on the CPU, not tried on Colab's accelerators (docs/accelerators.md says
+# what is and is not known). Run the stages in this kernel, which already holds the accelerator
+# (a second JAX process cannot open a TPU's chips while this one has them):
 #
 # ```
 # from dwa_jax.configs import cifar100_dwa

@@ -9,9 +9,10 @@ ones stay on disk as an `ImageSource` that decodes one image per read, so the in
                          needed to read)                                                   memory
   imagenet2012           tfds data_source, JPEGs decoded on read (resize 256, centre 224)  disk
   tiny_imagenet          the Tiny-ImageNet-200 folder in `data_dir` (classes = sorted wnids) disk
-  npz:PATH               a .npz with `images` (uint8 NHWC) and `labels`; read row by row when
+  npz:PATH               a .npz with `{split}_images` (uint8 NHWC) and `{split}_labels`, or
+                         `images` and `labels` for every split; read row by row when
                          stored uncompressed (np.savez), else loaded                       disk
-  folder:PATH            an ImageFolder: PATH/<class name>/*.png|jpg (PATH/<split> if present) disk
+  folder:PATH            ImageFolders PATH/train/<class>/*.png|jpg and PATH/test/<class>   disk
   cifar10_jpeg:PATH      the JPEG-bytes CIFAR-10 file of ../shared/data (decoded once, cached) memory
 """
 
@@ -516,6 +517,8 @@ def image_folder_files(root, class_names: Sequence[str] | None = None):
     raise DataError(f"No class sub-folders in {root} (expected {root}/<class>/<image>.png).")
   paths, labels = [], []
   for label, cls in enumerate(class_names):
+    if not (root / cls).is_dir():  # a given class that this split lacks (a test split)
+      continue
     found = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     paths += found
     labels += [label] * len(found)
@@ -531,6 +534,32 @@ def load_image_folder(root, image_size: int | None = None, class_names: Sequence
   paths, labels, class_names = image_folder_files(root, class_names)
   return _make(FileImages(paths, image_size), labels, class_names, name or f"folder:{root}",
                mean_std)
+
+
+def folder_split(root: pathlib.Path, split: str) -> pathlib.Path:
+  """`root/<split>` of a `folder:` data set. A folder without it is refused rather than read for
+  both splits, which would test students on their own training images."""
+  if not root.is_dir():
+    raise DataError(f"Image folder not found: {root}")
+  if not (root / split).is_dir():
+    raise DataError(f"folder:{root} has no {split}/ sub-folder: a folder data set needs "
+                    f"{root}/train/<class>/*.png|jpg and {root}/test/<class>/*.png|jpg (one set "
+                    "of images for both would test the students on their training images).")
+  return root / split
+
+
+def load_folder_dataset(root: pathlib.Path, split: str) -> Dataset:
+  """One split of `folder:root`; every split takes its class indices from root/train, so a test
+  split that lacks a class keeps the others' labels."""
+  path = folder_split(root, split)
+  if split == "train":
+    return load_image_folder(path)
+  classes = sorted(p.name for p in folder_split(root, "train").iterdir() if p.is_dir())
+  extra = sorted({p.name for p in path.iterdir() if p.is_dir()} - set(classes))
+  if extra:
+    raise DataError(f"{path} has class folders that {root / 'train'} lacks: "
+                    f"{', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}.")
+  return load_image_folder(path, class_names=classes)
 
 
 def load_tiny_imagenet(root, split: str) -> Dataset:
@@ -701,8 +730,7 @@ def _load_dataset(name: str, split: str, data_dir: str | None) -> Dataset:
   if kind == "npz":
     return load_npz(arg, split)
   if kind == "folder":
-    root = pathlib.Path(arg)
-    return load_image_folder(root / split if (root / split).is_dir() else root)
+    return load_folder_dataset(pathlib.Path(arg), split)
   if kind == "cifar10_jpeg":
     return load_cifar10_jpeg(arg, split, data_dir or None)
   raise DataError(f"Unknown data set {name!r}; use digits, cifar10, cifar100, imagenet2012, "

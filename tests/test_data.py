@@ -1,12 +1,17 @@
 """Data sources on small local data and under tfds.testing.mock_data (no download)."""
 
 import io
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from dwa_jax import data
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_digits_is_deterministic_stratified_and_disjoint():
@@ -51,13 +56,49 @@ def test_npz_and_image_folder_round_trip(tmp_path):
   np.savez_compressed(tmp_path / "c.npz", images=images, labels=labels)
   np.testing.assert_array_equal(data.load_npz(tmp_path / "c.npz").images, images)
   for k, (image, label) in enumerate(zip(images, labels)):
-    folder = tmp_path / "folder" / f"class{label:03d}"
+    folder = tmp_path / "folder" / ("train" if k < 4 else "test") / f"class{label:03d}"
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(folder / f"{k}.png")
   ds = data.load_dataset(f"folder:{tmp_path / 'folder'}", "train")
   assert ds.class_names == ("class000", "class001", "class002")
-  np.testing.assert_array_equal(np.sort(ds.images[:].reshape(6, -1), 0),
-                                np.sort(images.reshape(6, -1), 0))
+  np.testing.assert_array_equal(np.sort(ds.images[:].reshape(4, -1), 0),
+                                np.sort(images[:4].reshape(4, -1), 0))
+  test = data.load_dataset(f"folder:{tmp_path / 'folder'}", "test")
+  np.testing.assert_array_equal(np.sort(test.images[:].reshape(2, -1), 0),
+                                np.sort(images[4:].reshape(2, -1), 0))
+
+
+def test_a_folder_without_train_and_test_is_one_line_exit_2(tmp_path):
+  """A flat `folder:PATH` (PATH/<class>/...) would be read for both splits, testing students on
+  their training images: the command refuses it with one line naming the layout it needs."""
+  for k in range(4):
+    (tmp_path / "flat" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(tmp_path / "flat" / f"c{k % 2}" /
+                                                               f"{k}.png")
+  proc = subprocess.run([sys.executable, "-m", "dwa_jax.main", "--config=configs/demo_digits.py",
+                         f"--workdir={tmp_path / 'w'}", f"--config.dataset=folder:{tmp_path / 'flat'}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("dwa_jax: error: folder:"), lines[-5:]
+  assert "has no train/ sub-folder" in lines[0] and f"{tmp_path / 'flat'}/test/<class>" in lines[0]
+  (tmp_path / "flat" / "train").mkdir()  # a train/ folder alone: the test split is refused
+  with pytest.raises(data.DataError, match="has no test/ sub-folder"):
+    data.load_dataset(f"folder:{tmp_path / 'flat'}", "test")
+
+
+def test_a_folder_test_split_takes_the_training_classes(tmp_path):
+  """Labels follow train/'s sorted class folders, also where test/ lacks a class."""
+  for split, classes in (("train", "abc"), ("test", "ac")):
+    for c in classes:
+      (tmp_path / split / c).mkdir(parents=True)
+      Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / split / c / "0.png")
+  test = data.load_dataset(f"folder:{tmp_path}", "test")
+  assert test.class_names == ("a", "b", "c") and list(test.labels) == [0, 2]
+  (tmp_path / "test" / "d").mkdir()
+  data.load_dataset.cache_clear()
+  with pytest.raises(data.DataError, match="has class folders that .* lacks: d"):
+    data.load_dataset(f"folder:{tmp_path}", "test")
 
 
 def _fake_jpeg_file(path, n=5):

@@ -192,3 +192,20 @@ def test_a_broken_flag_in_a_readme_block_fails(broken):
   with pytest.raises((AssertionError, flags.Error, AttributeError, KeyError, ValueError,
                       FileNotFoundError, OSError)):
     check_main_flags(args)
+
+
+def test_release_files_agree():
+  """LICENSE is the Apache-2.0 text that pyproject.toml names; one version in pyproject.toml,
+  `dwa_jax.__version__`, CITATION.cff and the CHANGELOG's first entry."""
+  import dwa_jax  # pylint: disable=g-import-not-at-top
+  project = (REPO / "pyproject.toml").read_text()
+  version = re.search(r'^version = "([^"]+)"', project, re.M).group(1)
+  assert 'license = {text = "Apache-2.0"}' in project
+  licence = (REPO / "LICENSE").read_text()
+  assert "Apache License" in licence and "Version 2.0, January 2004" in licence
+  assert "END OF TERMS AND CONDITIONS" in licence
+  assert dwa_jax.__version__ == version
+  citation = (REPO / "CITATION.cff").read_text()
+  assert re.search(rf"^version: {re.escape(version)}$", citation, re.M)
+  assert re.search(r"^license: Apache-2.0$", citation, re.M)
+  assert re.search(r"^## (\S+)", (REPO / "CHANGELOG.md").read_text(), re.M).group(1) == version
