@@ -598,15 +598,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_co
 
 
 @pytest.mark.parametrize("case", [with_marks(c) for c in CASES])
-def test_bad_input_is_one_line_exit_2_nothing_written(finished, tmp_path, capsys, case):
+def test_bad_input_is_one_line_exit_2_nothing_written(finished, tmp_path, capfd, case):
   workdir, scratch = tmp_path / "w", tmp_path / "scratch"
   shutil.copytree(finished, workdir)
   scratch.mkdir()
   overrides = case.prepare(workdir, scratch)
   config = apply_overrides(tiny(), dict(overrides))
   before = snapshot(workdir)
+  capfd.readouterr()
   status = main_lib.execute(config, workdir)
-  err = capsys.readouterr().err
+  err = capfd.readouterr().err
   errors = [line for line in err.splitlines() if line.startswith("dwa_jax: error:")]
   assert status == 2, (status, err[-1500:])
   assert len(errors) == 1, err[-1500:]

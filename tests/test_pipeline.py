@@ -150,6 +150,9 @@ def test_command_line_overrides_and_all_stages(tmp_path):
   assert (tmp_path / "results.json").exists() and (tmp_path / "metrics.jsonl").exists()
 
 
+# In the slow suite: tests/test_errors.py checks these messages (and the one-line form through
+# the command line) in the default one.
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [
     ("--config.ipc=0", "ipc must be >= 1"),
     ("--config.recover.r_bn=-1.0", "recover.r_bn must be >= 0"),

@@ -1,5 +1,6 @@
 """The recover engine, function by function, against direct formulas (tiny ConvNet teacher)."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -213,6 +214,84 @@ def test_dwa_first_step_with_and_without_quirk_q1(teacher, batch, compat):
   assert bool(np.any(ascent_grad)) == compat
   expected = _first_step_by_hand(teacher, x, labels, cfg, (1, 4), np.asarray(ascent_grad), delta)
   np.testing.assert_allclose(images, expected, rtol=1e-5, atol=1e-5)
+
+
+def _loss_by_hand(teacher, params, x, labels, offset, cfg):
+  """CE + r_bn·Σ_l w_l·(r_var‖σ²_l − var_l‖ + ‖μ_l − mean_l‖) of the rolled view, written out
+  from the teacher's eval-mode forward and its BN inputs."""
+  model, variables = teacher
+  bn_paths = paths(teacher)
+  view = jnp.roll(x, tuple(offset), axis=(1, 2))
+  logits, stats = synthesis.forward_with_bn_stats(model, params, variables["batch_stats"], view,
+                                                  bn_paths)
+  ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+  bn = 0.0
+  for k, ((mu, var), path) in enumerate(zip(stats, bn_paths)):
+    running = variables["batch_stats"][path[0]]
+    weight = cfg.first_bn_weight if k == 0 else 1.0
+    bn += weight * (cfg.r_var * jnp.linalg.norm(var - running["var"])
+                    + jnp.linalg.norm(mu - running["mean"]))
+  return ce + cfg.r_bn * bn, ce
+
+
+def _adam_by_hand(grad_at, x, cfg, extra=0.0):
+  """cfg.iterations steps of Adam (bias-corrected, betas 0.5/0.9) on the pixels, cosine lr,
+  clamped after each, in NumPy; `extra` joins the first step's gradient (quirk Q1)."""
+  lo, hi = (np.asarray(b) for b in synthesis.pixel_bounds(MEAN, STD, jnp.float32))
+  x = np.asarray(x, np.float64)
+  m, v = np.zeros_like(x), np.zeros_like(x)
+  for t in range(cfg.iterations):
+    g = np.asarray(grad_at(t, jnp.asarray(x, jnp.float32)), np.float64) + (extra if t == 0 else 0)
+    m = 0.5 * m + 0.5 * g
+    v = 0.9 * v + 0.1 * g * g
+    m_hat, v_hat = m / (1 - 0.5 ** (t + 1)), v / (1 - 0.9 ** (t + 1))
+    lr = 0.5 * (1 + np.cos(np.pi * t / cfg.iterations)) * cfg.lr
+    x = np.clip(x - lr * m_hat / (np.sqrt(v_hat) + 1e-8), lo, hi)
+  return x
+
+
+def test_three_sre2l_steps_are_adam_with_betas_half_and_nine_tenths(teacher, batch):
+  """Three iterations against Adam written out in NumPy: at step 1 Adam is nearly a sign
+  whatever its betas; by step 3 the moments' decay shows (betas 0.9/0.999 fail here)."""
+  x, labels = batch
+  cfg = synthesis.sre2l_config(iterations=3, lr=0.1)
+  assert (cfg.adam_b1, cfg.adam_b2) == (0.5, 0.9)
+  offsets = np.array([[2, 3], [0, 1], [4, 2]])
+  images, _ = _synthesize(teacher, x, labels, cfg, jnp.asarray(offsets))
+  _, variables = teacher
+  grad_at = lambda t, x: jax.grad(lambda x: _loss_by_hand(
+      teacher, variables["params"], x, labels, offsets[t], cfg)[0])(x)
+  np.testing.assert_allclose(images, _adam_by_hand(grad_at, x, cfg), rtol=1e-4, atol=1e-4)
+  wrong = dataclasses.replace(cfg, adam_b1=0.9, adam_b2=0.999)
+  images_wrong, _ = _synthesize(teacher, x, labels, wrong, jnp.asarray(offsets))
+  assert float(np.abs(np.asarray(images_wrong) - _adam_by_hand(grad_at, x, cfg)).max()) > 1e-3
+
+
+def test_dwa_with_quirk_q1_is_the_ascent_written_out(teacher, batch):
+  """K = 3 ascent passes written out: g_θ, g_x of CE at θ + Δθ on the first view,
+  Δθ += (ρ/K)·g_θ/(‖g_θ‖ + 1e-12) over every parameter, Σ_k g_x leaked into Adam's first
+  step (quirk Q1); then two Adam steps at θ + Δθ."""
+  x, labels = batch
+  cfg = synthesis.SynthesisConfig(iterations=2, lr=0.1, adjust_steps=3, rho=0.2, compat_q1=True)
+  offsets = np.array([[1, 4], [3, 0]])
+  images, metrics = _synthesize(teacher, x, labels, cfg, jnp.asarray(offsets))
+  _, variables = teacher
+  theta = variables["params"]
+  delta = jax.tree.map(jnp.zeros_like, theta)
+  leaked = 0.0
+  ce_of = lambda d, x: _loss_by_hand(teacher, jax.tree.map(jnp.add, theta, d), x, labels,
+                                     offsets[0], cfg)[1]
+  for _ in range(cfg.adjust_steps):
+    g_theta, g_x = jax.grad(ce_of, argnums=(0, 1))(delta, x)
+    norm = jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(g_theta)))
+    delta = jax.tree.map(lambda d, g: d + (cfg.rho / cfg.adjust_steps) * g / (norm + 1e-12),
+                         delta, g_theta)
+    leaked = leaked + np.asarray(g_x, np.float64)
+  np.testing.assert_allclose(metrics["delta_norm"], optax.tree.norm(delta), rtol=1e-5)
+  grad_at = lambda t, x: jax.grad(lambda x: _loss_by_hand(
+      teacher, jax.tree.map(jnp.add, theta, delta), x, labels, offsets[t], cfg)[0])(x)
+  np.testing.assert_allclose(images, _adam_by_hand(grad_at, x, cfg, leaked), rtol=1e-4,
+                             atol=1e-4)
 
 
 def test_synthesis_lowers_the_loss_and_respects_pixel_range(teacher, batch):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from dwa_jax import xla_cpu
 
@@ -76,6 +77,10 @@ print(json.dumps({"ce": np.asarray(m["ce"]).tolist(), "bn": np.asarray(m["bn_ter
 """
 
 
+@pytest.mark.skipif(not xla_cpu.jaxlib_is_measured(),
+                    reason=f"jaxlib {xla_cpu._jaxlib_version() or '(none)'} is not a release the "
+                    "tuned options were measured on, so dwa_jax leaves XLA's stock options on "
+                    "and both runs would be stock")
 def test_tuned_options_compute_the_same_synthesis(tmp_path):
   """A DWA batch (conv, BN statistics, weight and pixel gradients) with and without them."""
   runs = {}
@@ -87,8 +92,7 @@ def test_tuned_options_compute_the_same_synthesis(tmp_path):
     runs[name] = (json.loads(out.stdout.strip().splitlines()[-1]),
                   np.load(tmp_path / f"{name}.npy"))
   (tuned, tuned_x), (stock, stock_x) = runs["tuned"], runs["stock"]
-  if xla_cpu.jaxlib_is_measured():
-    assert tuned["flags"] != stock["flags"]
+  assert tuned["flags"] != stock["flags"]
   np.testing.assert_allclose(tuned["ce"], stock["ce"], rtol=1e-4)
   np.testing.assert_allclose(tuned["bn"], stock["bn"], rtol=1e-4)
   np.testing.assert_allclose(tuned_x, stock_x, atol=1e-4)
