@@ -207,13 +207,19 @@ def student_run(trainer: train_loop.Trainer, config, workdir, name, images, labe
     student.finish()
     return result
   every, desc = config.relabel.save_every_epochs, f"relabel: {name} seed {seed}"
-  _, history = trainer.train(
+  state, history = trainer.train(
       images, np.asarray(labels, np.int32), test, seed=seed, aux=teacher_vars,
       evaluate_after=evaluation_epochs(trainer.recipe), log=log, log_name=f"relabel/{desc}",
       desc=desc, checkpoints=train_loop.TrainCheckpoints(student, every) if every else None,
       leave_bar=False)
+  # The final student's digest (its EMA too, if any): resumed or spread over processes, the
+  # student must come out the same bits, which its accuracies alone would not show.
+  local = lambda a: (a.addressable_data(0) if isinstance(a, jax.Array)
+                     and not a.is_fully_addressable else a)
   result = {"final": history[-1][1], "best": max(a for _, a in history),
-            "history": [list(h) for h in history]}
+            "history": [list(h) for h in history],
+            "student_sha256": files.tree_digest(jax.tree.map(
+                local, (state.variables, getattr(state, "ema", None))))}
   if jax.process_index() == 0:
     files.write_json(done, result)
   student.finish()  # (a barrier: every process sees result.json from here on)
