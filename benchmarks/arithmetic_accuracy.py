@@ -28,16 +28,12 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
-from ml_collections import config_flags
 import jax
 import numpy as np
 
 import common
-from dwa_jax import (data, device_dispatch, files, provenance, recover, relabel, squeeze,
-                     synthesis, teacher_store)
+from dwa_jax import device_dispatch, files, provenance, recover, relabel, synthesis
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
 ROWS = {"exact": ("none", "direct"), "tf32_direct": ("tf32", "direct"),
         "tf32_split": ("tf32", "split"), "bf16_direct": ("bfloat16", "direct"),
@@ -51,17 +47,17 @@ def row_config(base, row: str):
       "recover.emulate": emulate, "recover.delta_form": form})
 
 
-def iteration_gflop(config, model, variables, meta, classes: int, method: str, form: str) -> float:
+def iteration_gflop(config, model, variables, meta, train, method: str, form: str) -> float:
   """XLA's FLOPs of one synthesis iteration (batch of all classes, one device) as an
   accelerator runs it: float32, no emulation, Δθ in `form`."""
   c = common.with_overrides(config, {"recover.emulate": "none", "recover.delta_form": form})
   cfg = recover.synthesis_config(c.recover, method, "cpu")
-  size = 32
-  runner = device_dispatch.GroupRunner(model, variables, (size, size, 3), tuple(meta["mean"]),
+  shape, classes = tuple(train.images.shape[1:]), train.num_classes
+  runner = device_dispatch.GroupRunner(model, variables, shape, tuple(meta["mean"]),
                                        tuple(meta["std"]), cfg, jax.devices()[:1], 1, unroll=True)
   keys = jax.random.split(jax.random.key(0))
-  draws = synthesis.draw_augmentation(keys[0], cfg.iterations, cfg, (size, size))
-  x = np.asarray(jax.random.normal(keys[1], (classes, size, size, 3)))
+  draws = synthesis.draw_augmentation(keys[0], cfg.iterations, cfg, shape[:2])
+  x = np.asarray(jax.random.normal(keys[1], (classes, *shape)))
   group, _ = runner.start([x], [np.arange(classes)], [keys[1]], [draws])
   return runner.cost_analysis(group, 1)["flops"] / 1e9
 
@@ -99,27 +95,16 @@ def run_row(base, row: str, root: pathlib.Path) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+  rows = common.requested_rows(argv, ROWS.__contains__, f"one of {', '.join(ROWS)}")
   base = FLAGS.config
   root = pathlib.Path(FLAGS.workdir)
-  rows = [r for r in FLAGS.rows.split(",") if r]
-  for row in rows:
-    if row not in ROWS:
-      raise app.UsageError(f"--rows: {row!r} is not one of {', '.join(ROWS)}")
-  teacher_config = common.with_overrides(base, {"stage": "squeeze"})
-  if not (root / "teacher" / teacher_store.TEACHER_DIR / "teacher.json").exists():
-    (root / "teacher").mkdir(parents=True, exist_ok=True)
-    squeeze.run(teacher_config, root / "teacher")
-  train = data.load_dataset(teacher_config.dataset, "train", teacher_config.data_dir)
-  model, variables, meta = teacher_store.load_teacher(root / "teacher", train)
+  train, (model, variables, meta) = common.row_teacher(base, root)
   out = pathlib.Path(FLAGS.results_dir) / f"{FLAGS.results_name}.json"
   report = files.read_json(out) if out.exists() else {"rows": {}}
   report["teacher_test_accuracy"] = meta["test_accuracy"]
   if "accelerator_gflop_per_iteration" not in report:
     report["accelerator_gflop_per_iteration"] = {
-        name: iteration_gflop(base, model, variables, meta, train.num_classes, method, form)
+        name: iteration_gflop(base, model, variables, meta, train, method, form)
         for name, method, form in (("sre2l", "sre2l", "direct"), ("dwa_direct", "dwa", "direct"),
                                    ("dwa_split", "dwa", "split"))}
   command = provenance.command()
@@ -142,15 +127,8 @@ def main(argv):
 
 
 def define_flags() -> None:
-  config_flags.DEFINE_config_file(
-      "config", str(REPO / "configs" / "reproduce_cifar10_convnet_official.py"),
-      "The base config: data, teacher, synthesis and the students' protocol.", lock_config=True)
-  flags.DEFINE_string("workdir", "workdir/arithmetic_accuracy", "Work directory (teacher, one "
-                      "folder per row).")
-  flags.DEFINE_string("rows", ",".join(ROWS), f"Comma-separated rows of {', '.join(ROWS)}.")
-  flags.DEFINE_string("results_dir", str(REPO / "benchmarks" / "results"),
-                      "Where the JSON goes.")
-  flags.DEFINE_string("results_name", "arithmetic_accuracy", "Name of the JSON.")
+  common.define_row_flags("arithmetic_accuracy", ",".join(ROWS),
+                          f"Comma-separated rows of {', '.join(ROWS)}.", "Name of the JSON.")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ import json
 import pathlib
 import shutil
 
+from absl import flags
 import jax
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
-from dwa_jax import files, presets, teacher_store, train_lib
+from dwa_jax import data, files, presets, squeeze, teacher_store, train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -59,6 +61,32 @@ def copy_teacher(teacher_dir: pathlib.Path, workdir: pathlib.Path) -> None:
                     dirs_exist_ok=True)
 
 
+def requested_rows(argv, is_row, allowed: str) -> list[str]:
+  """The --rows of a benchmark made of rows, each checked by `is_row` (a usage error naming
+  `allowed` otherwise); no positional arguments; absl's info logging off."""
+  from absl import app, logging  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  rows = [r for r in flags.FLAGS.rows.split(",") if r]
+  for row in rows:
+    if not is_row(row):
+      raise app.UsageError(f"--rows: {row!r} is not {allowed}")
+  return rows
+
+
+def row_teacher(base, root: pathlib.Path):
+  """The teacher of a benchmark made of rows, imported once (squeeze, into `root/teacher`) and
+  copied into each row's workdir (`copy_teacher`): the training set, and (model, variables,
+  meta)."""
+  config = with_overrides(base, {"stage": "squeeze"})
+  if not (root / "teacher" / teacher_store.TEACHER_DIR / "teacher.json").exists():
+    (root / "teacher").mkdir(parents=True, exist_ok=True)
+    squeeze.run(config, root / "teacher")
+  train = data.load_dataset(config.dataset, "train", config.data_dir)
+  return train, teacher_store.load_teacher(root / "teacher", train)
+
+
 def make_feature_fn(model, variables, mean, std, batch_size: int = 500):
   """images01 -> flattened last conv feature map (before pooling) of the teacher, eval mode.
   Compiled once per teacher and batch shape, shared by every image set."""
@@ -102,3 +130,18 @@ def set_row(result: dict) -> dict:
 
 def fmt(mean: float, std: float) -> str:
   return f"{mean:.2f} ± {std:.2f}"
+
+
+def define_row_flags(name: str, rows: str, rows_help: str, results_help: str) -> None:
+  """The flags of a benchmark made of rows over one base config, one teacher and one JSON:
+  --config (default: the official CIFAR-10 protocol with the saved teacher), --workdir
+  (workdir/<name>), --rows, --results_dir, --results_name (<name>)."""
+  config_flags.DEFINE_config_file(
+      "config", str(REPO / "configs" / "reproduce_cifar10_convnet_official.py"),
+      "The base config: data, teacher, synthesis and the students' protocol.", lock_config=True)
+  flags.DEFINE_string("workdir", f"workdir/{name}", "Work directory (teacher, one folder per "
+                      "row).")
+  flags.DEFINE_string("rows", rows, rows_help)
+  flags.DEFINE_string("results_dir", str(REPO / "benchmarks" / "results"),
+                      "Where the results go.")
+  flags.DEFINE_string("results_name", name, results_help)

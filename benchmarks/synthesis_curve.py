@@ -31,15 +31,12 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
-from ml_collections import config_flags
 import numpy as np
 from PIL import Image, ImageDraw
 
 import common
-from dwa_jax import data, files, image_files, provenance, recover, relabel, squeeze, teacher_store
+from dwa_jax import data, files, image_files, provenance, recover, relabel
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
 
 
@@ -154,26 +151,15 @@ def plot(rows: dict, path: pathlib.Path, width: int = 640, height: int = 400) ->
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
+  rows = common.requested_rows(
+      argv, lambda r: (r.startswith("real_s") and r[len("real_s"):].isdigit()
+                       or r.startswith("t") and r[1:].isdigit()), "tN or real_sK")
   base = FLAGS.config
   root = pathlib.Path(FLAGS.workdir)
-  rows = [r for r in FLAGS.rows.split(",") if r]
-  for row in rows:
-    if not (row.startswith("real_s") and row[len("real_s"):].isdigit()
-            or row.startswith("t") and row[1:].isdigit()):
-      raise app.UsageError(f"--rows: {row!r} is not tN or real_sK")
   if "t0" in rows and not starts_from_sample(base):
     raise app.UsageError(f"--rows: t0 is the images sample_per_class gives, which recover.init="
                          f"{base.recover.init!r} does not start from")
-  # The teacher, imported once (squeeze), copied into every row's workdir.
-  teacher_config = common.with_overrides(base, {"stage": "squeeze"})
-  if not (root / "teacher" / teacher_store.TEACHER_DIR / "teacher.json").exists():
-    (root / "teacher").mkdir(parents=True, exist_ok=True)
-    squeeze.run(teacher_config, root / "teacher")
-  train = data.load_dataset(teacher_config.dataset, "train", teacher_config.data_dir)
-  model, variables, meta = teacher_store.load_teacher(root / "teacher", train)
+  train, (model, variables, meta) = common.row_teacher(base, root)
   features = common.make_feature_fn(model, variables, tuple(meta["mean"]), tuple(meta["std"]))
   out = pathlib.Path(FLAGS.results_dir) / f"{FLAGS.results_name}.json"
   report = files.read_json(out) if out.exists() else {"rows": {}}
@@ -202,19 +188,12 @@ def main(argv):
 
 
 def define_flags() -> None:
-  config_flags.DEFINE_config_file(
-      "config", str(REPO / "configs" / "reproduce_cifar10_convnet_official.py"),
-      "The base config: data, teacher, synthesis and the students' protocol.", lock_config=True)
-  flags.DEFINE_string("workdir", "workdir/synthesis_curve", "Work directory (teacher, one folder "
-                      "per row).")
-  flags.DEFINE_string("rows", "t0,t25,t100,t250,t1000,real_s1,real_s2",
-                      "Comma-separated rows: tN (DWA, T = N; t0 = the starting images) or "
-                      "real_sK (the random real subset at seed K).")
-  flags.DEFINE_string("results_dir", str(REPO / "benchmarks" / "results"),
-                      "Where the JSON and the plot go.")
-  flags.DEFINE_string("results_name", "synthesis_curve", "Name of the JSON and the plot, one per "
-                      "variant of the base config (another protocol, init=scored): rows are "
-                      "reused only within one file.")
+  common.define_row_flags(
+      "synthesis_curve", "t0,t25,t100,t250,t1000,real_s1,real_s2",
+      "Comma-separated rows: tN (DWA, T = N; t0 = the starting images) or real_sK (the random "
+      "real subset at seed K).",
+      "Name of the JSON and the plot, one per variant of the base config (another protocol, "
+      "init=scored): rows are reused only within one file.")
 
 
 if __name__ == "__main__":

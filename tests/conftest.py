@@ -48,6 +48,20 @@ def shared_dir():
   return SHARED_DIR
 
 
+def official_config(config_file: pathlib.Path, iterations: int):
+  """`config_file` with --config.compat=official --config.recover.iterations=T, resolved as
+  `python -m dwa_jax.main` resolves it: what a parity test must reproduce the recording from."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from dwa_jax import presets  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(config_file.stem, config_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.compat = "official"
+  config.recover.iterations = iterations
+  return presets.resolve(config)
+
+
 def parity_recording(folder: pathlib.Path):
   """The mark of a test module that replays the recording in `folder`: skipped, with the reason,
   where the recording is missing; but where DWA_REQUIRE_PARITY is set (.ci/run sets it) a

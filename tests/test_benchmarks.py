@@ -169,6 +169,29 @@ def test_synthesis_curve_runs_on_digits(tmp_path):
       "t0", "t3", "t10", "real_s1"}
 
 
+def test_arithmetic_accuracy_runs_on_digits(tmp_path):
+  """Two rows on tiny digits settings: the exact synthesis and the emulated TF32 split one
+  differ (the emulation moves the pixels elsewhere), each row keeps its command, and the
+  accelerator cost of the split form is about twice the direct one's (SRe2L's)."""
+  command = [sys.executable, "benchmarks/arithmetic_accuracy.py", "--config=configs/demo_digits.py",
+             f"--workdir={tmp_path / 'work'}", f"--results_dir={tmp_path / 'results'}",
+             "--config.teacher.epochs=1", "--config.ipc=1", "--config.recover.iterations=4",
+             "--config.recover.adjust_steps=2", "--config.relabel.epochs=1",
+             "--config.relabel.seeds=(0,)", "--rows=exact,tf32_split"]
+  proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((tmp_path / "results" / "arithmetic_accuracy.json").read_text())
+  rows = report["rows"]
+  assert set(rows) == {"exact", "tf32_split"}
+  assert (rows["tf32_split"]["emulate"], rows["tf32_split"]["delta_form"]) == ("tf32", "split")
+  assert rows["exact"]["images_sha256"] != rows["tf32_split"]["images_sha256"]
+  assert all(r["command"].endswith(f"--rows={name}") and len(r["runs"]) == 1
+             for name, r in rows.items())
+  flops = report["accelerator_gflop_per_iteration"]
+  assert flops["dwa_direct"] == flops["sre2l"]
+  assert 1.5 < flops["dwa_split"] / flops["dwa_direct"] < 2.5
+
+
 @pytest.mark.slow
 def test_data_parallel_benchmark_quick(tmp_path):
   out = tmp_path / "dp.json"

@@ -7,7 +7,6 @@ settings (quirk Q1 on, the authors' CIFAR-10 std), and the recover stage's engin
 (GroupRunner: the weight adjustment, then blocks of unrolled iterations) runs the batch.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -20,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SHARED_DIR, parity_recording
+from conftest import SHARED_DIR, official_config, parity_recording
 from dwa_jax import synthesis
 from dwa_jax import device_dispatch
-from dwa_jax import compat, convert, data, presets, recover
+from dwa_jax import compat, convert, data, recover
 from dwa_jax.models import build_model
 
 FIXTURE = SHARED_DIR / "parity" / "cifar10_resnet18_fp64"
@@ -45,23 +44,11 @@ def run():
   return compute()
 
 
-def official_config(iterations: int):
-  """configs/cifar10_dwa.py with --config.compat=official --config.recover.iterations=T,
-  resolved as `python -m dwa_jax.main` resolves it."""
-  spec = importlib.util.spec_from_file_location("cifar10_dwa", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.compat = "official"
-  config.recover.iterations = iterations
-  return presets.resolve(config)
-
-
 def compute():
   """Runs the recorded batch once in float64; returns numpy results and the recording."""
   record = json.loads((FIXTURE / "record.json").read_text())
   expected = dict(np.load(FIXTURE / "expected.npz"))
-  config = official_config(len(record["jitter_offsets"]))
+  config = official_config(CONFIG_FILE, len(record["jitter_offsets"]))
   # What the recover stage runs for one class-chunk (CIFAR-10: all 10 classes in one batch).
   cfg = recover.engine_config(recover.synthesis_config(config.recover, "dwa"),
                               len(recover.class_chunks(10, config.recover.classes_per_batch)))

@@ -9,7 +9,6 @@ both; chunk 1 runs once per recording, with and without compat_q2.
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -22,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SHARED_DIR, parity_recording
+from conftest import SHARED_DIR, official_config, parity_recording
 from dwa_jax import synthesis
 from dwa_jax import device_dispatch
-from dwa_jax import convert, data, presets, recover
+from dwa_jax import convert, data, recover
 from dwa_jax.models import build_model
 
 FIXTURE = SHARED_DIR / "parity" / "imagenet_resnet18_fp64"
@@ -58,23 +57,11 @@ def recorded_draws(record, chunk: int) -> synthesis.AugmentDraws:
 CONFIG_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "imagenet_dwa.py"
 
 
-def official_config(iterations: int):
-  """configs/imagenet_dwa.py with --config.compat=official --config.recover.iterations=T,
-  resolved as `python -m dwa_jax.main` resolves it."""
-  spec = importlib.util.spec_from_file_location("imagenet_dwa", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.compat = "official"
-  config.recover.iterations = iterations
-  return presets.resolve(config)
-
-
 def synthesis_config(record, compat_q2: bool) -> synthesis.SynthesisConfig:
   """The engine settings the ImageNet config gives under compat=official (Q2 as asked: the
   'clean' recording patched it out), the recording's T; every other setting is asserted to
   be the recording's in `test_the_imagenet_config_gives_the_recorded_settings`."""
-  config = official_config(record["settings"]["iterations_T"])
+  config = official_config(CONFIG_FILE, record["settings"]["iterations_T"])
   cfg = recover.synthesis_config(config.recover, "dwa", "cpu")
   return dataclasses.replace(cfg, compat_q2=compat_q2)
 
@@ -92,7 +79,7 @@ def test_the_imagenet_config_gives_the_recorded_settings():
               s["rho"], s["jitter"], *s["adam_betas"], s["adam_eps"])
   assert (cfg.augment, cfg.compat_q1, cfg.compat_q2, cfg.method) == (
       "crop_flip_roll", s["q1_included"], s["q2_included"], "dwa")
-  config = official_config(s["iterations_T"])
+  config = official_config(CONFIG_FILE, s["iterations_T"])
   assert config.recover.classes_per_batch == 100  # Q2 chains the class-chunks of an ipc index
   assert config.dataset == "imagenet2012"  # whose normalisation the engine runs with:
   assert (tuple(MEAN), tuple(STD)) == (tuple(s["mean"]), tuple(s["std"]))
