@@ -83,10 +83,18 @@ def matmul_input_bits(platform: str, compute_dtype: str | None = None,
     return BFLOAT16_BITS
   if str(jax.config.jax_default_matmul_precision or "").lower() in ("highest", "float32"):
     return EXACT
-  if platform in ("gpu", "cuda") and compute_capability and float(compute_capability) < 8:
+  if platform in ("gpu", "cuda") and _version(compute_capability) < (8,):
     return EXACT
   return {"tpu": BFLOAT16_BITS, "gpu": TF32_BITS, "cuda": TF32_BITS,
           "rocm": TF32_BITS}.get(platform, EXACT)
+
+
+def _version(compute_capability) -> tuple:
+  """'7.5' -> (7, 5); anything else (None, an AMD 'gfx90a') -> (inf,): not known to be older."""
+  try:
+    return tuple(int(part) for part in str(compute_capability).split("."))
+  except ValueError:
+    return (float("inf"),)
 
 
 def effective_delta(params, delta, bits: int | None, delta_form: str):

@@ -224,7 +224,8 @@ def test_gpus_without_tf32_read_float32_exactly():
   """V100 (7.0) and T4 (7.5) have no TF32: float32 is read exactly there; A100 (8.0), H100 (9.0)
   round to TF32; an unknown capability is taken as TF32."""
   bits = lambda cc: arithmetic.matmul_input_bits("gpu", None, cc)
-  assert (bits("7.0"), bits("7.5"), bits("8.0"), bits("9.0"), bits(None)) == (None, None, 10, 10, 10)
+  assert (bits("7.0"), bits("7.5"), bits("8.0"), bits("9.0"), bits("10.0"), bits(None),
+          bits("gfx90a")) == (None, None, 10, 10, 10, 10, 10)
   assert arithmetic.matmul_input_bits("gpu", "bfloat16", "7.0") == 7
 
 
