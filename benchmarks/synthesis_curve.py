@@ -198,4 +198,5 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   define_flags()
+  flags.adopt_module_key_flags(common)  # their --help lists the shared flags
   app.run(main)
