@@ -79,8 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   r.checkpoint_every_s = 300.0  # ...taken once this many seconds passed since the last save
   r.batches_per_device = 1   # P: independent synthetic batches per device in one program (vmap)
   r.delta_form = "auto"      # how Δθ enters Conv/Dense: direct (θ + Δθ) | split (layer(x; θ) +
-                             # layer(x; Δθ)) | auto: direct where weights are read exactly (the
-                             # CPU in float32), else split
+                             # layer(x; Δθ), Δθ kept where weights are rounded, 2x the FLOPs) |
+                             # auto: direct on every platform (recover.AUTO_DELTA_FORM)
   r.emulate = "none"         # none | tf32 | bfloat16: every convolution and matmul of the teacher
                              # reads its operands as that matrix unit does (on any backend)
   r.precision = "float32"    # float32 | bfloat16 (convolutions/matmuls only)

@@ -201,23 +201,24 @@ def test_bfloat16_reads_bfloat16_and_sums_the_split_branches_in_float32():
     assert e.outvars[0].aval.dtype == jnp.float32
 
 
-def test_the_recover_stage_picks_the_form_per_backend():
+def test_the_recover_stage_runs_the_direct_form_unless_asked():
+  """recover.delta_form='auto' is direct on every platform, whatever its arithmetic (students
+  score DWA synthesised direct under TF32 and bfloat16 as exact DWA: RESULTS.md); 'split' is
+  honoured where asked, and the weight bits record the platform's arithmetic."""
   rc = presets.resolve(presets.base_config()).recover
-  cfg = recover.synthesis_config(rc, "dwa", "cpu")
-  assert (cfg.delta_form, cfg.weight_bits) == ("direct", None)
-  for platform, bits in (("tpu", 7), ("gpu", 10)):
+  for platform, bits in (("cpu", None), ("tpu", 7), ("gpu", 10)):
     cfg = recover.synthesis_config(rc, "dwa", platform)
-    assert (cfg.delta_form, cfg.weight_bits) == ("split", bits)
+    assert (cfg.delta_form, cfg.weight_bits) == ("direct", bits)
   rc.precision = "bfloat16"
   cfg = recover.synthesis_config(rc, "dwa", "cpu")
-  assert (cfg.delta_form, cfg.weight_bits) == ("split", 7)
+  assert (cfg.delta_form, cfg.weight_bits) == ("direct", 7)
   rc.precision = "float32"
   for emulate, bits in (("tf32", 10), ("bfloat16", 7)):
     rc.emulate = emulate
     cfg = recover.synthesis_config(rc, "dwa", "cpu")  # emulated on the CPU: direct, rounded
     assert (cfg.delta_form, cfg.weight_bits, cfg.emulate_bits) == ("direct", bits, bits)
   rc.emulate, rc.delta_form = "none", "split"
-  assert recover.synthesis_config(rc, "dwa", "cpu").delta_form == "split"
+  assert recover.synthesis_config(rc, "dwa", "gpu").delta_form == "split"
 
 
 def test_gpus_without_tf32_read_float32_exactly():
@@ -232,8 +233,8 @@ def test_gpus_without_tf32_read_float32_exactly():
 def test_recover_records_how_much_of_delta_survived(tmp_path):
   """recover.json's batches (and metrics.jsonl, hence TensorBoard) carry the Δθ-survival figure
   of the arithmetic that ran: exact on the CPU in float32; with bfloat16 convolutions, kept by
-  the split form that `auto` picks there, and blurred by the direct form (measured on the
-  digits teacher: cosine 0.99999 against 0.51)."""
+  the split form, and blurred by the direct form that `auto` runs (measured on the digits
+  teacher: cosine 0.99999 against 0.51)."""
   import json  # pylint: disable=g-import-not-at-top
   from dwa_jax import files, squeeze  # pylint: disable=g-import-not-at-top
   from dwa_jax.testing import tiny_config as tiny  # pylint: disable=g-import-not-at-top
@@ -242,7 +243,7 @@ def test_recover_records_how_much_of_delta_survived(tmp_path):
   squeeze.run(presets.resolve(config), tmp_path)
   figures, images = {}, {}
   for precision, form, emulate in (("float32", "auto", "tf32"), ("float32", "auto", "none"),
-                                   ("bfloat16", "auto", "none"), ("bfloat16", "direct", "none")):
+                                   ("bfloat16", "auto", "none"), ("bfloat16", "split", "none")):
     config.recover.precision, config.recover.delta_form = precision, form
     config.recover.emulate = emulate
     summary = recover.run(presets.resolve(config), tmp_path, "dwa")
@@ -253,12 +254,13 @@ def test_recover_records_how_much_of_delta_survived(tmp_path):
   assert figures["float32", "auto"][0] == "direct"
   assert figures["float32", "auto"][1]["delta_cosine"] == pytest.approx(1, abs=1e-6)
   assert figures["float32", "auto"][1]["delta_norm_ratio"] == pytest.approx(1, abs=1e-6)
-  assert figures["bfloat16", "auto"][0] == "split"
-  assert figures["bfloat16", "auto"][1]["delta_cosine"] >= 0.99
-  assert abs(figures["bfloat16", "auto"][1]["delta_norm_ratio"] - 1) <= 0.01
-  assert figures["bfloat16", "direct"][1]["delta_cosine"] < 0.9
+  assert figures["bfloat16", "split"][0] == "split"
+  assert figures["bfloat16", "split"][1]["delta_cosine"] >= 0.99
+  assert abs(figures["bfloat16", "split"][1]["delta_norm_ratio"] - 1) <= 0.01
+  assert figures["bfloat16", "auto"][0] == "direct"
+  assert figures["bfloat16", "auto"][1]["delta_cosine"] < 0.9
   logged = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
             if r["stage"] == "recover/dwa"]
   assert {"delta_cosine", "delta_norm_ratio"} <= set(logged[-1])
   assert files.read_json(tmp_path / "synthetic" / "dwa" / "recover.json")["batches"][0][
-      "delta_cosine"] == figures["bfloat16", "direct"][1]["delta_cosine"]
+      "delta_cosine"] == figures["bfloat16", "split"][1]["delta_cosine"]

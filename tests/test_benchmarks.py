@@ -413,8 +413,7 @@ def test_accelerator_check_quick_fills_every_section(accelerator_quick_run):
   assert 0 <= demo["sets"]["dwa"]["final_mean"] <= 100 and demo["teacher_test_accuracy"] > 0
   precision = result["precision"]
   assert precision["float32"]["delta_form"] == "direct"
-  assert precision["bfloat16"]["delta_form"] == "split"
-  assert precision["bfloat16"]["delta_cosine"] >= 0.99
+  assert precision["bfloat16"]["delta_form"] == "direct"  # auto, on every platform
   assert precision["logit_effect"]["float32_direct"]["cosine"] > 0.999  # the CPU is exact
   consistency = result["consistency"]
   assert consistency["scan_vs_unrolled"]["max_abs_pixel_difference"] < 1e-3
