@@ -34,15 +34,26 @@ def command(argv=None) -> str:
   return shlex.join(["python", *argv])
 
 
+def _code_state() -> dict:
+  changed = _git("status", "--porcelain", "--untracked-files=no")
+  return {"commit": (_git("rev-parse", "HEAD") or "").strip() or None,
+          "uncommitted": sorted(line[3:] for line in changed.splitlines()) if changed else []}
+
+
+# The code a run measures is the code its process imported: the checkout's state when this module
+# is first imported (a benchmark imports it as it starts), not when its results are written,
+# which commits made during a long run would change.
+AT_START = _code_state()
+
+
 def record(argv=None) -> dict:
   """`provenance` for a results JSON: `commit` (HEAD when the run started; None outside a git
-  checkout), `uncommitted` (tracked files that differed from it: the measured code is the commit
-  plus these changes, committed with the results), `command`, `date`, versions and host."""
+  checkout), `uncommitted` (tracked files that differed from it then: the measured code is the
+  commit plus these changes, committed with the results), `command`, `date`, versions and
+  host."""
   import jax  # pylint: disable=g-import-not-at-top
-  changed = _git("status", "--porcelain", "--untracked-files=no")
   return {
-      "commit": (_git("rev-parse", "HEAD") or "").strip() or None,
-      "uncommitted": sorted(line[3:] for line in changed.splitlines()) if changed else [],
+      **AT_START,
       "command": command(argv),
       "date": time.strftime("%Y-%m-%d"),
       "jax": jax.__version__, "jaxlib": _version("jaxlib"),

@@ -34,13 +34,16 @@ def test_committed_results_name_their_commit_and_command(path):
   assert provenance["command"].startswith("python ")
 
 
-def test_provenance_records_this_checkout():
+def test_provenance_records_this_checkout(monkeypatch):
   from dwa_jax import provenance  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(provenance, "_git", lambda *args: "M  a/file/changed/since\n")
   record = provenance.record(["benchmarks/imagenet_scale.py", "--per_class", "2"])
   assert record["command"] == "python benchmarks/imagenet_scale.py --per_class 2"
   if (REPO / ".git").exists():
     assert len(record["commit"]) == 40 and isinstance(record["uncommitted"], list)
   assert str(REPO) not in json.dumps(record)
+  # The checkout's state when the run started, whatever changes while it runs.
+  assert {k: record[k] for k in ("commit", "uncommitted")} == provenance.AT_START
 
 
 @pytest.mark.slow
