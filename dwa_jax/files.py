@@ -226,11 +226,14 @@ def json_default(x):
 
 
 def tree_digest(tree) -> str:
-  """sha256 of a pytree's leaves (a teacher's variables): what was saved against another teacher
-  is stale."""
+  """sha256 of a pytree's leaves (a teacher's variables, a student's final state): what was
+  saved against another teacher is stale. A replicated array spread over several processes is
+  read from this process's copy."""
   import jax  # pylint: disable=g-import-not-at-top
+  local = lambda a: (a.addressable_data(0) if isinstance(a, jax.Array)
+                     and not a.is_fully_addressable else a)
   digest = hashlib.sha256()
-  for leaf in jax.tree.leaves(jax.device_get(tree)):
+  for leaf in jax.tree.leaves(jax.device_get(jax.tree.map(local, tree))):
     digest.update(np.ascontiguousarray(leaf).tobytes())
   return digest.hexdigest()
 

@@ -214,12 +214,9 @@ def student_run(trainer: train_loop.Trainer, config, workdir, name, images, labe
       leave_bar=False)
   # The final student's digest (its EMA too, if any): resumed or spread over processes, the
   # student must come out the same bits, which its accuracies alone would not show.
-  local = lambda a: (a.addressable_data(0) if isinstance(a, jax.Array)
-                     and not a.is_fully_addressable else a)
   result = {"final": history[-1][1], "best": max(a for _, a in history),
             "history": [list(h) for h in history],
-            "student_sha256": files.tree_digest(jax.tree.map(
-                local, (state.variables, getattr(state, "ema", None))))}
+            "student_sha256": files.tree_digest((state.variables, getattr(state, "ema", None)))}
   if jax.process_index() == 0:
     files.write_json(done, result)
   student.finish()  # (a barrier: every process sees result.json from here on)
