@@ -518,11 +518,10 @@ class Report:
     return self.budget_s - (time.perf_counter() - self.started)
 
   def save(self) -> None:
+    from dwa_jax import files  # pylint: disable=g-import-not-at-top
     self.data["total_seconds"] = round(time.perf_counter() - self.started, 1)
     self.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = self.out.with_name(self.out.name + ".tmp")
-    tmp.write_text(json.dumps(self.data, indent=1, default=float) + "\n")
-    os.replace(tmp, self.out)
+    files.write_json(self.out, self.data)  # atomically: a kill leaves the last whole file
 
 
 def run_section(report: Report, name: str, work, here: bool) -> str:

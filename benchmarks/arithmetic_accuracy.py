@@ -69,20 +69,12 @@ def run_row(base, row: str, root: pathlib.Path) -> dict:
   config = row_config(base, row)
   record = {"row": row, "emulate": config.recover.emulate,
             "delta_form": config.recover.delta_form}
-  cache = common.StageCache(workdir)
-  key = common.fingerprint(config.recover.to_dict(), config.seed, config.ipc)
-  started = time.time()
-  if not cache.fresh("recover/dwa", key, workdir / "synthetic" / "dwa" / "manifest.json"):
-    recover.run(config, workdir, "dwa")
-    cache.mark("recover/dwa", key)
-    record["recover_seconds"] = round(time.time() - started, 1)
-  summary = files.read_json(workdir / "synthetic" / "dwa" / "recover.json")
-  batches = summary["batches"]
+  seconds = common.cached_recover(config, workdir)
+  if seconds:
+    record["recover_seconds"] = round(seconds, 1)
   record.update(
-      final_ce=float(np.mean([b["final_ce"] for b in batches])),
-      final_bn_loss=float(np.mean([b["final_bn_loss"] for b in batches])),
-      delta_cosine=float(np.mean([b["delta_cosine"] for b in batches])),
-      delta_norm_ratio=float(np.mean([b["delta_norm_ratio"] for b in batches])),
+      common.batch_means(workdir, ("final_ce", "final_bn_loss", "delta_cosine",
+                                   "delta_norm_ratio")),
       images_sha256=files.read_json(
           workdir / "synthetic" / "dwa" / "manifest.json")["files"]["images.npz"])
   started = time.time()

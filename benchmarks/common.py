@@ -8,6 +8,7 @@ import hashlib
 import json
 import pathlib
 import shutil
+import time
 
 from absl import flags
 import jax
@@ -59,6 +60,26 @@ def copy_teacher(teacher_dir: pathlib.Path, workdir: pathlib.Path) -> None:
   if not (workdir / teacher_store.TEACHER_DIR / "teacher.json").exists():
     shutil.copytree(teacher_dir / teacher_store.TEACHER_DIR, workdir / teacher_store.TEACHER_DIR,
                     dirs_exist_ok=True)
+
+
+def cached_recover(config, workdir: pathlib.Path, *key_parts) -> float:
+  """DWA's set of `config` in `workdir/synthetic/dwa`, synthesised unless the stage cache holds
+  it for the same recover settings, seed, ipc and `key_parts`: the seconds spent (0 if cached)."""
+  from dwa_jax import recover  # pylint: disable=g-import-not-at-top
+  cache = StageCache(workdir)
+  key = fingerprint(config.recover.to_dict(), config.seed, config.ipc, *key_parts)
+  if cache.fresh("recover/dwa", key, workdir / "synthetic" / "dwa" / "manifest.json"):
+    return 0.0
+  start = time.time()
+  recover.run(config, workdir, "dwa")
+  cache.mark("recover/dwa", key)
+  return time.time() - start
+
+
+def batch_means(workdir: pathlib.Path, keys) -> dict:
+  """The mean over the synthetic batches of each of `keys` in DWA's recover.json."""
+  batches = files.read_json(workdir / "synthetic" / "dwa" / "recover.json")["batches"]
+  return {k: float(np.mean([b[k] for b in batches])) for k in keys}
 
 
 def requested_rows(argv, is_row, allowed: str) -> list[str]:

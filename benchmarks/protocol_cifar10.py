@@ -39,7 +39,7 @@ import jax
 from ml_collections import config_flags
 
 import common
-from dwa_jax import files, presets, provenance, recover, relabel, teacher_store
+from dwa_jax import files, presets, provenance, relabel, teacher_store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -162,16 +162,8 @@ def synthesise_variant(base, name: str, root: pathlib.Path, base_workdir: pathli
   workdir = root / "images" / name
   workdir.mkdir(parents=True, exist_ok=True)
   common.copy_teacher(base_workdir, workdir)
-  cache = common.StageCache(workdir)
-  key = common.fingerprint(config.recover.to_dict(), config.seed, config.ipc,
-                                      config.compat_cifar10_std)
-  out = workdir / "synthetic" / "dwa"
-  if cache.fresh("recover/dwa", key, out / "manifest.json"):
-    return out, 0.0
-  start = time.time()
-  recover.run(config, workdir, "dwa")
-  cache.mark("recover/dwa", key)
-  return out, time.time() - start
+  return workdir / "synthetic" / "dwa", common.cached_recover(config, workdir,
+                                                              config.compat_cifar10_std)
 
 
 def run_row(base, protocol: str, images: str, root: pathlib.Path,

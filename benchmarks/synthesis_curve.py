@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import common
-from dwa_jax import data, files, image_files, provenance, recover, relabel
+from dwa_jax import data, files, image_files, provenance, relabel
 
 FLAGS = flags.FLAGS
 
@@ -65,11 +65,9 @@ def synthesis_metrics(workdir, train, config, features) -> dict:
   """Pixel distance from the starting images, D_fea and the final losses of a DWA set."""
   with np.load(workdir / "synthetic" / "dwa" / "images.npz") as f:
     images, labels = f["images"], f["labels"]
-  batches = files.read_json(workdir / "synthetic" / "dwa" / "recover.json")["batches"]
   out = {"d_fea": float(common.diversity_per_class(features(images), labels,
                                                    train.num_classes).mean()),
-         "final_ce": float(np.mean([b["final_ce"] for b in batches])),
-         "final_bn_loss": float(np.mean([b["final_bn_loss"] for b in batches]))}
+         **common.batch_means(workdir, ("final_ce", "final_bn_loss"))}
   if starts_from_sample(config):
     start = np.asarray(train.images[start_rows(train, config)], np.float32) / 255.0
     rmse = float(np.sqrt(np.mean((images - start) ** 2)))
@@ -101,11 +99,7 @@ def run_row(base, row: str, root: pathlib.Path, train, features) -> dict:
     if row == "t0":
       record["iterations"] = 0
   else:
-    cache = common.StageCache(workdir)
-    key = common.fingerprint(config.recover.to_dict(), config.seed, config.ipc)
-    if not cache.fresh("recover/dwa", key, workdir / "synthetic" / "dwa" / "manifest.json"):
-      recover.run(config, workdir, "dwa")
-      cache.mark("recover/dwa", key)
+    common.cached_recover(config, workdir)
     record.update(synthesis_metrics(workdir, train, config, features))
     record["iterations"] = config.recover.iterations
   results = relabel.run(config, workdir)
