@@ -48,6 +48,16 @@ def shared_dir():
   return SHARED_DIR
 
 
+def one_dwa_jax_line(err: str) -> str:
+  """The one `dwa_jax:` line of a failed or interrupted run's stderr, which is its last line,
+  with no traceback anywhere (progress bars and library warnings may come before it)."""
+  lines = err.strip().splitlines()
+  assert "Traceback" not in err, err[-3000:]
+  ours = [line for line in lines if line.startswith("dwa_jax:")]
+  assert len(ours) == 1 and lines[-1] == ours[0], lines[-5:]
+  return ours[0]
+
+
 def official_config(config_file: pathlib.Path, iterations: int):
   """`config_file` with --config.compat=official --config.recover.iterations=T, resolved as
   `python -m dwa_jax.main` resolves it: what a parity test must reproduce the recording from."""

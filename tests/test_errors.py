@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import one_dwa_jax_line
 from dwa_jax import main as main_lib
 from dwa_jax import presets, teacher_store
 from dwa_jax.testing import tiny_config as tiny
@@ -88,16 +89,6 @@ def case_id(case) -> str:
   return case.values[0] if hasattr(case, "values") else case[0]
 
 
-def one_error_line(err: str) -> str:
-  """The one `dwa_jax:` line of a failed run's stderr, which is its last line, with no
-  traceback anywhere (progress bars and library warnings may come before it)."""
-  lines = err.strip().splitlines()
-  assert "Traceback" not in err, err[-3000:]
-  ours = [line for line in lines if line.startswith("dwa_jax:")]
-  assert len(ours) == 1 and lines[-1] == ours[0], lines[-5:]
-  return ours[0]
-
-
 @pytest.mark.parametrize("name,overrides,prepare,message", CASES, ids=[case_id(c) for c in CASES])
 def test_bad_input(finished, tmp_path, capfd, name, overrides, prepare, message):
   workdir = tmp_path / "w"
@@ -113,7 +104,7 @@ def test_bad_input(finished, tmp_path, capfd, name, overrides, prepare, message)
     (config[section] if section else config)[field] = value
   capfd.readouterr()
   assert main_lib.execute(config, workdir) == 2, name
-  line = one_error_line(capfd.readouterr().err)
+  line = one_dwa_jax_line(capfd.readouterr().err)
   assert line.startswith("dwa_jax: error:") and message in line, line
   after = snapshot(workdir)
   assert {k: v for k, v in after.items() if k in before} == before  # nothing overwritten
@@ -125,7 +116,7 @@ def test_unwritable_workdir(tmp_path, capfd):
   blocker.write_text("not a directory")
   capfd.readouterr()
   assert main_lib.execute(tiny(), blocker / "workdir") == 2
-  assert "is not writable" in one_error_line(capfd.readouterr().err)
+  assert "is not writable" in one_dwa_jax_line(capfd.readouterr().err)
 
 
 def test_processes_sharing_a_workdir_can_all_check_it(tmp_path):
@@ -145,7 +136,7 @@ def test_command_line_exit_status_and_single_line(tmp_path):
                          f"--workdir={tmp_path}", "--config.dataset=npz:/nonexistent.npz"],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2
-  assert one_error_line(proc.stderr).startswith("dwa_jax: error: npz data file not found")
+  assert one_dwa_jax_line(proc.stderr).startswith("dwa_jax: error: npz data file not found")
 
 
 def test_same_config_and_seed_give_identical_bytes(finished, tmp_path):

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from conftest import one_dwa_jax_line
 from dwa_jax import cli
 from dwa_jax import main as main_lib
 from dwa_jax import presets
@@ -54,7 +55,7 @@ def test_a_second_run_refuses_and_a_killed_run_leaves_no_lock(tmp_path):
     second = subprocess.run(command(tmp_path, "--config.teacher.epochs=1"), cwd=REPO, env=env(),
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 2
-    assert one_line(second.stderr).startswith(
+    assert one_dwa_jax_line(second.stderr).startswith(
         f"dwa_jax: error: workdir '{tmp_path}' is in use by another dwa_jax run")
     assert not (tmp_path / "teacher").exists()
   finally:
@@ -63,16 +64,6 @@ def test_a_second_run_refuses_and_a_killed_run_leaves_no_lock(tmp_path):
   third = subprocess.run(command(tmp_path, "--config.teacher.epochs=1"), cwd=REPO, env=env(),
                          capture_output=True, text=True, timeout=300)
   assert third.returncode == 0, third.stderr[-2000:]
-
-
-def one_line(err: str) -> str:
-  """The one `dwa_jax:` line of a run's stderr, which is its last line, with no traceback
-  anywhere (progress bars and library warnings may come before it)."""
-  lines = err.strip().splitlines()
-  assert "Traceback" not in err, err[-3000:]
-  ours = [line for line in lines if line.startswith("dwa_jax:")]
-  assert len(ours) == 1 and lines[-1] == ours[0], lines[-5:]
-  return ours[0]
 
 
 def squeeze_epochs(workdir) -> list[int]:
@@ -97,7 +88,7 @@ def test_ctrl_c_exits_promptly_with_one_line_and_the_rerun_resumes(tmp_path):
   _, err = proc.communicate(timeout=60)
   assert time.time() - sent < 20  # promptly: the current step, not the rest of the run
   assert proc.returncode == 130
-  assert one_line(err).startswith("dwa_jax: interrupted; rerun the same command to resume")
+  assert one_dwa_jax_line(err).startswith("dwa_jax: interrupted; rerun the same command to resume")
   rerun = subprocess.run(command(tmp_path, *args), cwd=REPO, env=env(), capture_output=True,
                          text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
